@@ -1,0 +1,664 @@
+"""Input pipelines for image classification: tfds datasets and embedded demo data.
+
+`get_data(name, image_size=…)` returns an `ImageData` that makes `tf.data` pipelines for
+three splits:
+
+* ``train``: the dataset's train split minus the held-out part; random resized crop +
+  optional horizontal flip; seeded shuffling, reshuffled every epoch.
+* ``holdout``: the first ``holdout_examples`` examples of the *train* split (SPEC §3: 50,000
+  ImageNet train images; the official validation set is never used in the search), with
+  test-time preprocessing. θ steps read it shuffled and repeated, candidate evaluation
+  reads it once, in order, counting every example exactly once.
+* ``validation``: the dataset's validation (or test) split, test-time preprocessing.
+
+Nothing is ever downloaded. tfds datasets must already be prepared under ``data_dir``
+(`check_prepared` says how, in well under a second, without touching the network); the
+demo datasets ship with scikit-learn (``demo_digits``) or are generated (``demo_shapes``).
+
+Determinism and resumption. All randomness is stateless: the shuffling order of epoch e is
+a function of (seed, epoch) and the augmentation of the k-th element a pipeline yields is
+a function of (seed, k), with k counted by `Dataset.enumerate` after the repeat. Two
+pipelines built with the same seed therefore yield bit-identical batches, and an iterator
+saved with `tf.train.Checkpoint(iterator=it)` and restored into a freshly built pipeline
+continues with exactly the batches the original would have produced. For the demo data an
+iterator checkpoint is a handful of integers; for tfds data it also holds the shuffle
+buffer of encoded images (``shuffle_buffer`` examples).
+
+Distribution. `ImageData.dataset_fn(split, global_batch)` returns the function that
+`strategy.distribute_datasets_from_function` wants: per-replica batches, and one shard per
+input pipeline (tfds files are sharded by tfds itself, demo arrays by index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+
+DEMO_DATASETS = ("demo_digits", "demo_shapes")
+
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+EVAL_CROP_FRACTION = 0.875            # centre crop of images larger than image_size
+IMAGENET_HOLDOUT = 50_000             # SPEC §3
+DEMO_HOLDOUT_FRACTION = 0.2
+TFDS_HOLDOUT_FRACTION = 0.1           # other tfds datasets, capped at IMAGENET_HOLDOUT
+DEFAULT_SHUFFLE_BUFFER = 10_000       # tfds only; the demo data is shuffled by index
+
+# Datasets whose classes change under a mirror image (digits, characters, house numbers).
+_NO_FLIP = ("demo_digits", "mnist", "emnist", "kmnist", "svhn_cropped", "omniglot",
+            "binarized_mnist")
+
+# Stream ids that keep the different uses of one user seed apart.
+_STREAM_SHUFFLE = 1
+_STREAM_AUGMENT = 2
+
+
+class DataError(ValueError):
+  """A dataset is unknown, unprepared, or cannot serve the requested pipeline."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  num_train: int          # train examples after the held-out part is removed
+  num_holdout: int
+  num_validation: int
+  image_size: int
+
+
+# ---------------------------------------------------------------------------- demo data
+
+def describe_demo_datasets() -> str:
+  """One paragraph per embedded demo dataset, for the README and CLI help."""
+  return (
+      "demo_digits: scikit-learn's bundled handwritten digits (1,797 8x8 grayscale images, "
+      "10 classes), upscaled by the pipeline; a seeded, stratified 20% is the validation "
+      "split (1,437 train / 360 validation). So easy that most networks tie near 100%: "
+      "use it for smoke tests.\n"
+      "demo_shapes: 7,000 generated 32x32 RGB images (6,000 train / 1,000 validation), 10 "
+      "classes of shapes (disc, square, triangle, plus, ring, hollow square, star, striped "
+      "disc, checkered disc, ellipse) at random position, scale, rotation and colour, on "
+      "noisy gradient backgrounds with small distractor shapes and occluding lines. "
+      "Deterministic (seeded numpy, ~3 s once per process) and hard enough that networks "
+      "differ: a small CNN reaches roughly 50-70% after a few CPU minutes.")
+
+
+def _readonly(*arrays):
+  for a in arrays:
+    a.setflags(write=False)
+  return arrays
+
+
+@functools.lru_cache(maxsize=None)
+def _demo_digits() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(train_images, train_labels, val_images, val_labels); train in a fixed random order."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+  images = np.repeat(images[..., None], 3, axis=-1)                  # [N, 8, 8, 3]
+  labels = digits.target.astype(np.int32)
+  rng = np.random.default_rng(20240101)
+  val = []
+  for c in range(10):                    # stratified: 20% of every class
+    members = np.nonzero(labels == c)[0]
+    val.append(rng.permutation(members)[:int(round(len(members) * 0.2))])
+  val = np.sort(np.concatenate(val))
+  train = rng.permutation(np.setdiff1d(np.arange(len(labels)), val))
+  return _readonly(images[train], labels[train], images[val], labels[val])
+
+
+SHAPE_CLASSES = ("disc", "square", "triangle", "plus", "ring", "hollow_square", "star",
+                 "striped_disc", "checkered_disc", "ellipse")
+_SHAPES_SIZE = 32
+
+
+def _shape_distance(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+  """Signed distance-like field of a shape (negative inside), in shape radii."""
+  if name in ("disc", "striped_disc", "checkered_disc"):
+    return np.sqrt(u * u + v * v) - 1.0
+  if name == "square":
+    return np.maximum(np.abs(u), np.abs(v)) - 0.8
+  if name == "triangle":
+    d = np.maximum(np.maximum(-v, u * 0.8660254 + v * 0.5), -u * 0.8660254 + v * 0.5)
+    return (d - 0.5) * 1.3
+  if name == "plus":
+    au, av = np.abs(u), np.abs(v)
+    return np.minimum(np.maximum(au - 1.0, av - 0.3), np.maximum(av - 1.0, au - 0.3))
+  if name == "ring":
+    return np.abs(np.sqrt(u * u + v * v) - 0.75) - 0.25
+  if name == "hollow_square":
+    return np.abs(np.maximum(np.abs(u), np.abs(v)) - 0.65) - 0.18
+  if name == "star":
+    r = np.sqrt(u * u + v * v)
+    return (r - (0.62 + 0.38 * np.cos(5 * np.arctan2(v, u)))) * 0.7
+  if name == "ellipse":
+    return (np.sqrt(u * u + (v / 0.45) ** 2) - 1.0) * 0.6
+  raise ValueError(name)
+
+
+def _draw_shapes(rng, canvas, classes, radius, cx, cy, colour, colour2):
+  """Alpha-blends one anti-aliased, randomly rotated shape into each image of canvas."""
+  f32 = np.float32
+  ys, xs = np.mgrid[0:_SHAPES_SIZE, 0:_SHAPES_SIZE].astype(f32) + f32(0.5)
+  n = canvas.shape[0]
+  angle = rng.uniform(0, 2 * np.pi, n).astype(f32)
+  freq = rng.uniform(2.5, 3.5, n).astype(f32)
+  for c in np.unique(classes):
+    idx = np.nonzero(classes == c)[0]
+    name = SHAPE_CLASSES[c]
+    r = radius[idx, None, None]
+    dx = (xs[None] - cx[idx, None, None]) / r
+    dy = (ys[None] - cy[idx, None, None]) / r
+    ca, sa = np.cos(angle[idx])[:, None, None], np.sin(angle[idx])[:, None, None]
+    u, v = dx * ca + dy * sa, dy * ca - dx * sa
+    alpha = np.clip(f32(0.5) - _shape_distance(name, u, v) * r, 0, 1)[..., None]
+    col = np.broadcast_to(colour[idx, None, None, :], alpha.shape[:3] + (3,))
+    if name in ("striped_disc", "checkered_disc"):
+      f = freq[idx, None, None]
+      pattern = np.sin(np.pi * u * f)
+      if name == "checkered_disc":
+        pattern = pattern * np.sin(np.pi * v * f)
+      col = np.where((pattern > 0)[..., None], col, colour2[idx, None, None, :])
+    canvas[idx] += (col - canvas[idx]) * alpha
+
+
+def _far_colour(rng, ref: np.ndarray, min_dist: float) -> np.ndarray:
+  """Random RGB colours at least min_dist (mostly) away from ref [n, 3]."""
+  col = rng.uniform(0, 255, ref.shape).astype(np.float32)
+  for _ in range(20):
+    bad = np.linalg.norm(col - ref, axis=-1) < min_dist
+    if not bad.any():
+      break
+    col[bad] = rng.uniform(0, 255, (int(bad.sum()), 3))
+  return col
+
+
+def _interp_matrix(n_in: int, n_out: int) -> np.ndarray:
+  pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+  lo = np.floor(pos).astype(int)
+  hi = np.minimum(lo + 1, n_in - 1)
+  m = np.zeros((n_out, n_in), np.float32)
+  m[np.arange(n_out), lo] += 1 - (pos - lo)
+  m[np.arange(n_out), hi] += pos - lo
+  return m
+
+
+def _shapes_chunk(rng, labels: np.ndarray) -> np.ndarray:
+  n, s, f32 = len(labels), _SHAPES_SIZE, np.float32
+  ys, xs = np.mgrid[0:s, 0:s].astype(f32) / s
+  # Background: a linear gradient between two colours plus smooth low-frequency blotches.
+  c1 = rng.uniform(0, 255, (n, 3)).astype(f32)
+  c2 = np.clip(c1 + rng.normal(0, 60, (n, 3)), 0, 255).astype(f32)
+  th = rng.uniform(0, 2 * np.pi, n).astype(f32)
+  t = ((xs[None] - 0.5) * np.cos(th)[:, None, None] + (ys[None] - 0.5) * np.sin(th)[:, None, None]
+       + f32(0.5))
+  canvas = c1[:, None, None] + (c2 - c1)[:, None, None] * t[..., None]
+  blotch = rng.standard_normal((n, 5, 5, 3), dtype=f32) * rng.uniform(0, 35, (n, 1, 1, 1)).astype(f32)
+  m = _interp_matrix(5, s)
+  canvas += np.einsum("yi,nijc,xj->nyxc", m, blotch, m, optimize=True)
+  bg = canvas.mean(axis=(1, 2))
+  # 0-3 small distractor shapes of random classes behind the object.
+  num_distractors = rng.integers(0, 4, n)
+  for k in range(3):
+    sel = np.nonzero(num_distractors > k)[0]
+    m_ = len(sel)
+    sub = canvas[sel]
+    _draw_shapes(rng, sub, rng.integers(0, 10, m_), rng.uniform(2.0, 3.8, m_).astype(f32),
+                 rng.uniform(0, s, m_).astype(f32), rng.uniform(0, s, m_).astype(f32),
+                 _far_colour(rng, bg[sel], 40), _far_colour(rng, bg[sel], 40))
+    canvas[sel] = sub
+  # The object: radius 5.5-11 px, may be partly cut by the border.
+  radius = rng.uniform(5.5, 11.0, n).astype(f32)
+  cx = rng.uniform(radius * 0.6, s - radius * 0.6).astype(f32)
+  cy = rng.uniform(radius * 0.6, s - radius * 0.6).astype(f32)
+  fg = _far_colour(rng, bg, 70)
+  _draw_shapes(rng, canvas, labels, radius, cx, cy, fg, _far_colour(rng, fg, 90))
+  # Up to two occluding line segments on top, then pixel noise.
+  for _ in range(2):
+    on = (rng.random(n) < 0.4).astype(f32)[:, None, None]
+    x0, y0 = rng.uniform(0, s, (2, n, 1, 1)).astype(f32)
+    a = rng.uniform(0, np.pi, (n, 1, 1)).astype(f32)
+    half_length = rng.uniform(3, 8, (n, 1, 1)).astype(f32)
+    px, py = xs[None] * s + f32(0.5) - x0, ys[None] * s + f32(0.5) - y0
+    along, across = px * np.cos(a) + py * np.sin(a), py * np.cos(a) - px * np.sin(a)
+    d = np.maximum(np.abs(across) - f32(0.6), np.abs(along) - half_length)
+    alpha = (np.clip(f32(0.5) - d, 0, 1) * on)[..., None]
+    canvas += (_far_colour(rng, bg, 40)[:, None, None] - canvas) * alpha
+  canvas += (rng.standard_normal(canvas.shape, dtype=f32)
+             * rng.uniform(3, 20, (n, 1, 1, 1)).astype(f32))
+  return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+def generate_shapes(num_examples: int, seed: int, chunk: int = 500):
+  """Deterministic demo_shapes images [N, 32, 32, 3] uint8 and balanced labels [N] int32."""
+  rng = np.random.default_rng(seed)
+  labels = np.arange(num_examples) % len(SHAPE_CLASSES)
+  rng.shuffle(labels)
+  images = np.empty((num_examples, _SHAPES_SIZE, _SHAPES_SIZE, 3), np.uint8)
+  for start in range(0, num_examples, chunk):
+    images[start:start + chunk] = _shapes_chunk(rng, labels[start:start + chunk])
+  return images, labels.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _demo_shapes() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  train_images, train_labels = generate_shapes(6000, seed=1)
+  val_images, val_labels = generate_shapes(1000, seed=2)
+  return _readonly(train_images, train_labels, val_images, val_labels)
+
+
+_DEMO_LOADERS = {"demo_digits": _demo_digits, "demo_shapes": _demo_shapes}
+
+
+# ---------------------------------------------------------------------------- tfds
+
+def _import_tfds():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
+def _default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR", os.path.join(os.path.expanduser("~"),
+                                                      "tensorflow_datasets"))
+
+
+def _prepare_command(name: str, data_dir: str) -> str:
+  return f"tfds build {name.split(':')[0]} --data_dir={data_dir}"
+
+
+def _builder(dataset: str, data_dir: Optional[str]):
+  """The tfds builder of a prepared dataset, or DataError. Reads only local metadata."""
+  tfds = _import_tfds()
+  searched = data_dir or _default_data_dir()
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  except Exception as e:  # DatasetNotFoundError, bad config/version, …
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(
+        f"Unknown dataset {dataset!r}: it is neither an embedded demo dataset "
+        f"({', '.join(DEMO_DATASETS)}) nor a tfds dataset ({first_line}). "
+        "See https://www.tensorflow.org/datasets/catalog for tfds names.") from e
+  if not builder.is_prepared():
+    msg = (f"tfds dataset {dataset!r} is not prepared in {searched!r} (looked for "
+           f"{builder.data_dir}). Nothing is downloaded at run time; prepare it once with:\n"
+           f"  {_prepare_command(dataset, searched)}")
+    if dataset.startswith("imagenet2012"):
+      msg += (f"\nImageNet needs a manual download: register at "
+              f"https://image-net.org/download-images, put ILSVRC2012_img_train.tar and "
+              f"ILSVRC2012_img_val.tar in {os.path.join(searched, 'downloads', 'manual')}/ "
+              f"then run\n  tfds build imagenet2012 --data_dir={searched}")
+    elif getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
+      msg += ("\nThis dataset needs a manual download into "
+              f"{os.path.join(searched, 'downloads', 'manual')}/ first:\n"
+              f"{builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+    raise DataError(msg)
+  return builder
+
+
+def check_prepared(dataset: str, data_dir: Optional[str] = None) -> None:
+  """Raises DataError unless `dataset` is a demo dataset or a prepared tfds dataset.
+
+  Fast (local metadata only) and never touches the network.
+  """
+  if dataset in DEMO_DATASETS:
+    return
+  _builder(dataset, data_dir)
+
+
+# ---------------------------------------------------------------------------- preprocessing
+
+def default_min_crop_scale(dataset: str, native_size: Optional[int] = None) -> float:
+  """Smallest area fraction of the random resized crop.
+
+  0.08 (Inception-style) for ImageNet-like data; milder for tiny images, where a crop of
+  8% of 32x32 would keep 9x9 pixels and rarely the object.
+  """
+  if dataset in DEMO_DATASETS:
+    return 0.5
+  if native_size is not None and native_size <= 64:
+    return 0.25
+  return 0.08
+
+
+def default_flip(dataset: str) -> bool:
+  return dataset.split("/")[0].split(":")[0] not in _NO_FLIP
+
+
+def _seed_key(seed: int, stream: int, pipeline_id: int) -> int:
+  """A 63-bit key mixing the user's seed, the use (stream) and the input pipeline."""
+  state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, stream, pipeline_id])
+  return int(state.generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _normalize(image: tf.Tensor) -> tf.Tensor:
+  return (image - tf.constant(IMAGENET_MEAN_RGB)) / tf.constant(IMAGENET_STDDEV_RGB)
+
+
+def _make_preprocess(encoding: str, image_size: int, *, train: bool, min_crop_scale: float,
+                     flip: bool) -> Callable:
+  """fn(element_seed [2] int64, raw image, label) -> (float32 [S,S,3], int32 label).
+
+  encoding: "raw" (decoded uint8 HxWx3), "jpeg" (crop fused into decoding: only the
+  crop window is decoded) or "image" (png/any other format tf.io.decode_image reads).
+  """
+  size = int(image_size)
+
+  def fn(element_seed, raw, label):
+    if encoding == "jpeg":
+      hw = tf.image.extract_jpeg_shape(raw)[:2]
+    else:
+      if encoding == "image":
+        raw = tf.io.decode_image(raw, channels=3, expand_animations=False)
+      hw = tf.shape(raw)[:2]
+    if train:
+      crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(element_seed, 2))
+      begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+          tf.concat([hw, [3]], axis=0),
+          bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+          seed=crop_seed, min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+          area_range=(min_crop_scale, 1.0), max_attempts=10,
+          use_image_if_no_bounding_boxes=True)
+      window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
+    else:
+      # Centre square; images larger than the target keep only its central 87.5%.
+      side = tf.reduce_min(hw)
+      crop = tf.where(side > size,
+                      tf.cast(tf.round(EVAL_CROP_FRACTION * tf.cast(side, tf.float32)), tf.int32),
+                      side)
+      window = tf.stack([(hw[0] - crop) // 2, (hw[1] - crop) // 2, crop, crop])
+    if encoding == "jpeg":
+      image = tf.image.decode_and_crop_jpeg(raw, window, channels=3)
+    else:
+      image = tf.slice(raw, tf.stack([window[0], window[1], 0]),
+                       tf.stack([window[2], window[3], 3]))
+    image = tf.image.resize(image, [size, size], method="bilinear")
+    if train and flip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    image = tf.ensure_shape(_normalize(image), [size, size, 3])
+    return image, tf.cast(label, tf.int32)
+
+  return fn
+
+
+# ---------------------------------------------------------------------------- sources
+
+def _pipeline_shard(input_context) -> Tuple[int, int]:
+  if input_context is None:
+    return 0, 1
+  return int(input_context.input_pipeline_id), int(input_context.num_input_pipelines)
+
+
+class _ArraySource:
+  """Decoded uint8 images held in memory; shuffled by index, sharded by index."""
+
+  encoding = "raw"
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.labels)
+
+  def dataset(self, *, shuffle: bool, seed: int, repeat: bool, input_context,
+              shuffle_buffer: int) -> tf.data.Dataset:
+    del shuffle_buffer  # a full per-epoch permutation; nothing buffered
+    images, labels = tf.constant(self.images), tf.constant(self.labels)
+    pid, num = _pipeline_shard(input_context)
+    index = tf.constant(np.arange(len(self))[pid::num], tf.int32)
+    if shuffle:
+      key = _seed_key(seed, _STREAM_SHUFFLE, pid)
+      epochs = tf.data.Dataset.counter() if repeat else tf.data.Dataset.range(1)
+      ds = epochs.flat_map(lambda epoch: tf.data.Dataset.from_tensor_slices(
+          tf.random.experimental.stateless_shuffle(
+              index, seed=tf.stack([tf.constant(key, tf.int64), epoch]))))
+    else:
+      ds = tf.data.Dataset.from_tensor_slices(index)
+      if repeat:
+        ds = ds.repeat()
+    return ds.map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+
+
+class _TfdsSource:
+  """One split (string, e.g. 'train[50000:]') of a prepared tfds dataset, undecoded."""
+
+  def __init__(self, builder, split: str, num_examples: int, image_key: str, label_key: str):
+    self.builder, self.split, self.num_examples = builder, split, num_examples
+    self.image_key, self.label_key = image_key, label_key
+    fmt = getattr(builder.info.features[image_key], "encoding_format", None)
+    self.encoding = "jpeg" if fmt in ("jpeg", "jpg") else "image"
+
+  def __len__(self):
+    return self.num_examples
+
+  def dataset(self, *, shuffle: bool, seed: int, repeat: bool, input_context,
+              shuffle_buffer: int) -> tf.data.Dataset:
+    tfds = _import_tfds()
+    pid, num = _pipeline_shard(input_context)
+
+    def read(context):
+      config = tfds.ReadConfig(shuffle_seed=seed, shuffle_reshuffle_each_iteration=True,
+                               input_context=context, try_autocache=False)
+      return self.builder.as_dataset(
+          split=self.split, shuffle_files=shuffle, read_config=config,
+          decoders={self.image_key: tfds.decode.SkipDecoding()})
+
+    if num > 1:
+      try:
+        ds = read(input_context)      # whole files per input pipeline
+      except ValueError:              # fewer files than pipelines: shard by example
+        ds = read(None).shard(num, pid)
+    else:
+      ds = read(None)
+    ds = ds.map(lambda ex: (ex[self.image_key], ex[self.label_key]))
+    if shuffle:
+      ds = ds.shuffle(min(shuffle_buffer, max(len(self), 1)), seed=seed,
+                      reshuffle_each_iteration=True)
+    if repeat:
+      ds = ds.repeat()
+    return ds
+
+
+# ---------------------------------------------------------------------------- ImageData
+
+class ImageData:
+  """Built by get_data(); holds everything needed to make pipelines.
+
+  Pipelines yield (images float32 [B, S, S, 3] normalised with the ImageNet mean/std,
+  labels int32 [B]).
+  """
+
+  def __init__(self, info: DatasetInfo, *, train_source, holdout_source, validation_source,
+               min_crop_scale: float, flip: bool, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER):
+    self.info = info
+    self.min_crop_scale = float(min_crop_scale)
+    self.flip = bool(flip)
+    self.shuffle_buffer = int(shuffle_buffer)
+    self._sources = {"train": train_source, "holdout": holdout_source,
+                     "validation": validation_source}
+
+  def __repr__(self):
+    return (f"ImageData({self.info}, min_crop_scale={self.min_crop_scale}, "
+            f"flip={self.flip})")
+
+  def _source(self, split: str):
+    source = self._sources[split]
+    if source is None:
+      raise DataError(f"{self.info.name}: there is no {split} split"
+                      + (" (holdout_examples=0)" if split == "holdout" else ""))
+    return source
+
+  def _pipeline(self, split: str, global_batch_size: int, *, train_preprocessing: bool,
+                shuffle: bool, repeat: bool, drop_remainder: bool, seed: int,
+                input_context) -> tf.data.Dataset:
+    source = self._source(split)
+    if global_batch_size < 1:
+      raise DataError(f"global_batch_size must be positive, got {global_batch_size}")
+    if drop_remainder and global_batch_size > len(source):
+      raise DataError(f"{self.info.name}: global batch {global_batch_size} is larger than "
+                      f"the {split} split ({len(source)} examples)")
+    batch_size = (input_context.get_per_replica_batch_size(global_batch_size)
+                  if input_context is not None else global_batch_size)
+    pid, _ = _pipeline_shard(input_context)
+    key = tf.constant(_seed_key(seed, _STREAM_AUGMENT, pid), tf.int64)
+    preprocess = _make_preprocess(source.encoding, self.info.image_size,
+                                  train=train_preprocessing,
+                                  min_crop_scale=self.min_crop_scale, flip=self.flip)
+    ds = source.dataset(shuffle=shuffle, seed=seed, repeat=repeat,
+                        input_context=input_context, shuffle_buffer=self.shuffle_buffer)
+    # The k-th element of this pipeline is augmented with seed (key, k): stateless, so
+    # identical across rebuilds and restored iterators.
+    ds = ds.enumerate().map(
+        lambda k, element: preprocess(tf.stack([key, k]), *element),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_optimization.map_parallelization = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+  def train(self, global_batch_size: int, *, seed: int = 0, repeat: bool = True,
+            input_context=None, augment: bool = True) -> tf.data.Dataset:
+    """Weight-training batches: shuffled, augmented, drop_remainder=True."""
+    return self._pipeline("train", global_batch_size, train_preprocessing=augment,
+                          shuffle=True, repeat=repeat, drop_remainder=True, seed=seed,
+                          input_context=input_context)
+
+  def holdout(self, global_batch_size: int, *, seed: int = 0, repeat: bool = True,
+              shuffle: bool = True, input_context=None) -> tf.data.Dataset:
+    """Held-out batches with test-time preprocessing.
+
+    θ steps: the defaults (shuffled, repeated). Candidate evaluation: repeat=False,
+    shuffle=False; then the last batch is kept even if short, so every held-out example
+    is counted exactly once.
+    """
+    return self._pipeline("holdout", global_batch_size, train_preprocessing=False,
+                          shuffle=shuffle, repeat=repeat, drop_remainder=repeat, seed=seed,
+                          input_context=input_context)
+
+  def validation(self, global_batch_size: int, *, input_context=None) -> tf.data.Dataset:
+    """One in-order pass over the validation split, test-time preprocessing, no drop."""
+    return self._pipeline("validation", global_batch_size, train_preprocessing=False,
+                          shuffle=False, repeat=False, drop_remainder=False, seed=0,
+                          input_context=input_context)
+
+  def dataset_fn(self, split: str, global_batch_size: int, **kw
+                 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """fn(input_context) for `strategy.distribute_datasets_from_function`."""
+    if split not in self._sources:
+      raise DataError(f"unknown split {split!r}; expected one of {tuple(self._sources)}")
+    method = getattr(self, split)
+    self._source(split)  # fail now, not inside the strategy
+
+    def fn(input_context):
+      return method(global_batch_size, input_context=input_context, **kw)
+
+    return fn
+
+
+# ---------------------------------------------------------------------------- get_data
+
+def _resolve_holdout(dataset: str, num_train_split: int, holdout_examples: Optional[int]) -> int:
+  if holdout_examples is None:
+    if dataset in DEMO_DATASETS:
+      holdout_examples = int(round(num_train_split * DEMO_HOLDOUT_FRACTION))
+    else:   # 50,000 for ImageNet (SPEC §3), 10% of smaller train splits
+      holdout_examples = min(IMAGENET_HOLDOUT,
+                             int(round(num_train_split * TFDS_HOLDOUT_FRACTION)))
+  holdout_examples = int(holdout_examples)
+  if holdout_examples < 0 or holdout_examples >= num_train_split:
+    raise DataError(f"{dataset}: holdout_examples={holdout_examples} must be in "
+                    f"[0, {num_train_split}) (the train split has {num_train_split} examples)")
+  return holdout_examples
+
+
+def _get_demo(dataset, image_size, holdout_examples, min_crop_scale, flip) -> ImageData:
+  train_images, train_labels, val_images, val_labels = _DEMO_LOADERS[dataset]()
+  n_hold = _resolve_holdout(dataset, len(train_labels), holdout_examples)
+  info = DatasetInfo(name=dataset, num_classes=10, num_train=len(train_labels) - n_hold,
+                     num_holdout=n_hold, num_validation=len(val_labels),
+                     image_size=int(image_size))
+  # The train arrays are stored in a fixed random order, so the first n_hold are a
+  # random (and always the same) sample.
+  return ImageData(
+      info,
+      train_source=_ArraySource(train_images[n_hold:], train_labels[n_hold:]),
+      holdout_source=_ArraySource(train_images[:n_hold], train_labels[:n_hold]) if n_hold else None,
+      validation_source=_ArraySource(val_images, val_labels),
+      min_crop_scale=default_min_crop_scale(dataset) if min_crop_scale is None else min_crop_scale,
+      flip=default_flip(dataset) if flip is None else flip)
+
+
+def _get_tfds(dataset, data_dir, image_size, holdout_examples, min_crop_scale, flip,
+              shuffle_buffer) -> ImageData:
+  tfds = _import_tfds()
+  builder = _builder(dataset, data_dir)
+  info = builder.info
+  image_key, label_key = info.supervised_keys or ("image", "label")
+  features = info.features
+  if (not isinstance(image_key, str) or image_key not in features or label_key not in features
+      or not isinstance(features[image_key], tfds.features.Image)
+      or not isinstance(features[label_key], tfds.features.ClassLabel)):
+    raise DataError(f"{dataset!r} is not an image classification dataset (need an Image "
+                    f"feature and a ClassLabel feature; it has {info.supervised_keys or features})")
+  splits = info.splits
+  if "train" not in splits:
+    raise DataError(f"{dataset!r} has no 'train' split (splits: {list(splits)})")
+  num_train_split = splits["train"].num_examples
+  n_hold = _resolve_holdout(dataset, num_train_split, holdout_examples)
+  val_split = next((s for s in ("validation", "test") if s in splits), None)
+  num_val = splits[val_split].num_examples if val_split else 0
+  shape = features[image_key].shape
+  native = max(shape[:2]) if None not in shape[:2] else None
+  data_info = DatasetInfo(name=dataset, num_classes=features[label_key].num_classes,
+                          num_train=num_train_split - n_hold, num_holdout=n_hold,
+                          num_validation=num_val, image_size=int(image_size))
+
+  def source(split, n):
+    return _TfdsSource(builder, split, n, image_key, label_key)
+
+  return ImageData(
+      data_info,
+      train_source=source(f"train[{n_hold}:]" if n_hold else "train", num_train_split - n_hold),
+      holdout_source=source(f"train[:{n_hold}]", n_hold) if n_hold else None,
+      validation_source=source(val_split, num_val) if val_split else None,
+      min_crop_scale=(default_min_crop_scale(dataset, native) if min_crop_scale is None
+                      else min_crop_scale),
+      flip=default_flip(dataset) if flip is None else flip,
+      shuffle_buffer=DEFAULT_SHUFFLE_BUFFER if shuffle_buffer is None else shuffle_buffer)
+
+
+def get_data(dataset: str, *, data_dir: Optional[str] = None, image_size: int,
+             holdout_examples: Optional[int] = None, min_crop_scale: Optional[float] = None,
+             flip: Optional[bool] = None, shuffle_buffer: Optional[int] = None) -> ImageData:
+  """Pipelines for `dataset`: a demo dataset (DEMO_DATASETS) or a prepared tfds dataset.
+
+  Args:
+    dataset: "demo_digits", "demo_shapes" or a tfds name ("imagenet2012", "cifar10", …).
+    data_dir: where tfds data was prepared; None = TFDS_DATA_DIR or ~/tensorflow_datasets.
+    image_size: side of the square images the pipelines yield.
+    holdout_examples: size of the held-out part, the first N examples of the train split;
+      0 = none. None = 50,000 for imagenet2012, 20% of train for the demos, 10% (at most
+      50,000) for other tfds datasets.
+    min_crop_scale: smallest area fraction of the training random resized crop. None =
+      0.08 for large images, 0.25 for ≤64-pixel tfds images, 0.5 for the demos.
+    flip: random horizontal flip in training. None = on, except digit/character datasets
+      (demo_digits, mnist, svhn_cropped, …).
+    shuffle_buffer: tfds only: examples in the shuffle buffer (default 10,000).
+
+  Raises:
+    DataError: unknown or unprepared dataset, or an impossible holdout size.
+  """
+  if int(image_size) < 1:
+    raise DataError(f"image_size must be positive, got {image_size}")
+  if min_crop_scale is not None and not 0.0 < min_crop_scale <= 1.0:
+    raise DataError(f"min_crop_scale must be in (0, 1], got {min_crop_scale}")
+  if dataset in DEMO_DATASETS:
+    return _get_demo(dataset, image_size, holdout_examples, min_crop_scale, flip)
+  return _get_tfds(dataset, data_dir, image_size, holdout_examples, min_crop_scale, flip,
+                   shuffle_buffer)

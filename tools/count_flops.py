@@ -1,0 +1,73 @@
+"""Multiply-adds (MFLOPs in the NAS sense) and parameters of a network.
+
+  python tools/count_flops.py --arch=NSENet-27
+  python tools/count_flops.py --arch_json=runs/demo/final_arch.json --input_size=32 --num_classes=10
+  python tools/count_flops.py --keras_app=MobileNetV2
+  python tools/count_flops.py --arch=NSENet --verify   # also ask TensorFlow's profiler
+
+Convention (nse_tf/cost.py): convs and fc count as multiply-accumulates, BN/activations/
+adds/max-pool are free, average pooling counts its output elements.
+"""
+
+from absl import flags
+
+from nse_tf import arch as arch_lib
+from nse_tf import cli
+from nse_tf import cost
+
+flags.DEFINE_string("arch", None, "Released network name (NSENet-27, NSENet, NSENet-GPU) or a "
+                    "compact architecture string.")
+flags.DEFINE_string("arch_json", None, "Path to an Architecture JSON (e.g. final_arch.json).")
+flags.DEFINE_string("keras_app", None, "Any tf_keras.applications model name, e.g. MobileNetV2.")
+flags.DEFINE_integer("input_size", 224, "Square input resolution.")
+flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
+flags.DEFINE_bool("se", False, "NSENet with squeeze-and-excitation (retraining option).")
+flags.DEFINE_bool("per_layer", False, "Also print MACs per searchable layer.")
+flags.DEFINE_bool("verify", False, "Build the network and compare with TensorFlow's profiler.")
+FLAGS = flags.FLAGS
+
+
+def _count_keras_app(name: str, size: int):
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
+  apps = {n for n in dir(keras.applications) if n[:1].isupper()}
+  if name not in apps:
+    raise cli.UsageError(f"unknown --keras_app {name!r}; tf_keras.applications has e.g. "
+                         "MobileNetV2, EfficientNetB0, ResNet50 (case-sensitive)")
+  model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3),
+                                            classes=FLAGS.num_classes)
+  return model, cost.count_graph(model, (size, size, 3)), model.count_params()
+
+
+def main(_):
+  given = [f for f in ("arch", "arch_json", "keras_app") if getattr(FLAGS, f)]
+  if len(given) != 1:
+    raise cli.UsageError("give exactly one of --arch, --arch_json or --keras_app")
+  if FLAGS.input_size < 32:
+    raise cli.UsageError(f"--input_size must be >= 32, got {FLAGS.input_size}")
+  size = FLAGS.input_size
+  if FLAGS.keras_app:
+    _, counts, params = _count_keras_app(FLAGS.keras_app, size)
+    print(f"{FLAGS.keras_app} @ {size}x{size}: {counts['total'] / 1e6:.2f} MFLOPs (multiply-adds), "
+          f"{params / 1e6:.3f} Mparams")
+    print("  by op: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items() if k != "total"))
+    return 0
+  a = arch_lib.resolve(FLAGS.arch, FLAGS.arch_json)
+  c = cost.arch_cost(a, size, FLAGS.num_classes, se=FLAGS.se)
+  label = a.metadata.get("name") or FLAGS.arch_json or "architecture"
+  print(f"{label} ({a.space}@{a.macro}, scale {a.scale:g}) @ {size}x{size}: "
+        f"{c.macs / 1e6:.2f} MFLOPs (multiply-adds), {c.params / 1e6:.3f} Mparams")
+  if FLAGS.per_layer:
+    for (i, macs), ops in zip(cost.per_layer_macs(a, size), a.layers):
+      print(f"  layer {i:2d}: {macs / 1e6:8.2f} M  {' + '.join(ops) or '-'}")
+  if FLAGS.verify:
+    from nse_tf import nsenet  # pylint: disable=g-import-not-at-top
+    model = nsenet.build_nsenet(a, FLAGS.num_classes, (size, size, 3), se=FLAGS.se)
+    prof = cost.profiler_macs(model, (size, size, 3))
+    pool = cost.count_graph(model, (size, size, 3)).get("AvgPool", 0)
+    print(f"  TensorFlow profiler (convs + matmul, /2) + pool: {(prof + pool) / 1e6:.2f} M "
+          f"({100 * ((prof + pool) / c.macs - 1):+.3f} %); Keras params {model.count_params():,}")
+  return 0
+
+
+if __name__ == "__main__":
+  cli.run(main)
