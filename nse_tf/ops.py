@@ -223,6 +223,7 @@ class CandidateOp(keras.layers.Layer):
     self.project = GroupedConv1x1(self.c_out, spec.groups_out, name="project")
     self.project_bn = bn("project_bn")
 
+  @tf.autograph.experimental.do_not_convert
   def call(self, x, training=None):
     for layer in self.body:
       x = layer(x, training=training)  # Keras drops `training` for layers without it

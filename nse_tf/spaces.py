@@ -183,6 +183,10 @@ MACROS: Dict[str, MacroSpec] = {
         ("RNNN", 192), ("E", 320))),
     "latency": MacroSpec("latency", (
         ("N", 16), ("RNNN", 32), ("RNNN", 64), ("RNNNNNNN", 128), ("RNNN", 256))),
+    # Not from the paper: 6 layers with every layer kind, so that unit tests and
+    # smoke runs compile in seconds on a CPU. Searches for real use the two above.
+    "tiny": MacroSpec("tiny", (("N", 16), ("RN", 24), ("RN", 32), ("E", 48)),
+                      head_channels=128, default_resolution=32),
 }
 
 

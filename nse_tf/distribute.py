@@ -1,0 +1,73 @@
+"""tf.distribute strategy from a flag: default | mirrored | multi_worker | tpu.
+
+The per-replica batch is global / replicas; losses are summed per replica and
+divided by the *global* batch (see trainer.py), so every strategy computes the same
+update as the default strategy at the same global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
+
+
+class StrategyError(ValueError):
+  pass
+
+
+def configure_logical_cpus(count: int) -> None:
+  """Splits the CPU into `count` logical devices (tests, demos of MirroredStrategy).
+
+  Must run before TensorFlow initialises its devices.
+  """
+  cpus = tf.config.list_physical_devices("CPU")
+  try:
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+  except RuntimeError as e:
+    raise StrategyError(
+        f"cannot split the CPU into {count} logical devices after TensorFlow started: {e}") from None
+
+
+def get_strategy(name: str = "default", tpu: Optional[str] = None,
+                 num_cpu_replicas: int = 0) -> tf.distribute.Strategy:
+  """Builds the strategy named by `--strategy`.
+
+  Args:
+    name: 'default' (one device), 'mirrored' (all local GPUs, or logical CPUs),
+      'multi_worker' (TF_CONFIG cluster), 'tpu'.
+    tpu: TPU address or name for 'tpu' ('' or 'local' for a TPU VM).
+    num_cpu_replicas: with 'mirrored' and no GPU, split the CPU into this many
+      logical devices (0: one device).
+  """
+  if name not in STRATEGIES:
+    raise StrategyError(f"unknown --strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
+  if name == "default":
+    return tf.distribute.get_strategy()
+  if name == "mirrored":
+    devices = None
+    if not tf.config.list_physical_devices("GPU") and num_cpu_replicas > 1:
+      configure_logical_cpus(num_cpu_replicas)
+      devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return tf.distribute.MirroredStrategy(devices)
+  if name == "multi_worker":
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if tpu is None:
+    raise StrategyError("--strategy=tpu needs --tpu (a TPU name/address, or 'local' on a TPU VM)")
+  resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
+      tpu="" if tpu == "local" else tpu)
+  tf.config.experimental_connect_to_cluster(resolver)
+  tf.tpu.experimental.initialize_tpu_system(resolver)
+  return tf.distribute.TPUStrategy(resolver)
+
+
+def per_replica_batch(global_batch: int, strategy: tf.distribute.Strategy) -> int:
+  replicas = strategy.num_replicas_in_sync
+  if global_batch % replicas:
+    raise StrategyError(
+        f"global batch {global_batch} is not divisible by the {replicas} replicas; "
+        f"use a multiple of {replicas}")
+  return global_batch // replicas

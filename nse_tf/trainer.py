@@ -1,0 +1,400 @@
+"""One round of supernet training (SPEC §4): weight steps, θ steps, pruning.
+
+The loop runs on the host; each step is one compiled, distributed function:
+  * weight step: gates sampled on the host (uniform p = 0.5 or θ-based), cross-
+    entropy, SGD Nesterov (PyTorch semantics, coupled L2 weight decay on conv/fc
+    kernels only), lr linear warm-up then cosine to 0;
+  * every `theta_every`-th step a θ step on a held-out batch: two gate patterns
+    per layer, CE + α·(C − τ)^β with the expected cost C in the graph, Adam(β₁ = 0);
+  * after every step: ops with θ < threshold are pruned (A_l protected, an R/E
+    layer keeps its last op).
+
+Everything the trajectory depends on — weights, θ, both optimiser states, step,
+alive masks, pruning log, host RNG state and the data iterators — lives in one
+`tf.train.Checkpoint`, so a killed round restarts where it stopped and follows the
+same trajectory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from absl import logging
+
+from nse_tf import supernet as supernet_lib
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """Hyper-parameters of one round; SPEC §4 values as defaults."""
+  global_batch: int = 1024
+  epochs: float = 100.0
+  steps_per_epoch: Optional[int] = None   # default: num_train // global_batch
+  lr: float = 0.4
+  warmup_epochs: float = 2.0
+  warmup_start_lr: float = 0.1
+  momentum: float = 0.9
+  nesterov: bool = True
+  weight_decay: float = 4e-5
+  skip_off_ops: bool = False               # off ops get no momentum/decay update
+  gate_sampling: str = "uniform"           # 'uniform' (p = 0.5) or 'theta'
+  theta_every: int = 2
+  theta_lr: float = 0.005
+  theta_beta1: float = 0.0
+  theta_beta2: float = 0.999
+  alpha: float = 1e-5
+  beta: float = 2.0
+  tau: float = 300.0
+  prune_threshold: float = -2.0
+  mixed_precision: Optional[str] = None    # None, 'bfloat16' or 'float16'
+  sync_bn: bool = False
+  checkpoint_every: int = 200
+  log_every: int = 20
+  seed: int = 0
+  progress: bool = True
+
+  def validate(self):
+    if self.gate_sampling not in ("uniform", "theta"):
+      raise ValueError(f"gate_sampling must be 'uniform' or 'theta', got {self.gate_sampling!r}")
+    if self.mixed_precision not in (None, "", "bfloat16", "float16"):
+      raise ValueError(f"mixed_precision must be bfloat16 or float16, got {self.mixed_precision!r}")
+    if self.theta_every < 1:
+      raise ValueError(f"theta_every must be >= 1, got {self.theta_every}")
+    if self.global_batch < 1 or self.epochs <= 0:
+      raise ValueError("global_batch and epochs must be positive")
+    if self.beta <= 0:
+      raise ValueError(f"beta must be > 0, got {self.beta}")
+
+
+@keras.utils.register_keras_serializable(package="nse_tf")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+  """Linear warm-up from `start_lr` to `peak_lr`, then cosine decay to 0."""
+
+  def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int, start_lr: float):
+    self.peak_lr = float(peak_lr)
+    self.total_steps = int(total_steps)
+    self.warmup_steps = int(warmup_steps)
+    self.start_lr = float(start_lr)
+
+  def __call__(self, step):
+    step = tf.cast(step, tf.float32)
+    warm = tf.cast(max(self.warmup_steps, 1), tf.float32)
+    warm_lr = self.start_lr + (self.peak_lr - self.start_lr) * step / warm
+    decay_steps = tf.cast(max(self.total_steps - self.warmup_steps, 1), tf.float32)
+    progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+    cos_lr = 0.5 * self.peak_lr * (1.0 + tf.cos(math.pi * progress))
+    return tf.where(step < self.warmup_steps, warm_lr, cos_lr)
+
+  def get_config(self):
+    return dict(peak_lr=self.peak_lr, total_steps=self.total_steps,
+                warmup_steps=self.warmup_steps, start_lr=self.start_lr)
+
+
+def decays(variable) -> bool:
+  """Weight decay applies to conv/fc kernels only (not BN, biases or θ)."""
+  name = variable.name
+  return "kernel" in name and "theta" not in name
+
+
+@keras.utils.register_keras_serializable(package="nse_tf")
+class SearchSGD(keras.optimizers.SGD):
+  """SGD with PyTorch's momentum/Nesterov semantics and coupled L2 weight decay.
+
+  v ← μv + (g + λw);  w ← w − lr·(g + λw + μv) (Nesterov) — as in the reference
+  runs, where an op that was off in a step still had a zero gradient, so momentum
+  and weight decay kept moving it. `skip_zero_grad=True` skips a variable whose
+  gradient is exactly zero (an op that was off) entirely.
+  """
+
+  def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=0.0,
+               skip_zero_grad=False, name="SearchSGD", **kwargs):
+    super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
+                     name=name, **kwargs)
+    self.l2 = float(l2)
+    self.skip_zero_grad = bool(skip_zero_grad)
+
+  def update_step(self, gradient, variable):
+    lr = tf.cast(self.learning_rate, variable.dtype)
+    mu = tf.cast(self.momentum, variable.dtype)
+    m = self.momentums[self._index_dict[self._var_key(variable)]]
+
+    def apply():
+      g = gradient
+      if self.l2 and decays(variable):
+        g = g + tf.cast(self.l2, variable.dtype) * variable
+      m.assign(mu * m + g)
+      variable.assign_sub(lr * (g + mu * m if self.nesterov else m))
+
+    if self.skip_zero_grad:
+      tf.cond(tf.reduce_any(tf.not_equal(gradient, 0)), lambda: (apply(), tf.no_op())[1],
+              tf.no_op)
+    else:
+      apply()
+
+  def get_config(self):
+    cfg = super().get_config()
+    cfg.update(l2=self.l2, skip_zero_grad=self.skip_zero_grad)
+    return cfg
+
+
+@dataclasses.dataclass
+class RoundResult:
+  model: supernet_lib.Supernet
+  alive: List[np.ndarray]
+  thetas: List[np.ndarray]
+  pruned: List[Dict[str, Any]]
+  steps: int
+  history: List[Dict[str, float]]
+
+
+class RoundTrainer:
+  """Builds the supernet of a round under `strategy` and trains it, resumably.
+
+  Args:
+    config: TrainConfig.
+    strategy: a tf.distribute strategy (distribute.get_strategy()).
+    data: nse_tf.data.ImageData (train and holdout pipelines).
+    cost_table: per-op cost table (cost.CostTable or a latency table).
+    space, macro, working_sets, protected: the round's search space; `protected[l]`
+      flags, per working-set position, the ops of A_l (never pruned this round).
+    num_classes, resolution, scale, activation: network options.
+    model_dir: where checkpoints and TensorBoard logs of this round go (None:
+      no checkpoints).
+  """
+
+  def __init__(self, config: TrainConfig, strategy, data, cost_table, *, space: str,
+               macro: str, working_sets: Sequence[Sequence[int]],
+               protected: Optional[Sequence[Sequence[bool]]] = None, num_classes: int,
+               resolution: int, scale: float = 1.0, activation: str = "relu",
+               model_dir: Optional[str] = None, tb_dir: Optional[str] = None):
+    config.validate()
+    self.cfg = config
+    self.strategy = strategy
+    self.data = data
+    self.model_dir = model_dir
+    self.kinds = [l.kind for l in _resolved_layers(macro, resolution, scale)]
+    self.working_sets = [list(ws) for ws in working_sets]
+    self.protected = ([list(map(bool, p)) for p in protected] if protected is not None else
+                      [[False] * len(ws) for ws in self.working_sets])
+    replicas = strategy.num_replicas_in_sync
+    if config.global_batch % replicas:
+      raise ValueError(f"global batch {config.global_batch} is not divisible by {replicas} "
+                       "replicas")
+    spe = config.steps_per_epoch or max(1, data.info.num_train // config.global_batch)
+    self.steps_per_epoch = spe
+    self.total_steps = max(1, int(round(config.epochs * spe)))
+    warmup = int(round(config.warmup_epochs * spe))
+
+    keras.utils.set_random_seed(config.seed)
+    policy_before = keras.mixed_precision.global_policy()
+    if config.mixed_precision:
+      keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
+    try:
+      with strategy.scope():
+        self.model = supernet_lib.Supernet(
+            space, macro, self.working_sets, cost_table, num_classes, resolution, scale,
+            activation=activation, sync_bn=config.sync_bn)
+        self.model.build_all()
+        self.lr_schedule = WarmupCosine(config.lr, self.total_steps, warmup,
+                                        config.warmup_start_lr)
+        opt = SearchSGD(self.lr_schedule, config.momentum, config.nesterov,
+                        l2=config.weight_decay, skip_zero_grad=config.skip_off_ops)
+        if config.mixed_precision == "float16":
+          opt = keras.mixed_precision.LossScaleOptimizer(opt)
+        self.weight_opt = opt
+        self.theta_opt = keras.optimizers.Adam(config.theta_lr, beta_1=config.theta_beta1,
+                                               beta_2=config.theta_beta2, epsilon=1e-8)
+        self.weight_opt.build(self.model.weight_variables)
+        self.theta_opt.build(self.model.theta_variables)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        n = self.model.total_ops
+        self.alive_var = tf.Variable(np.ones(n, bool), trainable=False, name="alive")
+        self.rng_var = tf.Variable("", trainable=False, name="host_rng")
+        self.log_var = tf.Variable("[]", trainable=False, name="prune_log")
+    finally:
+      keras.mixed_precision.set_global_policy(policy_before)
+
+    self.sampler = supernet_lib.GateSampler(self.kinds, [len(ws) for ws in self.working_sets],
+                                            seed=config.seed)
+    self.train_ds = strategy.distribute_datasets_from_function(
+        data.dataset_fn("train", config.global_batch, seed=config.seed))
+    self.holdout_ds = strategy.distribute_datasets_from_function(
+        data.dataset_fn("holdout", config.global_batch, seed=config.seed + 1))
+    self.train_iter = iter(self.train_ds)
+    self.holdout_iter = iter(self.holdout_ds)
+    self.checkpoint = tf.train.Checkpoint(
+        model=self.model, weight_opt=self.weight_opt, theta_opt=self.theta_opt,
+        step=self.step, alive=self.alive_var, host_rng=self.rng_var, prune_log=self.log_var,
+        train_iter=self.train_iter, holdout_iter=self.holdout_iter)
+    self.manager = (tf.train.CheckpointManager(self.checkpoint, model_dir, max_to_keep=2)
+                    if model_dir else None)
+    self.writer = tf.summary.create_file_writer(tb_dir) if tb_dir else None
+    self._weight_step = self._make_weight_step()
+    self._theta_step = self._make_theta_step()
+    self.history: List[Dict[str, float]] = []
+    self.restored = self._restore()
+
+  # ------------------------------------------------------------ checkpoints
+  def _restore(self) -> bool:
+    if not self.manager or not self.manager.latest_checkpoint:
+      return False
+    self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+    self.sampler.state = self.rng_var.numpy().decode()
+    logging.info("resumed round training at step %d from %s", int(self.step.numpy()),
+                 self.manager.latest_checkpoint)
+    return True
+
+  def save(self):
+    if not self.manager:
+      return
+    self.rng_var.assign(self.sampler.state)
+    self.manager.save(checkpoint_number=int(self.step.numpy()))
+
+  # -------------------------------------------------------------- host state
+  def alive_masks(self) -> List[np.ndarray]:
+    flat = self.alive_var.numpy()
+    return [flat[a:b].copy() for a, b in zip(self.model.offsets[:-1], self.model.offsets[1:])]
+
+  @property
+  def pruned(self) -> List[Dict[str, Any]]:
+    return json.loads(self.log_var.numpy().decode())
+
+  # --------------------------------------------------------- compiled steps
+  def _make_weight_step(self):
+    model, opt, strategy = self.model, self.weight_opt, self.strategy
+    gb = float(self.cfg.global_batch)
+    fp16 = self.cfg.mixed_precision == "float16"
+
+    def step_fn(images, labels, gates):
+      wvars = model.weight_variables
+      with tf.GradientTape() as tape:
+        logits = model(images, gates=gates, training=True)
+        ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        loss = tf.reduce_sum(ce) / gb
+        scaled = opt.get_scaled_loss(loss) if fp16 else loss
+      grads = tape.gradient(scaled, wvars)
+      if fp16:
+        grads = opt.get_unscaled_gradients(grads)
+      grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, wvars)]
+      opt.apply_gradients(zip(grads, wvars))
+      correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                                               tf.cast(labels, tf.int32)), tf.float32))
+      return loss, correct
+
+    @tf.function
+    def weight_step(iterator, gates):
+      images, labels = next(iterator)
+      loss, correct = strategy.run(step_fn, args=(images, labels, gates))
+      return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+              strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None) / gb)
+
+    return weight_step
+
+  def _make_theta_step(self):
+    model, opt, strategy, cfg = self.model, self.theta_opt, self.strategy, self.cfg
+    gb = float(cfg.global_batch)
+    replicas = float(strategy.num_replicas_in_sync)
+
+    def step_fn(images, labels, g1, g2, same, alive):
+      tvars = model.theta_variables
+      with tf.GradientTape() as tape:
+        logits, expected = model.call_theta(images, g1, g2, same, alive, training=True)
+        ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+        ce = tf.reduce_sum(ce) / gb
+        reg = cfg.alpha * tf.pow(tf.abs(expected - cfg.tau), cfg.beta)
+        loss = ce + reg / replicas
+      grads = tape.gradient(loss, tvars)
+      grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, tvars)]
+      opt.apply_gradients(zip(grads, tvars))
+      return ce, reg / replicas, expected / replicas
+
+    @tf.function
+    def theta_step(iterator, g1, g2, same, alive):
+      images, labels = next(iterator)
+      out = strategy.run(step_fn, args=(images, labels, g1, g2, same, alive))
+      return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, o, axis=None) for o in out)
+
+    return theta_step
+
+  # -------------------------------------------------------------------- loop
+  def train(self, stop_at: Optional[int] = None) -> RoundResult:
+    """Trains to the end of the round (or up to step `stop_at`, for tests)."""
+    cfg = self.cfg
+    end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+    alive = self.alive_masks()
+    pruned = self.pruned
+    step = int(self.step.numpy())
+    progbar = None
+    last: Dict[str, float] = {}
+    while step < end:
+      if cfg.progress and (progbar is None or step % self.steps_per_epoch == 0):
+        epoch = step // self.steps_per_epoch
+        print(f"epoch {epoch + 1}/{math.ceil(self.total_steps / self.steps_per_epoch)}")
+        progbar = keras.utils.Progbar(min(self.steps_per_epoch,
+                                          self.total_steps - epoch * self.steps_per_epoch),
+                                      stateful_metrics=["loss", "acc", "cost", "alive"])
+      thetas = self.model.thetas_numpy()
+      probs = ([supernet_lib.keep_prob(t) for t in thetas]
+               if cfg.gate_sampling == "theta" else None)
+      gates = self.sampler.weight_gates(alive, probs)
+      loss, acc = self._weight_step(self.train_iter, tf.constant(gates))
+      last = {"loss": float(loss), "acc": float(acc)}
+      step += 1
+      if step % cfg.theta_every == 0:
+        g1, g2, same = self.sampler.theta_gates(alive, self.model.thetas_numpy())
+        alive_flat = np.concatenate(alive).astype(np.float32)
+        ce, reg, expected = self._theta_step(self.holdout_iter, tf.constant(g1),
+                                             tf.constant(g2), tf.constant(same),
+                                             tf.constant(alive_flat))
+        last.update(theta_ce=float(ce), reg=float(reg), cost=float(expected))
+      protected = self.protected
+      for l, i in supernet_lib.prune(self.model.thetas_numpy(), alive, self.kinds, protected,
+                                     cfg.prune_threshold):
+        event = {"layer": l, "op": self.model.mbls[l].op_names[i], "step": step,
+                 "theta": float(self.model.mbls[l].theta.numpy()[i])}
+        pruned.append(event)
+        logging.info("step %d: pruned %s from layer %d (θ = %.3f)", step, event["op"], l,
+                     event["theta"])
+        self._summary_text(f"pruned {event['op']} from layer {l} (θ = {event['theta']:.3f})", step)
+      self.step.assign(step)
+      self.alive_var.assign(np.concatenate(alive) if alive else np.zeros(0, bool))
+      self.log_var.assign(json.dumps(pruned))
+      last["alive"] = float(sum(a.sum() for a in alive))
+      self.history.append({"step": step, **last})
+      if self.writer and (step % cfg.log_every == 0 or step == end):
+        self._summaries(step, last)
+      if progbar is not None:
+        progbar.update(step - (step - 1) // self.steps_per_epoch * self.steps_per_epoch,
+                       [(k, v) for k, v in last.items() if k in ("loss", "acc", "cost", "alive")])
+      if self.manager and (step % cfg.checkpoint_every == 0 or step == end):
+        self.save()
+    return RoundResult(self.model, self.alive_masks(), self.model.thetas_numpy(), self.pruned,
+                       int(self.step.numpy()), self.history)
+
+  def _summaries(self, step: int, last: Dict[str, float]):
+    with self.writer.as_default(step=step):
+      for k, v in last.items():
+        tf.summary.scalar(f"round/{k}", v)
+      tf.summary.scalar("round/lr", float(self.lr_schedule(step)))
+      for mbl in self.model.mbls:
+        p = supernet_lib.keep_prob(mbl.theta.numpy())
+        for name, value in zip(mbl.op_names, p):
+          tf.summary.scalar(f"p/{mbl.name}/{name}", float(value))
+    self.writer.flush()
+
+  def _summary_text(self, text: str, step: int):
+    if self.writer:
+      with self.writer.as_default(step=step):
+        tf.summary.text("pruning", text)
+
+
+def _resolved_layers(macro, resolution, scale):
+  from nse_tf import spaces  # pylint: disable=g-import-not-at-top
+  return spaces.resolve_macro(macro, resolution, scale).layers
