@@ -184,6 +184,13 @@ class RoundTrainer:
     self.protected = ([list(map(bool, p)) for p in protected] if protected is not None else
                       [[False] * len(ws) for ws in self.working_sets])
     replicas = strategy.num_replicas_in_sync
+    if config.sync_bn and isinstance(strategy, (tf.distribute.MirroredStrategy,
+                                                tf.distribute.MultiWorkerMirroredStrategy)):
+      raise ValueError(
+          "sync_bn is not supported under (MultiWorker)MirroredStrategy: TensorFlow cannot "
+          "all-reduce batch-norm statistics inside the tf.cond that skips an inactive branch "
+          "(merge_call in control flow). Use per-replica batch norm (the default) with a "
+          "per-replica batch of 32 or more, or TPUStrategy")
     if config.global_batch % replicas:
       raise ValueError(f"global batch {config.global_batch} is not divisible by {replicas} "
                        "replicas")
@@ -223,16 +230,19 @@ class RoundTrainer:
 
     self.sampler = supernet_lib.GateSampler(self.kinds, [len(ws) for ws in self.working_sets],
                                             seed=config.seed)
-    self.train_ds = strategy.distribute_datasets_from_function(
-        data.dataset_fn("train", config.global_batch, seed=config.seed))
-    self.holdout_ds = strategy.distribute_datasets_from_function(
-        data.dataset_fn("holdout", config.global_batch, seed=config.seed + 1))
-    self.train_iter = iter(self.train_ds)
-    self.holdout_iter = iter(self.holdout_ds)
-    self.checkpoint = tf.train.Checkpoint(
-        model=self.model, weight_opt=self.weight_opt, theta_opt=self.theta_opt,
-        step=self.step, alive=self.alive_var, host_rng=self.rng_var, prune_log=self.log_var,
-        train_iter=self.train_iter, holdout_iter=self.holdout_iter)
+    self.train_iter = self._iterator("train", config.seed, 0)
+    self.holdout_iter = self._iterator("holdout", config.seed + 1, 0)
+    state = dict(model=self.model, weight_opt=self.weight_opt, theta_opt=self.theta_opt,
+                 step=self.step, alive=self.alive_var, host_rng=self.rng_var,
+                 prune_log=self.log_var)
+    # Iterators are checkpointed where the strategy supports it; elsewhere (e.g.
+    # MirroredStrategy) the deterministic pipelines are rebuilt and skipped forward.
+    self._iterators_in_checkpoint = all(
+        isinstance(it, tf.__internal__.tracking.Trackable)
+        for it in (self.train_iter, self.holdout_iter))
+    if self._iterators_in_checkpoint:
+      state.update(train_iter=self.train_iter, holdout_iter=self.holdout_iter)
+    self.checkpoint = tf.train.Checkpoint(**state)
     self.manager = (tf.train.CheckpointManager(self.checkpoint, model_dir, max_to_keep=2)
                     if model_dir else None)
     self.writer = tf.summary.create_file_writer(tb_dir) if tb_dir else None
@@ -247,9 +257,26 @@ class RoundTrainer:
       return False
     self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
     self.sampler.state = self.rng_var.numpy().decode()
+    if not self._iterators_in_checkpoint:
+      step = int(self.step.numpy())
+      self.train_iter = self._iterator("train", self.cfg.seed, step)
+      self.holdout_iter = self._iterator("holdout", self.cfg.seed + 1,
+                                         step // self.cfg.theta_every)
     logging.info("resumed round training at step %d from %s", int(self.step.numpy()),
                  self.manager.latest_checkpoint)
     return True
+
+  def _iterator(self, split: str, seed: int, skip_steps: int):
+    """Distributed iterator over `split`, `skip_steps` global batches already consumed."""
+    fn = self.data.dataset_fn(split, self.cfg.global_batch, seed=seed)
+
+    def skipped(ctx):
+      ds = fn(ctx)
+      if skip_steps:
+        ds = ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+      return ds
+
+    return iter(self.strategy.distribute_datasets_from_function(skipped))
 
   def save(self):
     if not self.manager:

@@ -32,7 +32,8 @@ class _TinyImages:
   ENCODING = "png"
 
   def _info(self):
-    return self.dataset_info_from_configs(
+    return tfds.core.DatasetInfo(
+        builder=self,
         features=tfds.features.FeaturesDict({
             "image": tfds.features.Image(shape=(None, None, 3), encoding_format=self.ENCODING),
             "label": tfds.features.ClassLabel(num_classes=3)}),
@@ -114,7 +115,7 @@ def test_sizes_and_defaults():
   assert (shapes.info.num_train, shapes.info.num_holdout, shapes.info.num_validation) == (
       4800, 1200, 1000)
   assert not digits.flip and shapes.flip
-  assert digits.min_crop_scale == shapes.min_crop_scale == 0.5
+  assert digits.min_crop_scale == shapes.min_crop_scale == 0.8
   assert data.default_flip("imagenet2012") and not data.default_flip("mnist")
   assert data.default_min_crop_scale("imagenet2012") == 0.08
   assert data.default_min_crop_scale("cifar10", native_size=32) == 0.25
@@ -308,3 +309,14 @@ def test_distribute_datasets_from_function_mirrored_two_cpus():
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_tfds_sharded_holdout_partitions(tiny_tfds_dir):
+  d = data.get_data("nse_tiny_png", data_dir=tiny_tfds_dir, image_size=32, holdout_examples=7)
+  shards = []
+  for pid in range(2):
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
+                                     num_replicas_in_sync=2)
+    shards.append(_hashes(d.holdout(2, repeat=False, shuffle=False, input_context=ctx)))
+  assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
+  assert sorted(shards[0] + shards[1]) == sorted(_hashes(d.holdout(2, repeat=False, shuffle=False)))

@@ -1,0 +1,179 @@
+"""Round training: resume equivalence, strategies, schedules, config errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from nse_tf import cost, data, distribute, spaces, trainer
+
+WS = [[0, 21], [3, 9], [0, 12], [6, 25], [1, 10], [3, 13]]   # tiny macro, 2 ops per layer
+
+
+def _trainer(model_dir, **overrides):
+  cfg = dict(global_batch=16, epochs=1, steps_per_epoch=6, warmup_epochs=0.5, lr=0.1,
+             tau=2.0, alpha=0.05, theta_lr=0.05, prune_threshold=-0.01, checkpoint_every=100,
+             progress=False, seed=3)
+  cfg.update(overrides)
+  d = data.get_data("demo_digits", image_size=32)
+  table = cost.CostTable("flops27", "tiny", resolution=32)
+  return trainer.RoundTrainer(trainer.TrainConfig(**cfg), distribute.get_strategy(), d, table,
+                              space="flops27", macro="tiny", working_sets=WS,
+                              protected=[[False, True]] + [[False, False]] * 5,
+                              num_classes=10, resolution=32, model_dir=model_dir)
+
+
+@pytest.mark.slow
+def test_killed_round_resumes_on_the_same_trajectory(tmp_path):
+  tf.config.experimental.enable_op_determinism()
+  straight = _trainer(str(tmp_path / "a")).train()
+  first = _trainer(str(tmp_path / "b"))
+  first.train(stop_at=3)
+  first.save()
+  del first
+  resumed = _trainer(str(tmp_path / "b"))
+  assert resumed.restored and int(resumed.step.numpy()) == 3
+  result = resumed.train()
+  assert result.steps == straight.steps == 6
+  for a, b in zip(straight.thetas, result.thetas):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  for key in ("loss", "theta_ce", "cost"):
+    assert abs(straight.history[-1][key] - result.history[-1][key]) < 1e-6
+  assert straight.pruned == result.pruned
+  assert len(straight.pruned) > 0          # the test exercises pruning and its log
+  for a, b in zip(straight.alive, result.alive):
+    np.testing.assert_array_equal(a, b)
+  # the protected op of layer 0 (A_l) is never pruned
+  assert result.alive[0][1]
+  w_a = straight.model.weight_variables
+  w_b = result.model.weight_variables
+  for va, vb in zip(w_a, w_b):
+    np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
+
+
+def test_warmup_cosine_schedule():
+  s = trainer.WarmupCosine(0.4, total_steps=100, warmup_steps=10, start_lr=0.1)
+  assert float(s(0)) == pytest.approx(0.1)
+  assert float(s(5)) == pytest.approx(0.25)
+  assert float(s(10)) == pytest.approx(0.4)
+  assert float(s(55)) == pytest.approx(0.2, abs=1e-6)
+  assert float(s(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_search_sgd_matches_pytorch_nesterov_and_skips_bn_decay():
+  kernel = tf.Variable([1.0, -2.0], name="conv/kernel")
+  gamma = tf.Variable([1.0, 1.0], name="bn/gamma")
+  opt = trainer.SearchSGD(0.1, momentum=0.9, nesterov=True, l2=0.01)
+  g = tf.constant([0.5, 0.5])
+  w, v = np.array([1.0, -2.0]), np.zeros(2)
+  for _ in range(3):
+    opt.apply_gradients([(g, kernel), (g, gamma)])
+    d = g.numpy() + 0.01 * w
+    v = 0.9 * v + d
+    w = w - 0.1 * (d + 0.9 * v)
+  np.testing.assert_allclose(kernel.numpy(), w, rtol=1e-6)
+  # gamma: no weight decay
+  v2, w2 = np.zeros(2), np.ones(2)
+  for _ in range(3):
+    v2 = 0.9 * v2 + 0.5
+    w2 = w2 - 0.1 * (0.5 + 0.9 * v2)
+  np.testing.assert_allclose(gamma.numpy(), w2, rtol=1e-6)
+
+
+def test_search_sgd_reference_mode_moves_off_ops_and_skip_mode_does_not():
+  for skip, moves in ((False, True), (True, False)):
+    kernel = tf.Variable([1.0, 2.0], name="op/kernel")
+    opt = trainer.SearchSGD(0.1, momentum=0.9, l2=0.1, skip_zero_grad=skip)
+    opt.apply_gradients([(tf.constant([1.0, 1.0]), kernel)])   # on: builds momentum
+    before = kernel.numpy().copy()
+    opt.apply_gradients([(tf.zeros(2), kernel)])                 # off: zero gradient
+    assert np.any(kernel.numpy() != before) == moves
+
+
+def test_config_errors_are_clear():
+  with pytest.raises(ValueError, match="gate_sampling"):
+    trainer.TrainConfig(gate_sampling="bogus").validate()
+  with pytest.raises(ValueError, match="mixed_precision"):
+    trainer.TrainConfig(mixed_precision="int8").validate()
+  with pytest.raises(distribute.StrategyError, match="unknown --strategy"):
+    distribute.get_strategy("horovod")
+  with pytest.raises(distribute.StrategyError, match="--tpu"):
+    distribute.get_strategy("tpu")
+  with pytest.raises(distribute.StrategyError, match="divisible"):
+    distribute.per_replica_batch(10, _FakeStrategy(4))
+
+
+class _FakeStrategy:
+  def __init__(self, n):
+    self.num_replicas_in_sync = n
+
+
+_MIRRORED_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np, tensorflow as tf
+    from nse_tf import cost, data, distribute, trainer
+    mirrored = distribute.get_strategy("mirrored", num_cpu_replicas=2)
+    assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
+    real = data.get_data("demo_digits", image_size=32)
+    images, labels = next(iter(real.validation(8)))
+
+    class SameImages:
+      # Every replica sees the same 8 images: per replica the batch-norm statistics
+      # are those of these 8 images, on one device too. The default strategy runs a
+      # global batch of 8, the mirrored one 2 x 8: the update (mean loss over the
+      # global batch) must be the same if the per-replica batch and the loss
+      # scaling are right.
+      info = real.info
+      def dataset_fn(self, split, global_batch, seed=0):
+        def fn(ctx):
+          assert ctx.get_per_replica_batch_size(global_batch) == 8
+          return tf.data.Dataset.from_tensors((images, labels)).repeat()
+        return fn
+
+    table = cost.CostTable("flops27", "tiny", resolution=32)
+    WS = %r
+    out = {}
+    for name, strategy in (("default", tf.distribute.get_strategy()), ("mirrored", mirrored)):
+      cfg = trainer.TrainConfig(global_batch=8 * strategy.num_replicas_in_sync, epochs=1,
+                                steps_per_epoch=4, warmup_epochs=0,
+                                lr=0.1, tau=2.0, alpha=0.05, theta_lr=0.05, prune_threshold=-50,
+                                progress=False, seed=5)
+      t = trainer.RoundTrainer(cfg, strategy, SameImages(), table, space="flops27",
+                               macro="tiny", working_sets=WS, num_classes=10, resolution=32)
+      r = t.train()
+      out[name] = {"thetas": [x.tolist() for x in r.thetas],
+                   "weights": [v.numpy().ravel()[:50].tolist() for v in t.model.weight_variables],
+                   "loss": r.history[-1]["loss"], "cost": r.history[-1]["cost"]}
+    try:
+      trainer.RoundTrainer(trainer.TrainConfig(global_batch=16, sync_bn=True), mirrored,
+                           SameImages(), table, space="flops27", macro="tiny",
+                           working_sets=WS, num_classes=10, resolution=32)
+      out["sync_bn_error"] = ""
+    except ValueError as e:
+      out["sync_bn_error"] = str(e)
+    print("RESULT" + json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_mirrored_two_cpus_matches_default_strategy():
+  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
+  proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT % (WS,)], capture_output=True,
+                        text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+  res = json.loads(line[len("RESULT"):])
+  a, b = res["default"], res["mirrored"]
+  assert abs(a["loss"] - b["loss"]) < 1e-5
+  assert abs(a["cost"] - b["cost"]) < 1e-4
+  for x, y in zip(a["thetas"], b["thetas"]):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+  for x, y in zip(a["weights"], b["weights"]):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+  assert "sync_bn is not supported" in res["sync_bn_error"]
