@@ -29,5 +29,6 @@ setuptools.setup(
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": [
         "nse-search=nse_tf.search:run",
+        "nse-train-round=nse_tf.train_round:run",
     ]},
 )

@@ -247,7 +247,7 @@ class Architecture:
         raise ArchitectureError(f"layer line {len(layers)} has no '|': {ln!r}")
       ops = ln.split("|", 1)[1].strip()
       layers.append(tuple() if ops == "-" else tuple(o.strip() for o in ops.split("+")))
-    return cls(m[1], m[2], tuple(layers), float(m[3]))
+    return cls(m[1], m[2], tuple(layers), _parse_scale(m[3]))
 
   # ------------------------------------------------------------------ compact
   def to_compact(self) -> str:
@@ -273,14 +273,21 @@ class Architecture:
         layers.append(tuple(int(i) for i in part.split("+")))
       except ValueError:
         raise ArchitectureError(f"layer {l}: bad op indices {part!r}") from None
-    return cls.from_indices(m[1], layers, macro=m[2], scale=float(m[3] or 1.0))
+    return cls.from_indices(m[1], layers, macro=m[2], scale=_parse_scale(m[3] or "1.0"))
 
   def __str__(self) -> str:
     return self.to_compact()
 
 
 def _fmt_scale(s: float) -> str:
-  return f"{s:.6g}"
+  return repr(float(s))  # shortest text that reads back as the same float (lossless)
+
+
+def _parse_scale(text: str) -> float:
+  try:
+    return float(text)
+  except ValueError:
+    raise ArchitectureError(f"scale must be a number, got {text!r}") from None
 
 
 def _jsonable(obj):
@@ -299,11 +306,16 @@ def atomic_write_text(path: str, text: str) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):  # never leave a half-written temp file behind
+      os.remove(tmp)
+    raise
 
 
 # ------------------------------------------------------------------ released

@@ -116,7 +116,7 @@ class CostTable:
   interface (`layer_costs`, `fixed`, `arch_cost`) so that it plugs in unchanged.
   """
 
-  unit = "MMACs"
+  unit = "MFLOPs"  # multiply-accumulates, the NAS convention
 
   def __init__(self, space: str, macro: str | None = None, resolution=224,
                scale: float = 1.0, num_classes: int = 1000, se: bool = False):

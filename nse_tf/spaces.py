@@ -90,11 +90,14 @@ def parse_op(name: str) -> OpSpec:
     raise SpaceError(
         f"unknown op name {name!r}; expected e.g. 'dw_k3_e6', 'dw_k3_e1_d2', "
         "'dw_k5_e3_g21', 'ssc_k5_e2', 'conv_k3_e1' or 'dual_k3_e2'")
-  spec = OpSpec(
-      kind=m["kind"], kernel=int(m["k"]), expand=int(m["e"]),
-      dilation=int(m["d"]) if m["d"] else 1,
-      groups_in=int(m["gi"]) if m["gi"] else 1,
-      groups_out=int(m["go"]) if m["go"] else 1)
+  try:
+    spec = OpSpec(
+        kind=m["kind"], kernel=int(m["k"]), expand=int(m["e"]),
+        dilation=int(m["d"]) if m["d"] else 1,
+        groups_in=int(m["gi"]) if m["gi"] else 1,
+        groups_out=int(m["go"]) if m["go"] else 1)
+  except SpaceError as e:  # e.g. 'dw_k4_e1': say which name was wrong
+    raise SpaceError(f"unknown op name {name!r}: {e}") from None
   if spec.name != name:  # e.g. 'dw_k3_e1_d1' or leading zeros: not canonical
     raise SpaceError(f"op name {name!r} is not canonical; did you mean {spec.name!r}?")
   return spec

@@ -43,8 +43,10 @@ class MultiBranchLayer(keras.layers.Layer):
 
   def __init__(self, layer: spaces.LayerSpec, op_names: Sequence[str],
                op_costs: Sequence[float], activation: str = "relu", sync_bn: bool = False,
-               **kwargs):
+               skip_inactive: bool = True, **kwargs):
     super().__init__(name=kwargs.pop("name", f"mbl{layer.index:02d}"), **kwargs)
+    # False: compute every branch and multiply by its gate (benchmark baseline).
+    self.skip_inactive = skip_inactive
     self.spec = layer
     self.op_names = list(op_names)
     self.is_normal = layer.kind == "N"
@@ -71,6 +73,12 @@ class MultiBranchLayer(keras.layers.Layer):
     """Average of the active branches (and the identity of a normal layer)."""
     if not self.branches:
       return x
+    if not self.skip_inactive:
+      acc = x if self.is_normal else 0.0
+      for i, op in enumerate(self.branches):
+        acc = acc + tf.cast(gates[i], x.dtype) * op(x, training=training)
+      count = tf.reduce_sum(gates) + (1.0 if self.is_normal else 0.0)
+      return acc / tf.maximum(tf.cast(count, acc.dtype), 1.0)
     acc = x if self.is_normal else self._zeros_out(x)
     for i, op in enumerate(self.branches):
       acc = tf.cond(gates[i] > 0, lambda op=op, acc=acc: acc + op(x, training=training),
@@ -128,7 +136,7 @@ class Supernet(keras.Model):
   def __init__(self, space: str, macro: str, working_sets: Sequence[Sequence[int]],
                cost_table, num_classes: int, resolution: int = 224, scale: float = 1.0,
                activation: str = "relu", sync_bn: bool = False, dropout: float = 0.0,
-               **kwargs):
+               skip_inactive: bool = True, **kwargs):
     super().__init__(name=kwargs.pop("name", "supernet"), **kwargs)
     self.space, self.macro = space, macro
     self.pool = spaces.get_pool(space)
@@ -149,7 +157,8 @@ class Supernet(keras.Model):
     for layer, ws in zip(self.resolved.layers, self.working_sets):
       costs = cost_table.layer_costs(layer.index)
       self.mbls.append(MultiBranchLayer(layer, [self.pool[i] for i in ws],
-                                        [costs[i] for i in ws], activation, sync_bn))
+                                        [costs[i] for i in ws], activation, sync_bn,
+                                        skip_inactive=skip_inactive))
     self.head_conv = keras.layers.Conv2D(self.resolved.head_channels, 1,
                                          kernel_initializer=ops_lib.conv_init(), name="head_conv")
     self.head_act = ops_lib.activation_layer(activation, "head_act")

@@ -1,0 +1,91 @@
+"""Flags shared by the search and round-training CLIs, and their conversion."""
+
+from __future__ import annotations
+
+from absl import flags
+
+flags.DEFINE_string("output_dir", None, "Where the checkpoint, TensorBoard logs and "
+                    "round.json go. Re-running on the same directory resumes.")
+flags.DEFINE_string("dataset", "demo_digits", "demo_digits | demo_shapes (embedded, no "
+                    "download) or any prepared tfds image-classification dataset.")
+flags.DEFINE_string("data_dir", None, "tfds data directory (prepared data).")
+flags.DEFINE_integer("image_size", 32, "Training resolution.")
+flags.DEFINE_integer("holdout_examples", None, "Held-out part of train for θ steps "
+                     "(default: 50,000 for ImageNet, 20 % for the demos).")
+flags.DEFINE_enum("space", "flops27", ["flops27", "flops72", "latency19"], "Op pool.")
+flags.DEFINE_enum("macro", None, ["flops", "latency", "tiny"],
+                  "Macro-architecture (default: the pool's own).")
+flags.DEFINE_float("scale", 1.0, "Channel scale of the supernet (narrow for CPU demos).")
+flags.DEFINE_integer("max_ops", 5, "K: ops per layer in the working set.")
+flags.DEFINE_integer("cost_resolution", 224, "Resolution the FLOPs table (and τ) refer to.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy.")
+flags.DEFINE_string("tpu", None, "TPU name/address for --strategy=tpu.")
+flags.DEFINE_integer("cpu_replicas", 0, "With --strategy=mirrored and no GPU: split the CPU "
+                     "into this many logical devices.")
+flags.DEFINE_integer("global_batch", 1024, "Global batch (split over replicas).")
+flags.DEFINE_float("epochs", 100.0, "Epochs of the round.")
+flags.DEFINE_integer("steps_per_epoch", None, "Default: train examples // global batch.")
+flags.DEFINE_float("lr", 0.4, "Peak learning rate (SGD Nesterov).")
+flags.DEFINE_float("warmup_epochs", 2.0, "Linear warm-up epochs.")
+flags.DEFINE_float("warmup_start_lr", 0.1, "Learning rate at step 0.")
+flags.DEFINE_float("weight_decay", 4e-5, "L2 on conv/fc kernels (not BN, biases, θ).")
+flags.DEFINE_bool("skip_off_ops", False, "Off ops get no momentum/decay update (the "
+                  "reference runs moved them; default False).")
+flags.DEFINE_enum("gate_sampling", "uniform", ["uniform", "theta"],
+                  "Weight-step gates: p = 0.5, or θ-based.")
+flags.DEFINE_integer("theta_every", 2, "A θ step every k-th weight step.")
+flags.DEFINE_float("theta_lr", 0.005, "Adam lr of θ (the paper text says 0.1; the reference "
+                   "runs used 0.005).")
+flags.DEFINE_float("alpha", 1e-5, "Regulariser weight α.")
+flags.DEFINE_float("beta", 2.0, "Regulariser exponent β.")
+flags.DEFINE_float("tau", 300.0, "Cost target τ (MFLOPs at --cost_resolution).")
+flags.DEFINE_float("prune_threshold", -2.0, "Prune ops whose θ falls below this.")
+flags.DEFINE_enum("mixed_precision", None, ["bfloat16", "float16"], "Mixed precision.")
+flags.DEFINE_bool("sync_bn", False, "SyncBatchNormalization (TPU only; see README).")
+flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
+flags.DEFINE_integer("seed", 0, "Seed of queues, gates, data order and initialisation.")
+flags.DEFINE_bool("deterministic", True, "TensorFlow op determinism: a killed and resumed run "
+                  "ends exactly like an uninterrupted one (slightly slower on GPUs).")
+FLAGS = flags.FLAGS
+
+
+def apply_determinism():
+  if FLAGS.deterministic:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.experimental.enable_op_determinism()
+
+
+def train_config():
+  """trainer.TrainConfig from the flags (validated; bad values raise UsageError)."""
+  from nse_tf import cli, trainer  # pylint: disable=g-import-not-at-top
+  cfg = trainer.TrainConfig(
+      global_batch=FLAGS.global_batch, epochs=FLAGS.epochs,
+      steps_per_epoch=FLAGS.steps_per_epoch, lr=FLAGS.lr, warmup_epochs=FLAGS.warmup_epochs,
+      warmup_start_lr=FLAGS.warmup_start_lr, weight_decay=FLAGS.weight_decay,
+      skip_off_ops=FLAGS.skip_off_ops, gate_sampling=FLAGS.gate_sampling,
+      theta_every=FLAGS.theta_every, theta_lr=FLAGS.theta_lr, alpha=FLAGS.alpha,
+      beta=FLAGS.beta, tau=FLAGS.tau, prune_threshold=FLAGS.prune_threshold,
+      mixed_precision=FLAGS.mixed_precision, sync_bn=FLAGS.sync_bn,
+      checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed)
+  try:
+    cfg.validate()
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
+  return cfg
+
+
+def check_output_dir(path):
+  """Creates `path` and proves it writable, or raises UsageError naming it."""
+  import os  # pylint: disable=g-import-not-at-top
+  from nse_tf import cli  # pylint: disable=g-import-not-at-top
+  if not path:
+    raise cli.UsageError("--output_dir is required")
+  try:
+    os.makedirs(path, exist_ok=True)
+    probe = os.path.join(path, ".write_test")
+    with open(probe, "w") as f:
+      f.write("")
+    os.remove(probe)
+  except OSError as e:
+    raise cli.UsageError(f"cannot write to --output_dir {path!r}: {e.strerror}") from None

@@ -1,0 +1,568 @@
+"""The NSE round loop (SPEC §5–§6): train, sample, evaluate, Pareto, aggregate, refill.
+
+`SearchState` is everything that carries from one round to the next (per-layer
+queues and their read positions, working sets S_l, inherited sets A_l, the previous
+front, the round and its phase). It is written atomically to `state.json` after every
+phase, so a search killed at any moment continues where it stopped:
+  * during training, from the round's trainer checkpoint (same trajectory);
+  * during evaluation, keeping the candidates already evaluated
+    (`round_NN/evaluated.jsonl`, one line per candidate, flushed and fsynced);
+candidates are sampled with a per-round seed, so a resumed round draws the same ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from absl import logging
+
+from nse_tf import arch as arch_lib
+from nse_tf import cost as cost_lib
+from nse_tf import pareto
+from nse_tf import spaces
+from nse_tf.arch import Architecture, atomic_write_text
+
+STATE_VERSION = 1
+KIND_PRIORITY = {"sample": 0, "edge": 0, "prev_front": 1}   # ties go to new samples
+
+
+class SearchError(ValueError):
+  """A search that cannot go on as configured (unreachable interval, bad state, ...)."""
+
+
+@dataclasses.dataclass
+class SearchConfig:
+  """Everything a search needs besides the data and the strategy."""
+  space: str = "flops27"
+  macro: Optional[str] = None
+  max_ops: int = 5
+  rounds: Optional[int] = None
+  scale: float = 1.0
+  image_size: int = 224
+  cost_resolution: int = 224
+  num_samples: int = 2000
+  num_edge: int = 100
+  interval: Tuple[float, float] = (300.0, 350.0)
+  edge_lo: float = 290.0
+  max_draws: int = 200_000
+  bn_recal_batches: int = 50
+  eval_examples: Optional[int] = None
+  eval_batch: int = 256
+  select: str = "knee"
+  final_target: Optional[float] = None
+  final_scale: Optional[float] = None
+  init_from: Optional[str] = None
+  seed: int = 0
+
+  def resolved_macro(self) -> str:
+    return self.macro or spaces.DEFAULT_MACRO[self.space]
+
+  def num_rounds(self) -> int:
+    if self.rounds is not None:
+      return self.rounds
+    if self.init_from:
+      return 3
+    return spaces.default_rounds(len(spaces.get_pool(self.space)), self.max_ops)
+
+  def validate(self):
+    lo, hi = self.interval
+    if not lo < hi:
+      raise SearchError(f"interval lower bound {lo} must be below its upper bound {hi}")
+    if self.edge_lo > lo:
+      raise SearchError(f"edge band lower bound {self.edge_lo} must be <= the interval's {lo}")
+    if self.max_ops < 2:
+      raise SearchError(f"max_ops (K) must be >= 2, got {self.max_ops}")
+    if self.num_samples < 1:
+      raise SearchError("num_samples must be >= 1")
+    if self.num_rounds() < 1:
+      raise SearchError("the search needs at least one round")
+    pareto.parse_rule(self.select)
+    if self.final_target is not None and self.final_scale is not None:
+      raise SearchError("give --final_target or --final_scale, not both")
+
+
+@dataclasses.dataclass
+class SearchState:
+  """What carries between rounds; JSON-serialisable."""
+  space: str
+  round: int = 1                   # the round being run (1-based)
+  phase: str = "train"             # train | evaluate | done
+  queues: List[List[int]] = dataclasses.field(default_factory=list)
+  queue_pos: List[int] = dataclasses.field(default_factory=list)
+  working_sets: List[List[int]] = dataclasses.field(default_factory=list)
+  inherited: List[List[int]] = dataclasses.field(default_factory=list)
+  front: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+
+  def to_json(self) -> str:
+    d = dataclasses.asdict(self)
+    d["version"] = STATE_VERSION
+    return json.dumps(d, indent=1)
+
+  @classmethod
+  def load(cls, path: str) -> "SearchState":
+    try:
+      with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    except json.JSONDecodeError as e:
+      raise SearchError(f"{path} is corrupt ({e}); restore it from a backup or start over "
+                        "with --overwrite") from None
+    if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
+      raise SearchError(f"{path}: not a search state of version {STATE_VERSION}; start over "
+                        "with --overwrite")
+    d.pop("version")
+    try:
+      state = cls(**d)
+    except TypeError as e:
+      raise SearchError(f"{path}: unexpected content ({e}); start over with --overwrite") from None
+    if state.phase not in ("train", "evaluate", "done"):
+      raise SearchError(f"{path}: unknown phase {state.phase!r}")
+    return state
+
+  def save(self, path: str):
+    atomic_write_text(path, self.to_json() + "\n")
+
+
+def new_state(cfg: SearchConfig) -> SearchState:
+  """Round 1: per-layer seeded permutations of the pool; S_l = first K of each."""
+  macro = cfg.resolved_macro()
+  n_layers = spaces.num_layers(macro)
+  pool = spaces.get_pool(cfg.space)
+  rng = np.random.default_rng(cfg.seed)
+  queues = [rng.permutation(len(pool)).tolist() for _ in range(n_layers)]
+  state = SearchState(space=cfg.space, queues=queues, queue_pos=[0] * n_layers,
+                      working_sets=[[] for _ in range(n_layers)],
+                      inherited=[[] for _ in range(n_layers)])
+  refill(state, cfg.max_ops)
+  return state
+
+
+def state_from_previous(cfg: SearchConfig, prev_dir: str) -> SearchState:
+  """Second space (SPEC §5): continue a finished flops27 search with flops72.
+
+  A_l and the front carry over (flops27 indices are flops72 indices); each layer's
+  queue is a seeded permutation of the 45 grouped ops.
+  """
+  path = os.path.join(prev_dir, "state.json")
+  if not os.path.exists(path):
+    raise SearchError(f"--init_from={prev_dir}: no state.json there (not a search output dir)")
+  prev = SearchState.load(path)
+  if prev.phase != "done":
+    raise SearchError(f"--init_from={prev_dir}: that search has not finished "
+                      f"(round {prev.round}, phase {prev.phase})")
+  if prev.space != "flops27" or cfg.space != "flops72":
+    raise SearchError("--init_from continues a flops27 search in the flops72 space "
+                      f"(got {prev.space} -> {cfg.space}); set --space=flops72")
+  rng = np.random.default_rng(cfg.seed)
+  new_ops = list(range(len(spaces.POOLS["flops27"]), len(spaces.POOLS["flops72"])))
+  n = len(prev.inherited)
+  state = SearchState(space=cfg.space, queues=[rng.permutation(new_ops).tolist() for _ in range(n)],
+                      queue_pos=[0] * n, working_sets=[[] for _ in range(n)],
+                      inherited=[list(a) for a in prev.inherited],
+                      front=[dict(f, arch=f["arch"].replace("flops27@", "flops72@", 1))
+                             for f in prev.front])
+  refill(state, cfg.max_ops)
+  return state
+
+
+def refill(state: SearchState, max_ops: int) -> List[List[int]]:
+  """S_l = A_l + the next max(0, K − |A_l|) untried ops of layer l's queue."""
+  added = []
+  for l, a in enumerate(state.inherited):
+    ws = list(a)
+    new = []
+    while len(ws) < max_ops and state.queue_pos[l] < len(state.queues[l]):
+      op = state.queues[l][state.queue_pos[l]]
+      state.queue_pos[l] += 1
+      if op not in ws:
+        ws.append(op)
+        new.append(op)
+    state.working_sets[l] = sorted(ws)
+    added.append(new)
+  return added
+
+
+def aggregate(front_archs: Sequence[Architecture], num_layers: int) -> List[List[int]]:
+  """A_l = union over the front's architectures of their ops in layer l."""
+  union = [set() for _ in range(num_layers)]
+  for a in front_archs:
+    for l, idx in enumerate(a.indices()):
+      union[l].update(idx)
+  return [sorted(u) for u in union]
+
+
+# ---------------------------------------------------------------------------
+# Sampling candidates from the θ distribution.
+
+
+def sample_candidates(cfg: SearchConfig, table, working_sets, alive, thetas, kinds, seed: int
+                      ) -> Tuple[List[Tuple[Tuple[int, ...], ...]], List[Tuple[Tuple[int, ...], ...]]]:
+  """D unique architectures with cost in (lo, hi) and D_e unique edge ones in (edge_lo, lo].
+
+  Architectures are per-layer tuples of pool indices. Raises SearchError when the
+  interval cannot be filled within `max_draws` draws.
+  """
+  from nse_tf.supernet import keep_prob  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  lo, hi = cfg.interval
+  probs = [keep_prob(np.asarray(t, np.float64)) for t in thetas]
+  samples: Dict[Tuple, float] = {}
+  edges: Dict[Tuple, float] = {}
+  seen_costs = []
+  draws = 0
+  while (len(samples) < cfg.num_samples or len(edges) < cfg.num_edge) and draws < cfg.max_draws:
+    draws += 1
+    layers = []
+    for l, (ws, a, p) in enumerate(zip(working_sets, alive, probs)):
+      while True:
+        on = (rng.random(len(ws)) < p) & a
+        if kinds[l] == "N" or on.any() or not a.any():
+          break
+      layers.append(tuple(int(ws[i]) for i in np.flatnonzero(on)))
+    key = tuple(layers)
+    c = table.indices_cost(key)
+    if len(seen_costs) < 10000:
+      seen_costs.append(c)
+    if lo < c < hi and len(samples) < cfg.num_samples:
+      samples.setdefault(key, c)
+    elif cfg.edge_lo < c <= lo and len(edges) < cfg.num_edge:
+      edges.setdefault(key, c)
+  if len(samples) < cfg.num_samples:
+    q = np.percentile(seen_costs, [0, 50, 100])
+    raise SearchError(
+        f"only {len(samples)} of {cfg.num_samples} unique architectures with cost in "
+        f"({lo:g}, {hi:g}) after {draws} draws; the supernet's θ distribution gives costs "
+        f"{q[0]:.1f}..{q[2]:.1f} (median {q[1]:.1f}) {table.unit}. Move --interval into that "
+        "range, change --tau so θ moves there, or lower --num_samples")
+  if len(edges) < cfg.num_edge:
+    logging.warning("only %d of %d edge architectures in (%g, %g]", len(edges), cfg.num_edge,
+                    cfg.edge_lo, lo)
+  return list(samples), list(edges)
+
+
+# ---------------------------------------------------------------------------
+# Final architecture.
+
+
+def solve_scale(a: Architecture, target: float, resolution: int, num_classes: int,
+                lo: float = 0.2, hi: float = 4.0) -> float:
+  """The largest channel scale whose MFLOPs stay <= target (bisection; cost grows with s)."""
+  f = lambda s: cost_lib.arch_cost(a.with_scale(s), resolution, num_classes).macs / 1e6
+  if f(lo) > target:
+    raise SearchError(f"even scale {lo} costs {f(lo):.1f} MFLOPs > --final_target {target}")
+  if f(hi) <= target:
+    return hi
+  for _ in range(40):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if f(mid) <= target else (lo, mid)
+  return round(lo, 4)
+
+
+def final_architecture(cfg: SearchConfig, state: SearchState, num_classes: int) -> Architecture:
+  if not state.front:
+    raise SearchError("the search has no front to select from")
+  costs = [f["cost"] for f in state.front]
+  accs = [f["accuracy"] for f in state.front]
+  idx = pareto.select(costs, accs, list(range(len(costs))), cfg.select)
+  chosen = state.front[idx]
+  a = Architecture.from_compact(chosen["arch"])
+  scale = cfg.final_scale
+  if cfg.final_target is not None:
+    scale = solve_scale(a, cfg.final_target, cfg.cost_resolution, num_classes)
+  a = a.with_scale(scale if scale is not None else a.scale)
+  final_cost = cost_lib.arch_cost(a, cfg.cost_resolution, num_classes)
+  return a.with_metadata(
+      search_cost=chosen["cost"], accuracy=chosen["accuracy"], round=state.round - 1,
+      selection=cfg.select, cost_mflops=round(final_cost.macs / 1e6, 3),
+      params_m=round(final_cost.params / 1e6, 4), cost_resolution=cfg.cost_resolution,
+      empty_layers_dropped=[l for l, ops in enumerate(a.layers) if not ops])
+
+
+# ---------------------------------------------------------------------------
+# The search driver.
+
+
+class Search:
+  """Runs the rounds of a search in `output_dir` (resumable).
+
+  Args:
+    cfg: SearchConfig. train_cfg: trainer.TrainConfig for every round.
+    data: nse_tf.data.ImageData. strategy: a tf.distribute strategy.
+    output_dir: where every output goes (see search.py).
+  """
+
+  def __init__(self, cfg: SearchConfig, train_cfg, data, strategy, output_dir: str,
+               progress: bool = True):
+    cfg.validate()
+    self.cfg, self.train_cfg, self.data, self.strategy = cfg, train_cfg, data, strategy
+    self.out = output_dir
+    self.progress = progress
+    self.macro = cfg.resolved_macro()
+    self.kinds = spaces.layer_kinds(self.macro)
+    self.pool = spaces.get_pool(cfg.space)
+    self.num_classes = data.info.num_classes
+    self.table = cost_lib.CostTable(cfg.space, self.macro, cfg.cost_resolution, cfg.scale,
+                                    num_classes=self.num_classes)
+    self.state_path = os.path.join(output_dir, "state.json")
+    if os.path.exists(self.state_path):
+      self.state = SearchState.load(self.state_path)
+      if self.state.space != cfg.space:
+        raise SearchError(f"{self.state_path} is a {self.state.space} search, not {cfg.space}")
+    else:
+      self.state = (state_from_previous(cfg, cfg.init_from) if cfg.init_from
+                    else new_state(cfg))
+      self.state.save(self.state_path)
+
+  def round_dir(self, r: int) -> str:
+    d = os.path.join(self.out, f"round_{r:02d}")
+    os.makedirs(d, exist_ok=True)
+    return d
+
+  # ----------------------------------------------------------------- rounds
+  def run(self) -> Architecture:
+    total = self.cfg.num_rounds()
+    while self.state.phase != "done":
+      r = self.state.round
+      print(f"\n=== round {r}/{total}: "
+            f"{sum(len(w) for w in self.state.working_sets)} ops in the space ===")
+      self.run_round(r)
+      if r >= total:
+        self.state.phase = "done"
+      else:
+        self.state.round, self.state.phase = r + 1, "train"
+      self.state.save(self.state_path)
+    from nse_tf import plots  # pylint: disable=g-import-not-at-top
+    plots.plot_space_evolution(os.path.join(self.out, "space_evolution.png"),
+                               [h["space"] for h in self.state.history], list(self.pool),
+                               len(self.kinds), title=f"NSE search space per round ({self.cfg.space})")
+    final = final_architecture(self.cfg, self.state, self.num_classes)
+    final.save(os.path.join(self.out, "final_arch.json"))
+    return final
+
+  def _trainer(self, r: int):
+    from nse_tf import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+    protected = [[op in set(a) for op in ws]
+                 for ws, a in zip(self.state.working_sets, self.state.inherited)]
+    import dataclasses as dc  # pylint: disable=g-import-not-at-top
+    tcfg = dc.replace(self.train_cfg, seed=self.train_cfg.seed + 1000 * r,
+                      progress=self.progress)
+    return trainer_lib.RoundTrainer(
+        tcfg, self.strategy, self.data, self.table, space=self.cfg.space, macro=self.macro,
+        working_sets=self.state.working_sets, protected=protected,
+        num_classes=self.num_classes, resolution=self.cfg.image_size, scale=self.cfg.scale,
+        model_dir=os.path.join(self.round_dir(r), "ckpt"),
+        tb_dir=os.path.join(self.out, "tb", f"round_{r:02d}"))
+
+  def run_round(self, r: int):
+    rdir = self.round_dir(r)
+    t0 = time.time()
+    trainer = self._trainer(r)
+    if self.state.phase == "train":
+      trainer.train()
+      self.state.phase = "evaluate"
+      self.state.save(self.state_path)
+    elif trainer.step.numpy() < trainer.total_steps:
+      trainer.train()
+    train_s = time.time() - t0
+    alive = trainer.alive_masks()
+    thetas = trainer.model.thetas_numpy()
+    # Candidates: same per-round seed, so a resumed round draws the same ones.
+    samples, edges = sample_candidates(self.cfg, self.table, self.state.working_sets, alive,
+                                       thetas, self.kinds, seed=self.cfg.seed * 7919 + r)
+    prev = [tuple(tuple(sorted(x)) for x in Architecture.from_compact(f["arch"]).indices())
+            for f in self.state.front] if r > 1 or self.cfg.init_from else []
+    cands = ([("sample", s) for s in samples] + [("edge", e) for e in edges]
+             + [("prev_front", p) for p in prev])
+    evaluated = self._evaluate(trainer, cands, os.path.join(rdir, "evaluated.jsonl"))
+    costs = [self.table.indices_cost(c) for _, c in cands]
+    accs = [evaluated[i] for i in range(len(cands))]
+    kinds = [k for k, _ in cands]
+    front_idx = pareto.pareto_front(costs, accs, prefer=[KIND_PRIORITY[k] for k in kinds])
+    front_idx = [i for i in front_idx if kinds[i] != "edge"]   # edges only knock out optima
+    archs = [Architecture.from_indices(self.cfg.space, c, macro=self.macro, scale=self.cfg.scale)
+             for _, c in cands]
+    front_archs = [archs[i] for i in front_idx]
+    if not front_archs:
+      raise SearchError(f"round {r}: the front is empty after dropping edge samples")
+    start_sets = [list(w) for w in self.state.working_sets]
+    self.state.inherited = aggregate(front_archs, len(self.kinds))
+    self.state.front = [{"arch": archs[i].to_compact(), "cost": costs[i], "accuracy": accs[i],
+                         "kind": kinds[i]} for i in front_idx]
+    added = refill(self.state, self.cfg.max_ops) if r < self.cfg.num_rounds() else \
+        [[] for _ in self.kinds]
+    pruned = trainer.pruned
+    space = {
+        "working_sets": [[self.pool[i] for i in w] for w in start_sets],
+        "pruned": [[e["op"] for e in pruned if e["layer"] == l] for l in range(len(self.kinds))],
+        "inherited": [[self.pool[i] for i in a] for a in self.state.inherited],
+    }
+    self._write_round(r, rdir, cands, archs, costs, accs, kinds, set(front_idx), front_archs,
+                      start_sets, pruned, added)
+    best = max(self.state.front, key=lambda f: f["accuracy"])
+    self.state.history.append({
+        "round": r, "train_seconds": round(train_s, 1),
+        "seconds": round(time.time() - t0, 1), "candidates": len(cands),
+        "front_size": len(front_idx), "best_accuracy": best["accuracy"],
+        "best_cost": best["cost"], "space": space})
+    print(f"round {r}: {len(cands)} candidates, front of {len(front_idx)}, best accuracy "
+          f"{100 * best['accuracy']:.2f} % at {best['cost']:.1f} {self.table.unit}, "
+          f"{time.time() - t0:.0f} s")
+
+  # ------------------------------------------------------------- evaluation
+  def _evaluate(self, trainer, cands, log_path: str) -> Dict[int, float]:
+    """Accuracy of every candidate on the held-out split (BN recalibrated first)."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    done: Dict[int, float] = {}
+    keys = [self._key(c) for _, c in cands]
+    if os.path.exists(log_path):
+      with open(log_path, encoding="utf-8") as f:
+        for line in f:
+          try:
+            rec = json.loads(line)
+          except json.JSONDecodeError:
+            break     # a line cut by a kill: evaluate that candidate again
+          if rec.get("i") is not None and rec["i"] < len(keys) and rec.get("key") == keys[rec["i"]]:
+            done[rec["i"]] = rec["accuracy"]
+    todo = [i for i in range(len(cands)) if i not in done]
+    if not todo:
+      return done
+    # Candidate i recalibrates on training batches [i·n, (i+1)·n) of one fixed
+    # stream, so a resumed evaluation sees the batches an uninterrupted one would.
+    evaluator = CandidateEvaluator(trainer, self.data, self.cfg, start_index=todo[0])
+    bar = None
+    if self.progress:
+      import tf_keras as keras  # pylint: disable=g-import-not-at-top
+      bar = keras.utils.Progbar(len(cands), stateful_metrics=["acc"])
+      bar.update(len(done))
+    # Rewrite the log without a possibly cut last line, then append.
+    with open(log_path + ".tmp", "w", encoding="utf-8") as f:
+      for i in sorted(done):
+        f.write(json.dumps({"i": i, "key": keys[i], "accuracy": done[i]}) + "\n")
+    os.replace(log_path + ".tmp", log_path)
+    with open(log_path, "a", encoding="utf-8") as log:
+      for n, i in enumerate(todo):
+        acc = evaluator.accuracy(self._gates(trainer, cands[i][1]))
+        done[i] = acc
+        log.write(json.dumps({"i": i, "key": keys[i], "accuracy": acc}) + "\n")
+        log.flush()
+        os.fsync(log.fileno())
+        if bar is not None:
+          bar.update(len(done), [("acc", acc)])
+    return done
+
+  @staticmethod
+  def _key(c) -> str:
+    return "|".join("+".join(map(str, l)) for l in c)
+
+  def _gates(self, trainer, c) -> np.ndarray:
+    g = np.zeros(trainer.model.total_ops, np.float32)
+    for l, idx in enumerate(c):
+      ws = self.state.working_sets[l]
+      for i in idx:
+        g[trainer.model.offsets[l] + ws.index(i)] = 1.0
+    return g
+
+  # ---------------------------------------------------------------- outputs
+  def _write_round(self, r, rdir, cands, archs, costs, accs, kinds, front_set, front_archs,
+                   start_sets, pruned, added):
+    from nse_tf import plots  # pylint: disable=g-import-not-at-top
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["arch_id", "kind", "cost", "accuracy", "is_pareto", "arch"])
+    for i, (k, a) in enumerate(zip(kinds, archs)):
+      w.writerow([i, k, f"{costs[i]:.4f}", f"{accs[i]:.6f}", int(i in front_set), a.to_compact()])
+    atomic_write_text(os.path.join(rdir, "candidates.csv"), buf.getvalue())
+    front_json = [a.with_metadata(cost=costs[i], accuracy=accs[i], round=r, kind=kinds[i]).to_dict()
+                  for i, a in zip(sorted(front_set, key=lambda i: costs[i]),
+                                  [archs[i] for i in sorted(front_set, key=lambda i: costs[i])])]
+    atomic_write_text(os.path.join(rdir, "front.json"), json.dumps(front_json, indent=1))
+    space = {"round": r, "layers": [
+        {"layer": l, "kind": self.kinds[l],
+         "working_set": [self.pool[i] for i in start_sets[l]],
+         "pruned": [{"op": e["op"], "step": e["step"], "theta": e["theta"]}
+                    for e in pruned if e["layer"] == l],
+         "inherited": [self.pool[i] for i in self.state.inherited[l]],
+         "added_next": [self.pool[i] for i in added[l]]}
+        for l in range(len(self.kinds))]}
+    atomic_write_text(os.path.join(rdir, "space.json"), json.dumps(space, indent=1))
+    pick = lambda kind: [(costs[i], accs[i]) for i in range(len(kinds)) if kinds[i] == kind]
+    lo, hi = self.cfg.interval
+    plots.plot_pareto(os.path.join(rdir, "pareto.png"), pick("sample"), pick("edge"),
+                      pick("prev_front"), sorted((costs[i], accs[i]) for i in front_set), lo, hi,
+                      title=f"round {r}: {len(kinds)} candidates, front of {len(front_set)}",
+                      cost_unit=self.table.unit)
+
+
+class CandidateEvaluator:
+  """Fixed-gate evaluation through the supernet: no rebuild, no retrace per candidate.
+
+  BN recalibration: every BN's statistics are reset to zero and re-estimated over
+  `bn_recal_batches` training batches in training mode; the exponential average is
+  bias-corrected by 1/(1 − momentum^n), i.e. a proper (recency-weighted) average
+  however few batches are used.
+  """
+
+  def __init__(self, trainer, data, cfg: SearchConfig, start_index: int = 0):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.tf = tf
+    self.model = trainer.model
+    self.strategy = trainer.strategy
+    self.cfg = cfg
+    self.bns = self.model.bn_layers()
+    self.n_recal = max(1, cfg.bn_recal_batches)
+    gb = trainer.cfg.global_batch
+    recal_fn = data.dataset_fn("train", gb, seed=cfg.seed + 17)
+    skip = start_index * self.n_recal
+    self.recal_iter = iter(self.strategy.distribute_datasets_from_function(
+        lambda ctx: recal_fn(ctx).skip(skip * ctx.num_replicas_in_sync // ctx.num_input_pipelines)))
+    eval_batch = cfg.eval_batch
+    n = data.info.num_holdout
+    if cfg.eval_examples:
+      n = min(n, cfg.eval_examples)
+    self.num_eval = n
+    self.eval_ds = self.strategy.distribute_datasets_from_function(
+        lambda ctx: data.holdout(eval_batch, repeat=False, shuffle=False,
+                                 input_context=ctx).unbatch().take(n // ctx.num_input_pipelines)
+        .batch(ctx.get_per_replica_batch_size(eval_batch)))
+    model, strategy = self.model, self.strategy
+
+    @tf.function(autograph=False)
+    def recal_step(iterator, gates):
+      images, _ = next(iterator)
+      strategy.run(lambda x: model(x, gates=gates, training=True), args=(images,))
+
+    @tf.function(autograph=False)
+    def eval_step(images, labels, gates):
+      def fn(x, y):
+        logits = model(x, gates=gates, training=False)
+        pred = tf.argmax(logits, -1, output_type=tf.int32)
+        return tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32))
+      correct = strategy.run(fn, args=(images, labels))
+      return strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
+
+    self.recal_step, self.eval_step = recal_step, eval_step
+
+  def accuracy(self, gates: np.ndarray) -> float:
+    tf = self.tf
+    g = tf.constant(gates)
+    for bn in self.bns:
+      bn.moving_mean.assign(tf.zeros_like(bn.moving_mean))
+      bn.moving_variance.assign(tf.zeros_like(bn.moving_variance))
+    for _ in range(self.n_recal):
+      self.recal_step(self.recal_iter, g)
+    for bn in self.bns:
+      correction = 1.0 / (1.0 - bn.momentum ** self.n_recal)
+      bn.moving_mean.assign(bn.moving_mean * correction)
+      bn.moving_variance.assign(bn.moving_variance * correction)
+    correct = 0.0
+    for images, labels in self.eval_ds:
+      correct += float(self.eval_step(images, labels, g))
+    return correct / max(1, self.num_eval)

@@ -1,0 +1,145 @@
+"""CLI: the whole NSE search (SPEC §4–§6), resumable.
+
+  python -m nse_tf.search --flagfile=flags/demo.cfg --output_dir=runs/demo
+  python -m nse_tf.search --flagfile=flags/flops.cfg --data_dir=DIR --output_dir=runs/flops
+
+Outputs under --output_dir (names are fixed, other tools rely on them):
+  config.json                every resolved flag (a resume with other values is refused)
+  state.json                 queues, working sets, inherited sets, front, round, phase
+  round_NN/candidates.csv    arch_id,kind,cost,accuracy,is_pareto,arch (kind: sample|edge|prev_front)
+  round_NN/front.json        the round's front as Architecture JSONs with cost and accuracy
+  round_NN/space.json        per layer: working set, ops pruned (step, θ), A_l, ops added next
+  round_NN/pareto.png        samples, edge samples, previous front, front, interval bounds
+  round_NN/ckpt/             the round's supernet checkpoint
+  space_evolution.png        which ops were in each layer's space in each round
+  final_arch.json            the selected, scaled architecture (Architecture schema)
+  tb/                        TensorBoard logs
+The same command on an existing output directory continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from absl import flags
+
+from nse_tf import cli
+from nse_tf import common_flags
+
+flags.DEFINE_integer("rounds", None, "Rounds (default ⌊(N − 1)/(K − 1)⌋; 3 with --init_from).")
+flags.DEFINE_integer("num_samples", 2000, "D: unique architectures sampled per round in the "
+                     "cost interval.")
+flags.DEFINE_integer("num_edge", 100, "D_e: unique edge architectures just below the interval.")
+flags.DEFINE_list("interval", ["300", "350"], "Cost interval lo,hi of the sampled candidates "
+                  "(MFLOPs at --cost_resolution).")
+flags.DEFINE_float("edge_lo", 290.0, "Edge band (edge_lo, lo].")
+flags.DEFINE_integer("max_draws", 200000, "Give up sampling the interval after this many draws.")
+flags.DEFINE_integer("bn_recal_batches", 50, "Training batches for BN recalibration of each "
+                     "candidate.")
+flags.DEFINE_integer("eval_examples", None, "Evaluate candidates on at most this many held-out "
+                     "examples (default: the whole held-out split).")
+flags.DEFINE_integer("eval_batch", 256, "Batch of candidate evaluation.")
+flags.DEFINE_string("select", "knee", "Final pick from the last front: knee | max_acc | "
+                    "min_cost | closest:COST.")
+flags.DEFINE_float("final_target", None, "Solve the channel scale of the final network for "
+                   "this many MFLOPs at --cost_resolution.")
+flags.DEFINE_float("final_scale", None, "Channel scale of the final network (default: the "
+                   "search's).")
+flags.DEFINE_string("init_from", None, "Output dir of a finished flops27 search: continue it in "
+                    "the flops72 space (second space).")
+flags.DEFINE_bool("overwrite", False, "Delete this search's outputs in --output_dir and start "
+                  "over.")
+flags.DEFINE_bool("progress", True, "Progress bars.")
+FLAGS = flags.FLAGS
+
+# Flags that do not change the result: a resume may change them.
+_RESUME_FREE = {"output_dir", "overwrite", "progress", "checkpoint_every", "data_dir",
+                "strategy", "tpu", "cpu_replicas"}
+_OUTPUTS = ("config.json", "state.json", "final_arch.json", "space_evolution.png", "tb")
+
+
+def resolved_flags():
+  names = set()
+  # As `python -m nse_tf.search` this module's flags belong to '__main__'.
+  for module in ("nse_tf.common_flags", "nse_tf.search", "__main__"):
+    names |= {f.name for f in FLAGS.get_flags_for_module(module)}
+  return {n: FLAGS[n].value for n in sorted(names)}
+
+
+def _prepare_output_dir(out: str, config: dict):
+  path = os.path.join(out, "config.json")
+  if FLAGS.overwrite:
+    for name in os.listdir(out):
+      if name in _OUTPUTS or name.startswith("round_"):
+        p = os.path.join(out, name)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+  if os.path.exists(path):
+    try:
+      with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise cli.UsageError(f"{path} is unreadable ({e}); use --overwrite to start over")
+    diff = sorted(k for k in set(old) | set(config)
+                  if k not in _RESUME_FREE and old.get(k) != config.get(k))
+    if diff:
+      details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+      raise cli.UsageError(f"{out} holds a search with another configuration ({details}); "
+                           "use the same flags to resume, or --overwrite to start over")
+  elif os.path.exists(os.path.join(out, "state.json")):
+    raise cli.UsageError(f"{out} has a state.json but no config.json; use --overwrite")
+  from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
+  atomic_write_text(path, json.dumps(config, indent=1, sort_keys=True) + "\n")
+
+
+def search_config():
+  from nse_tf import evolution  # pylint: disable=g-import-not-at-top
+  try:
+    lo, hi = (float(v) for v in FLAGS.interval)
+  except ValueError:
+    raise cli.UsageError(f"--interval must be two numbers lo,hi; got {','.join(FLAGS.interval)}")
+  cfg = evolution.SearchConfig(
+      space=FLAGS.space, macro=FLAGS.macro, max_ops=FLAGS.max_ops, rounds=FLAGS.rounds,
+      scale=FLAGS.scale, image_size=FLAGS.image_size, cost_resolution=FLAGS.cost_resolution,
+      num_samples=FLAGS.num_samples, num_edge=FLAGS.num_edge, interval=(lo, hi),
+      edge_lo=FLAGS.edge_lo, max_draws=FLAGS.max_draws,
+      bn_recal_batches=FLAGS.bn_recal_batches, eval_examples=FLAGS.eval_examples,
+      eval_batch=FLAGS.eval_batch, select=FLAGS.select, final_target=FLAGS.final_target,
+      final_scale=FLAGS.final_scale, init_from=FLAGS.init_from, seed=FLAGS.seed)
+  try:
+    cfg.validate()
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
+  return cfg
+
+
+def main(_):
+  common_flags.check_output_dir(FLAGS.output_dir)
+  cfg = search_config()
+  train_cfg = common_flags.train_config()
+  _prepare_output_dir(FLAGS.output_dir, resolved_flags())
+  from nse_tf import data, distribute, evolution  # pylint: disable=g-import-not-at-top
+  common_flags.apply_determinism()
+  strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
+  d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+                    holdout_examples=FLAGS.holdout_examples)
+  try:
+    search = evolution.Search(cfg, train_cfg, d, strategy, FLAGS.output_dir,
+                              progress=FLAGS.progress)
+    final = search.run()
+  except evolution.SearchError as e:
+    raise cli.UsageError(str(e)) from None
+  print(f"\nfinal architecture ({cfg.select}): {final.metadata.get('cost_mflops')} MFLOPs, "
+        f"held-out accuracy {100 * final.metadata.get('accuracy', 0):.2f} % in the supernet")
+  print(final.to_text())
+  print(f"wrote {os.path.join(FLAGS.output_dir, 'final_arch.json')}")
+  return 0
+
+
+def run():
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

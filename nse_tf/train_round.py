@@ -1,0 +1,93 @@
+"""CLI: train one round of the NSE supernet (SPEC §4) and report θ and pruning.
+
+  python -m nse_tf.train_round --flagfile=flags/demo_round.cfg --output_dir=runs/round
+  python -m nse_tf.train_round --dataset=imagenet2012 --data_dir=DIR --strategy=mirrored \
+      --global_batch=1024 --epochs=100 --output_dir=runs/r1
+
+Round 1 of a search: every layer's working set S_l is the first K ops of its
+seeded random permutation of the pool. Writes under --output_dir:
+  ckpt/          the round's checkpoint (re-running the command resumes from it)
+  tb/            TensorBoard: losses, lr, expected cost, p = σ(θ) per op, pruning
+  round.json     per layer: working set, ops pruned (with step and θ), survivors
+                 and their keep-probabilities; the training history's last values
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import flags, logging
+
+from nse_tf import cli
+from nse_tf import common_flags
+
+FLAGS = flags.FLAGS
+
+
+def initial_working_sets(pool_size: int, num_layers: int, max_ops: int, seed: int):
+  """Per layer a seeded permutation of the pool (the queue); S_l = its first K."""
+  rng = np.random.default_rng(seed)
+  queues = [rng.permutation(pool_size).tolist() for _ in range(num_layers)]
+  return queues, [sorted(q[:max_ops]) for q in queues]
+
+
+def main(_):
+  from nse_tf import cost, data, distribute, spaces, trainer  # pylint: disable=g-import-not-at-top
+  if FLAGS.max_ops < 1:
+    raise cli.UsageError(f"--max_ops must be >= 1, got {FLAGS.max_ops}")
+  common_flags.check_output_dir(FLAGS.output_dir)
+  macro = FLAGS.macro or spaces.DEFAULT_MACRO[FLAGS.space]
+  pool = spaces.get_pool(FLAGS.space)
+  kinds = spaces.layer_kinds(macro)
+  _, working_sets = initial_working_sets(len(pool), len(kinds), FLAGS.max_ops, FLAGS.seed)
+  common_flags.apply_determinism()
+  strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
+  d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+                    holdout_examples=FLAGS.holdout_examples)
+  table = cost.CostTable(FLAGS.space, macro, resolution=FLAGS.cost_resolution,
+                         scale=FLAGS.scale, num_classes=d.info.num_classes)
+  cfg = common_flags.train_config()
+  print(f"round 1 on {d.info.name}: {len(kinds)} layers x K={FLAGS.max_ops} of {FLAGS.space}, "
+        f"{strategy.num_replicas_in_sync} replica(s), global batch {FLAGS.global_batch}")
+  start = time.time()
+  try:
+    t = trainer.RoundTrainer(cfg, strategy, d, table, space=FLAGS.space, macro=macro,
+                             working_sets=working_sets, num_classes=d.info.num_classes,
+                             resolution=FLAGS.image_size, scale=FLAGS.scale,
+                             model_dir=os.path.join(FLAGS.output_dir, "ckpt"),
+                             tb_dir=os.path.join(FLAGS.output_dir, "tb"))
+  except ValueError as e:
+    raise cli.UsageError(str(e)) from None
+  if t.restored:
+    print(f"resuming at step {int(t.step.numpy())} of {t.total_steps}")
+  result = t.train()
+  layers = []
+  for l, (mbl, alive) in enumerate(zip(result.model.mbls, result.alive)):
+    p = 0.999 / (1 + np.exp(-mbl.theta.numpy())) + 5e-4
+    layers.append({
+        "layer": l, "kind": kinds[l], "working_set": mbl.op_names,
+        "pruned": [e for e in result.pruned if e["layer"] == l],
+        "alive": {op: round(float(pi), 4) for op, pi, a in zip(mbl.op_names, p, alive) if a},
+    })
+  summary = {"dataset": d.info.name, "space": FLAGS.space, "macro": macro,
+             "steps": result.steps, "seconds": round(time.time() - start, 1),
+             "last": result.history[-1] if result.history else {}, "layers": layers}
+  from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
+  atomic_write_text(os.path.join(FLAGS.output_dir, "round.json"), json.dumps(summary, indent=1))
+  print(f"\n{result.steps} steps; {len(result.pruned)} ops pruned; survivors per layer:")
+  for entry in layers:
+    ops = ", ".join(f"{op} p={p:.2f}" for op, p in entry["alive"].items()) or "- (identity)"
+    print(f"  L{entry['layer']:02d} {entry['kind']}: {ops}")
+  print(f"wrote {os.path.join(FLAGS.output_dir, 'round.json')}")
+  return 0
+
+
+def run():
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,251 @@
+"""The search: state, refill, aggregation, sampling, selection, CLI, kill-and-resume."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from nse_tf import arch as arch_lib
+from nse_tf import cost, evolution, spaces
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A reduced demo: the real search on the tiny macro, a handful of steps and candidates.
+SMOKE = ["--flagfile=flags/demo.cfg", "--max_ops=2", "--rounds=2", "--epochs=1",
+         "--steps_per_epoch=6", "--num_samples=10", "--num_edge=3", "--bn_recal_batches=2",
+         "--eval_examples=96", "--eval_batch=48", "--interval=0,1000", "--edge_lo=-1",
+         "--checkpoint_every=2", "--progress=false", "--global_batch=32"]
+
+
+def _cli(args, out_dir, **kw):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  return subprocess.Popen([sys.executable, "-m", "nse_tf.search", *args,
+                           f"--output_dir={out_dir}"], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _run(args, out_dir, timeout=900):
+  p = _cli(args, out_dir)
+  out, err = p.communicate(timeout=timeout)
+  return p.returncode, out, err
+
+
+# ------------------------------------------------------------------ units
+
+
+def _cfg(**kw):
+  base = dict(space="flops27", macro="tiny", max_ops=3, seed=1)
+  base.update(kw)
+  return evolution.SearchConfig(**base)
+
+
+def test_new_state_takes_first_k_of_each_seeded_queue():
+  s = evolution.new_state(_cfg())
+  assert len(s.queues) == spaces.num_layers("tiny")
+  for q, ws, pos in zip(s.queues, s.working_sets, s.queue_pos):
+    assert sorted(q) == list(range(27))
+    assert ws == sorted(q[:3]) and pos == 3
+  assert evolution.new_state(_cfg()).queues == s.queues             # seeded
+  assert evolution.new_state(_cfg(seed=2)).queues != s.queues
+
+
+def test_refill_keeps_inherited_and_takes_untried_ops_in_queue_order():
+  s = evolution.SearchState(space="flops27", queues=[[5, 1, 7, 3, 9, 2]], queue_pos=[2],
+                            working_sets=[[1, 5]], inherited=[[1, 7]])
+  added = evolution.refill(s, 4)
+  # 7 is already inherited: skipped (it was tried); 3 and 9 are next in the queue.
+  assert s.working_sets == [[1, 3, 7, 9]]
+  assert added == [[3, 9]] and s.queue_pos == [5]
+  s.inherited = [[0, 1, 2, 3, 4]]
+  assert evolution.refill(s, 4) == [[]]                              # |A_l| >= K adds nothing
+  assert s.working_sets == [[0, 1, 2, 3, 4]]
+
+
+def test_aggregate_is_the_per_layer_union():
+  a = arch_lib.Architecture.from_indices("flops27", [[0], [3, 4], [], [1], [2], [5]], macro="tiny")
+  b = arch_lib.Architecture.from_indices("flops27", [[0, 2], [4], [6], [1], [7], [5]], macro="tiny")
+  assert evolution.aggregate([a, b], 6) == [[0, 2], [3, 4], [6], [1], [2, 7], [5]]
+
+
+def test_rounds_formula():
+  assert evolution.SearchConfig(space="flops27", max_ops=5).num_rounds() == 6
+  assert evolution.SearchConfig(space="latency19", max_ops=6).num_rounds() == 3
+  assert evolution.SearchConfig(space="flops72", init_from="x").num_rounds() == 3
+  assert evolution.SearchConfig(space="flops27", max_ops=5, rounds=2).num_rounds() == 2
+
+
+def test_sampling_unique_in_interval_and_edges_below():
+  cfg = _cfg(num_samples=50, num_edge=10, interval=(150.0, 350.0), edge_lo=100.0)
+  table = cost.CostTable("flops27", "tiny", 224)
+  state = evolution.new_state(cfg)
+  alive = [np.ones(len(w), bool) for w in state.working_sets]
+  thetas = [np.zeros(len(w)) for w in state.working_sets]
+  kinds = spaces.layer_kinds("tiny")
+  samples, edges = evolution.sample_candidates(cfg, table, state.working_sets, alive, thetas,
+                                               kinds, seed=3)
+  assert len(samples) == 50 and len(set(samples)) == 50
+  assert all(150 < table.indices_cost(s) < 350 for s in samples)
+  assert all(100 < table.indices_cost(e) <= 150 for e in edges) and len(edges) == 10
+  for s in samples + edges:
+    for l, ops in enumerate(s):
+      assert set(ops) <= set(state.working_sets[l])
+      assert ops or kinds[l] == "N"
+  again, _ = evolution.sample_candidates(cfg, table, state.working_sets, alive, thetas, kinds, 3)
+  assert again == samples                                            # per-round seed
+
+
+def test_unreachable_interval_is_a_clear_error():
+  cfg = _cfg(num_samples=5, interval=(1e6, 2e6), edge_lo=0.0, max_draws=2000)
+  table = cost.CostTable("flops27", "tiny", 224)
+  state = evolution.new_state(cfg)
+  alive = [np.ones(len(w), bool) for w in state.working_sets]
+  with pytest.raises(evolution.SearchError, match=r"only 0 of 5 .*\(1e\+06, 2e\+06\).*--interval"):
+    evolution.sample_candidates(cfg, table, state.working_sets, alive,
+                                [np.zeros(len(w)) for w in state.working_sets],
+                                spaces.layer_kinds("tiny"), seed=0)
+
+
+def test_solve_scale_hits_the_target_from_below():
+  a = arch_lib.load_released("NSENet-27").with_scale(1.0)
+  s = evolution.solve_scale(a, 400.0, 224, 1000)
+  assert cost.arch_cost(a.with_scale(s), 224).macs / 1e6 <= 400.0
+  assert cost.arch_cost(a.with_scale(s + 0.02), 224).macs / 1e6 > 400.0
+  with pytest.raises(evolution.SearchError):
+    evolution.solve_scale(a, 1.0, 224, 1000)
+
+
+def test_final_architecture_selection_and_metadata():
+  cfg = _cfg(select="max_acc", final_target=None)
+  s = evolution.new_state(cfg)
+  a1 = arch_lib.Architecture.from_indices("flops27", [[0], [3], [], [1], [2], [5]], macro="tiny")
+  a2 = arch_lib.Architecture.from_indices("flops27", [[0, 4], [3], [6], [1], [2], [5]], macro="tiny")
+  s.front = [{"arch": a1.to_compact(), "cost": 100.0, "accuracy": 0.5, "kind": "sample"},
+             {"arch": a2.to_compact(), "cost": 200.0, "accuracy": 0.7, "kind": "sample"}]
+  s.round = 3
+  f = evolution.final_architecture(cfg, s, 10)
+  assert f.layers == a2.layers
+  assert f.metadata["accuracy"] == 0.7 and f.metadata["selection"] == "max_acc"
+  cfg.select = "min_cost"
+  assert evolution.final_architecture(cfg, s, 10).layers == a1.layers
+  assert evolution.final_architecture(cfg, s, 10).metadata["empty_layers_dropped"] == [2]
+
+
+def test_corrupt_state_is_refused_clearly(tmp_path):
+  p = tmp_path / "state.json"
+  p.write_text("{not json")
+  with pytest.raises(evolution.SearchError, match="corrupt.*--overwrite"):
+    evolution.SearchState.load(str(p))
+  p.write_text(json.dumps({"version": 99}))
+  with pytest.raises(evolution.SearchError, match="version"):
+    evolution.SearchState.load(str(p))
+
+
+# ------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("smoke")
+  t0 = time.time()
+  code, stdout, stderr = _run(SMOKE, str(out))
+  assert code == 0, stderr[-4000:]
+  return out, stdout, time.time() - t0
+
+
+@pytest.mark.slow
+def test_smoke_search_writes_every_output(smoke_run):
+  out, stdout, _ = smoke_run
+  for name in ("config.json", "state.json", "final_arch.json", "space_evolution.png", "tb"):
+    assert (out / name).exists(), name
+  state = json.loads((out / "state.json").read_text())
+  assert state["phase"] == "done" and state["round"] == 2
+  for r in (1, 2):
+    rd = out / f"round_{r:02d}"
+    rows = list(csv.DictReader(open(rd / "candidates.csv")))
+    assert list(rows[0]) == ["arch_id", "kind", "cost", "accuracy", "is_pareto", "arch"]
+    kinds = {row["kind"] for row in rows}
+    assert "sample" in kinds and ("prev_front" in kinds) == (r == 2)
+    assert all(row["is_pareto"] == "0" for row in rows if row["kind"] == "edge")
+    front = [row for row in rows if row["is_pareto"] == "1"]
+    fj = json.loads((rd / "front.json").read_text())
+    assert len(fj) == len(front) > 0
+    for d in fj:
+      a = arch_lib.Architecture.from_dict(d)
+      assert "cost" in a.metadata and "accuracy" in a.metadata
+    space = json.loads((rd / "space.json").read_text())
+    assert {"working_set", "pruned", "inherited", "added_next"} <= set(space["layers"][0])
+    # A_l is the union of the front's ops.
+    union = evolution.aggregate([arch_lib.Architecture.from_dict(d) for d in fj], 6)
+    pool = spaces.get_pool("flops27")
+    assert [[pool[i] for i in u] for u in union] == [l["inherited"] for l in space["layers"]]
+    assert (rd / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  final = arch_lib.Architecture.load(str(out / "final_arch.json"))
+  assert final.macro == "tiny" and final.metadata["selection"] == "knee"
+  assert "final architecture" in stdout
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
+  ref, _, _ = smoke_run
+  out = tmp_path / "killed"
+  # Kill once mid-evaluation of round 1 and once mid-training of round 2.
+  for marker in ("round_01/evaluated.jsonl", "round_02/ckpt/checkpoint"):
+    p = _cli(SMOKE, str(out))
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+      path = out / marker
+      if path.exists() and (not marker.endswith(".jsonl") or
+                            len(path.read_text().splitlines()) >= 3):
+        break
+      time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+  code, _, stderr = _run(SMOKE, str(out))
+  assert code == 0, stderr[-4000:]
+  for name in ("final_arch.json", "round_01/front.json", "round_02/front.json",
+               "round_01/candidates.csv", "round_02/candidates.csv"):
+    assert (out / name).read_text() == (ref / name).read_text(), name
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_configuration(smoke_run):
+  ref, _, _ = smoke_run
+  before = (ref / "final_arch.json").read_text()
+  code, _, err = _run(SMOKE + ["--tau=123"], str(ref))
+  assert code != 0
+  assert "tau: 250.0 -> 123.0" in err and "--overwrite" in err and "Traceback" not in err
+  assert (ref / "final_arch.json").read_text() == before
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path):
+  cases = [
+      (["--flagfile=flags/demo.cfg", "--bogus_flag=1"], "bogus_flag"),
+      (["--flagfile=flags/nope.cfg"], "nope.cfg"),
+      (["--flagfile=flags/demo.cfg", "--interval=300"], "--interval must be two numbers"),
+      (["--flagfile=flags/demo.cfg", "--interval=300,200"], "lower bound"),
+      (["--flagfile=flags/demo.cfg", "--select=best"], "best"),
+      (["--flagfile=flags/demo.cfg", "--dataset=cifar10", f"--data_dir={tmp_path}/tfds"],
+       "tfds build cifar10"),
+  ]
+  for args, needle in cases:
+    code, _, err = _run(args, str(tmp_path / "o"), timeout=120)
+    assert code != 0, args
+    assert needle in err, (args, err[-2000:])
+    assert "Traceback" not in err, (args, err[-2000:])
+  code, _, err = _run(["--flagfile=flags/demo.cfg"], "/proc/nse_no_such_dir", timeout=120)
+  assert code != 0 and "cannot write to --output_dir" in err
+  corrupt = tmp_path / "corrupt"
+  args = ["--flagfile=flags/demo.cfg", "--space=flops72", f"--init_from={tmp_path}/none"]
+  code, _, err = _run(args, str(corrupt), timeout=120)   # writes config.json, then stops
+  assert code != 0 and "no state.json there" in err
+  (corrupt / "state.json").write_text("{oops")
+  code, _, err = _run(args, str(corrupt), timeout=120)
+  assert code != 0 and "corrupt" in err and "Traceback" not in err
+  assert (corrupt / "state.json").read_text() == "{oops"      # nothing overwritten
