@@ -50,9 +50,11 @@ flags.DEFINE_bool("deterministic", True, "TensorFlow op determinism: a killed an
 FLAGS = flags.FLAGS
 
 
-def apply_determinism():
+def setup_tensorflow():
+  """Op determinism (--deterministic) and TensorFlow's INFO chatter off."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.get_logger().setLevel("WARNING")
   if FLAGS.deterministic:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     tf.config.experimental.enable_op_determinism()
 
 

@@ -280,7 +280,7 @@ def final_architecture(cfg: SearchConfig, state: SearchState, num_classes: int) 
   a = a.with_scale(scale if scale is not None else a.scale)
   final_cost = cost_lib.arch_cost(a, cfg.cost_resolution, num_classes)
   return a.with_metadata(
-      search_cost=chosen["cost"], accuracy=chosen["accuracy"], round=state.round - 1,
+      search_cost=chosen["cost"], accuracy=chosen["accuracy"], round=state.round,
       selection=cfg.select, cost_mflops=round(final_cost.macs / 1e6, 3),
       params_m=round(final_cost.params / 1e6, 4), cost_resolution=cfg.cost_resolution,
       empty_layers_dropped=[l for l, ops in enumerate(a.layers) if not ops])
@@ -387,6 +387,15 @@ class Search:
     kinds = [k for k, _ in cands]
     front_idx = pareto.pareto_front(costs, accs, prefer=[KIND_PRIORITY[k] for k in kinds])
     front_idx = [i for i in front_idx if kinds[i] != "edge"]   # edges only knock out optima
+    if not front_idx:
+      # Every in-interval candidate is dominated by a cheaper edge sample: keep the
+      # front of the candidates inside the interval rather than none.
+      logging.warning("round %d: edge samples dominate the whole interval; using the front "
+                      "of the in-interval candidates", r)
+      inside = [i for i in range(len(cands)) if kinds[i] != "edge"]
+      front_idx = [inside[j] for j in pareto.pareto_front(
+          [costs[i] for i in inside], [accs[i] for i in inside],
+          prefer=[KIND_PRIORITY[kinds[i]] for i in inside])]
     archs = [Architecture.from_indices(self.cfg.space, c, macro=self.macro, scale=self.cfg.scale)
              for _, c in cands]
     front_archs = [archs[i] for i in front_idx]
@@ -549,20 +558,26 @@ class CandidateEvaluator:
       return strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
 
     self.recal_step, self.eval_step = recal_step, eval_step
+    # A held-out set that fits in 1 GiB is decoded once and kept: every candidate
+    # is evaluated on the same batches without rebuilding the input pipeline.
+    size = self.num_eval * cfg.image_size ** 2 * 3 * 4   # float32 bytes
+    self.eval_batches = list(self.eval_ds) if size <= 1 << 30 else None
+    self.scale_bn = tf.function(self._scale_bn_stats, autograph=False)
+
+  def _scale_bn_stats(self, factor: float):
+    for bn in self.bns:
+      bn.moving_mean.assign(bn.moving_mean * factor)
+      bn.moving_variance.assign(bn.moving_variance * factor)
 
   def accuracy(self, gates: np.ndarray) -> float:
     tf = self.tf
     g = tf.constant(gates)
-    for bn in self.bns:
-      bn.moving_mean.assign(tf.zeros_like(bn.moving_mean))
-      bn.moving_variance.assign(tf.zeros_like(bn.moving_variance))
+    self.scale_bn(tf.constant(0.0))           # reset every statistic to zero
     for _ in range(self.n_recal):
       self.recal_step(self.recal_iter, g)
-    for bn in self.bns:
-      correction = 1.0 / (1.0 - bn.momentum ** self.n_recal)
-      bn.moving_mean.assign(bn.moving_mean * correction)
-      bn.moving_variance.assign(bn.moving_variance * correction)
+    momentum = self.bns[0].momentum if self.bns else 0.0
+    self.scale_bn(tf.constant(1.0 / (1.0 - momentum ** self.n_recal)))  # bias correction
     correct = 0.0
-    for images, labels in self.eval_ds:
+    for images, labels in (self.eval_batches if self.eval_batches is not None else self.eval_ds):
       correct += float(self.eval_step(images, labels, g))
     return correct / max(1, self.num_eval)

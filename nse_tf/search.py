@@ -120,7 +120,7 @@ def main(_):
   train_cfg = common_flags.train_config()
   _prepare_output_dir(FLAGS.output_dir, resolved_flags())
   from nse_tf import data, distribute, evolution  # pylint: disable=g-import-not-at-top
-  common_flags.apply_determinism()
+  common_flags.setup_tensorflow()
   strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
   d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
                     holdout_examples=FLAGS.holdout_examples)

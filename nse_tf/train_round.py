@@ -43,7 +43,7 @@ def main(_):
   pool = spaces.get_pool(FLAGS.space)
   kinds = spaces.layer_kinds(macro)
   _, working_sets = initial_working_sets(len(pool), len(kinds), FLAGS.max_ops, FLAGS.seed)
-  common_flags.apply_determinism()
+  common_flags.setup_tensorflow()
   strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
   d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
                     holdout_examples=FLAGS.holdout_examples)

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A reduced demo: the real search on the tiny macro, a handful of steps and candidates.
 SMOKE = ["--flagfile=flags/demo.cfg", "--max_ops=2", "--rounds=2", "--epochs=1",
          "--steps_per_epoch=6", "--num_samples=10", "--num_edge=3", "--bn_recal_batches=2",
-         "--eval_examples=96", "--eval_batch=48", "--interval=0,1000", "--edge_lo=-1",
+         "--eval_examples=96", "--eval_batch=48", "--interval=150,1000", "--edge_lo=0",
          "--checkpoint_every=2", "--progress=false", "--global_batch=32"]
 
 

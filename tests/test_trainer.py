@@ -177,3 +177,17 @@ def test_mirrored_two_cpus_matches_default_strategy():
   for x, y in zip(a["weights"], b["weights"]):
     np.testing.assert_allclose(x, y, atol=1e-5)
   assert "sync_bn is not supported" in res["sync_bn_error"]
+
+
+@pytest.mark.slow
+def test_mixed_precision_bfloat16_keeps_theta_and_cost_in_float32(tmp_path):
+  t = _trainer(None, mixed_precision="bfloat16", steps_per_epoch=2)
+  assert t.model.mbls[0].branches[0].compute_dtype == "bfloat16"
+  assert t.model.theta_variables[0].dtype == tf.float32
+  result = t.train()
+  last = result.history[-1]
+  assert np.isfinite(last["loss"]) and np.isfinite(last["cost"])
+  assert all(np.all(np.isfinite(th)) for th in result.thetas)
+  assert any(np.any(th != 0) for th in result.thetas)      # θ moved
+  import tf_keras as keras
+  assert keras.mixed_precision.global_policy().name == "float32"  # restored
