@@ -263,7 +263,7 @@ def solve_scale(a: Architecture, target: float, resolution: int, num_classes: in
   for _ in range(40):
     mid = (lo + hi) / 2
     lo, hi = (mid, hi) if f(mid) <= target else (lo, mid)
-  return round(lo, 4)
+  return math.floor(lo * 1e4) / 1e4   # never round up past a channel-rounding step
 
 
 def final_architecture(cfg: SearchConfig, state: SearchState, num_classes: int) -> Architecture:

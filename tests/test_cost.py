@@ -49,8 +49,8 @@ def _depthwise_macs(a, size):
   The two differ only for dilated convs. At stride 1 TF runs a dilated depthwise conv as
   SpaceToBatchND + conv + BatchToSpaceND on the input padded to a multiple of D, so
   D²·⌈H/D⌉·⌈W/D⌉ positions are computed instead of H·W. At stride 2 ops.py runs it as
-  stride-1 convs over the polyphase components of the padded input (each again through
-  SpaceToBatchND when its taps are D apart), then crops to the output size.
+  stride-1 convs over the polyphase components of the padded input, each sliced to the
+  rows its outputs read (and again through SpaceToBatchND when its taps are D apart).
   """
   resolved = spaces.resolve_macro(a.macro, size, a.scale)
   analytic = graph = 0
@@ -73,7 +73,6 @@ def _depthwise_macs(a, size):
 
 def _polyphase_positions(h, w, k, d):
   """Tap × position count of ops.StridedDilatedDepthwiseConv2D on an h×w input."""
-  p = d * (k // 2)
   phases = []
   for r in (0, 1):
     taps = [t for t in range(k) if (d * t) % 2 == r]
@@ -83,7 +82,9 @@ def _polyphase_positions(h, w, k, d):
       phases.append((r + 2 * offsets[0], len(taps), step))
 
   def out(size, start, n, step):
-    length = len(range(start, size + 2 * p, 2))
+    # ops.py slices each phase to exactly the rows its (size-1)//2+1 outputs read;
+    # SpaceToBatchND then pads that length to a multiple of the tap step.
+    length = (size - 1) // 2 + 1 + step * (n - 1)
     return length + (-length) % step - step * (n - 1)
 
   return sum(out(h, rs, rn, rstep) * out(w, cs, cn, cstep) * rn * cn
