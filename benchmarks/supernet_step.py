@@ -99,7 +99,7 @@ def run_resolution(res, batch):
                      (images, labels), FLAGS.steps)
     macs = cost.arch_cost(arch, res, 10).macs / 1e6
     rows.append((t_cond, t_mask, t_alone))
-    print(f"  arch {a}: {macs:7.1f} MMACs  supernet {t_cond * 1e3:7.1f} ms  "
+    print(f"  arch {a}: {macs:7.1f} MFLOPs  supernet {t_cond * 1e3:7.1f} ms  "
           f"mask-all {t_mask * 1e3:7.1f} ms  standalone {t_alone * 1e3:7.1f} ms  "
           f"ratio {t_cond / t_alone:.2f}  mask ratio {t_mask / t_alone:.2f}")
   cond, mask, alone = (np.array(c) for c in zip(*rows))

@@ -18,9 +18,13 @@ def user_errors():
   from nse_tf.arch import ArchitectureError  # pylint: disable=g-import-not-at-top
   from nse_tf.spaces import SpaceError  # pylint: disable=g-import-not-at-top
   errors = [UsageError, ArchitectureError, SpaceError, FileNotFoundError, PermissionError]
-  data = sys.modules.get("nse_tf.data")  # only if loaded: it imports TensorFlow
-  if data is not None and hasattr(data, "DataError"):
-    errors.append(data.DataError)
+  # Only from modules already loaded: they import TensorFlow.
+  for module, name in (("nse_tf.data", "DataError"), ("nse_tf.trainer", "ConfigError"),
+                       ("nse_tf.evolution", "SearchError"),
+                       ("nse_tf.distribute", "StrategyError")):
+    mod = sys.modules.get(module)
+    if mod is not None and hasattr(mod, name):
+      errors.append(getattr(mod, name))
   return tuple(errors)
 
 

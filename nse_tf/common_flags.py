@@ -60,7 +60,7 @@ def setup_tensorflow():
 
 def train_config():
   """trainer.TrainConfig from the flags (validated; bad values raise UsageError)."""
-  from nse_tf import cli, trainer  # pylint: disable=g-import-not-at-top
+  from nse_tf import trainer  # pylint: disable=g-import-not-at-top
   cfg = trainer.TrainConfig(
       global_batch=FLAGS.global_batch, epochs=FLAGS.epochs,
       steps_per_epoch=FLAGS.steps_per_epoch, lr=FLAGS.lr, warmup_epochs=FLAGS.warmup_epochs,
@@ -70,10 +70,7 @@ def train_config():
       beta=FLAGS.beta, tau=FLAGS.tau, prune_threshold=FLAGS.prune_threshold,
       mixed_precision=FLAGS.mixed_precision, sync_bn=FLAGS.sync_bn,
       checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed)
-  try:
-    cfg.validate()
-  except ValueError as e:
-    raise cli.UsageError(str(e)) from None
+  cfg.validate()
   return cfg
 
 

@@ -84,7 +84,10 @@ class SearchConfig:
       raise SearchError("num_samples must be >= 1")
     if self.num_rounds() < 1:
       raise SearchError("the search needs at least one round")
-    pareto.parse_rule(self.select)
+    try:
+      pareto.parse_rule(self.select)
+    except ValueError as e:
+      raise SearchError(f"--select: {e}") from None
     if self.final_target is not None and self.final_scale is not None:
       raise SearchError("give --final_target or --final_scale, not both")
 

@@ -107,10 +107,7 @@ def search_config():
       bn_recal_batches=FLAGS.bn_recal_batches, eval_examples=FLAGS.eval_examples,
       eval_batch=FLAGS.eval_batch, select=FLAGS.select, final_target=FLAGS.final_target,
       final_scale=FLAGS.final_scale, init_from=FLAGS.init_from, seed=FLAGS.seed)
-  try:
-    cfg.validate()
-  except ValueError as e:
-    raise cli.UsageError(str(e)) from None
+  cfg.validate()
   return cfg
 
 
@@ -124,12 +121,9 @@ def main(_):
   strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
   d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
                     holdout_examples=FLAGS.holdout_examples)
-  try:
-    search = evolution.Search(cfg, train_cfg, d, strategy, FLAGS.output_dir,
-                              progress=FLAGS.progress)
-    final = search.run()
-  except evolution.SearchError as e:
-    raise cli.UsageError(str(e)) from None
+  search = evolution.Search(cfg, train_cfg, d, strategy, FLAGS.output_dir,
+                            progress=FLAGS.progress)
+  final = search.run()
   print(f"\nfinal architecture ({cfg.select}): {final.metadata.get('cost_mflops')} MFLOPs, "
         f"held-out accuracy {100 * final.metadata.get('accuracy', 0):.2f} % in the supernet")
   print(final.to_text())

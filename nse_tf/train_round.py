@@ -53,14 +53,11 @@ def main(_):
   print(f"round 1 on {d.info.name}: {len(kinds)} layers x K={FLAGS.max_ops} of {FLAGS.space}, "
         f"{strategy.num_replicas_in_sync} replica(s), global batch {FLAGS.global_batch}")
   start = time.time()
-  try:
-    t = trainer.RoundTrainer(cfg, strategy, d, table, space=FLAGS.space, macro=macro,
-                             working_sets=working_sets, num_classes=d.info.num_classes,
-                             resolution=FLAGS.image_size, scale=FLAGS.scale,
-                             model_dir=os.path.join(FLAGS.output_dir, "ckpt"),
-                             tb_dir=os.path.join(FLAGS.output_dir, "tb"))
-  except ValueError as e:
-    raise cli.UsageError(str(e)) from None
+  t = trainer.RoundTrainer(cfg, strategy, d, table, space=FLAGS.space, macro=macro,
+                           working_sets=working_sets, num_classes=d.info.num_classes,
+                           resolution=FLAGS.image_size, scale=FLAGS.scale,
+                           model_dir=os.path.join(FLAGS.output_dir, "ckpt"),
+                           tb_dir=os.path.join(FLAGS.output_dir, "tb"))
   if t.restored:
     print(f"resuming at step {int(t.step.numpy())} of {t.total_steps}")
   result = t.train()

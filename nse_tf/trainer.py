@@ -31,6 +31,10 @@ from absl import logging
 from nse_tf import supernet as supernet_lib
 
 
+class ConfigError(ValueError):
+  """A training configuration that cannot run; reported as one line by the CLIs."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
   """Hyper-parameters of one round; SPEC §4 values as defaults."""
@@ -62,15 +66,15 @@ class TrainConfig:
 
   def validate(self):
     if self.gate_sampling not in ("uniform", "theta"):
-      raise ValueError(f"gate_sampling must be 'uniform' or 'theta', got {self.gate_sampling!r}")
+      raise ConfigError(f"gate_sampling must be 'uniform' or 'theta', got {self.gate_sampling!r}")
     if self.mixed_precision not in (None, "", "bfloat16", "float16"):
-      raise ValueError(f"mixed_precision must be bfloat16 or float16, got {self.mixed_precision!r}")
+      raise ConfigError(f"mixed_precision must be bfloat16 or float16, got {self.mixed_precision!r}")
     if self.theta_every < 1:
-      raise ValueError(f"theta_every must be >= 1, got {self.theta_every}")
+      raise ConfigError(f"theta_every must be >= 1, got {self.theta_every}")
     if self.global_batch < 1 or self.epochs <= 0:
-      raise ValueError("global_batch and epochs must be positive")
+      raise ConfigError("global_batch and epochs must be positive")
     if self.beta <= 0:
-      raise ValueError(f"beta must be > 0, got {self.beta}")
+      raise ConfigError(f"beta must be > 0, got {self.beta}")
 
 
 @keras.utils.register_keras_serializable(package="nse_tf")
@@ -186,13 +190,13 @@ class RoundTrainer:
     replicas = strategy.num_replicas_in_sync
     if config.sync_bn and isinstance(strategy, (tf.distribute.MirroredStrategy,
                                                 tf.distribute.MultiWorkerMirroredStrategy)):
-      raise ValueError(
+      raise ConfigError(
           "sync_bn is not supported under (MultiWorker)MirroredStrategy: TensorFlow cannot "
           "all-reduce batch-norm statistics inside the tf.cond that skips an inactive branch "
           "(merge_call in control flow). Use per-replica batch norm (the default) with a "
           "per-replica batch of 32 or more, or TPUStrategy")
     if config.global_batch % replicas:
-      raise ValueError(f"global batch {config.global_batch} is not divisible by {replicas} "
+      raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
                        "replicas")
     spe = config.steps_per_epoch or max(1, data.info.num_train // config.global_batch)
     self.steps_per_epoch = spe
