@@ -249,3 +249,29 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
   code, _, err = _run(args, str(corrupt), timeout=120)
   assert code != 0 and "corrupt" in err and "Traceback" not in err
   assert (corrupt / "state.json").read_text() == "{oops"      # nothing overwritten
+
+
+def test_second_space_continues_a_finished_flops27_search(tmp_path):
+  cfg27 = _cfg(max_ops=4)
+  prev = evolution.new_state(cfg27)
+  a = arch_lib.Architecture.from_indices("flops27", [[0], [3, 4], [], [1], [2], [5]], macro="tiny")
+  prev.inherited = evolution.aggregate([a], 6)
+  prev.front = [{"arch": a.to_compact(), "cost": 100.0, "accuracy": 0.5, "kind": "sample"}]
+  prev.phase = "evaluate"
+  prev.save(str(tmp_path / "state.json"))
+  cfg72 = _cfg(space="flops72", max_ops=4, init_from=str(tmp_path))
+  with pytest.raises(evolution.SearchError, match="has not finished"):
+    evolution.state_from_previous(cfg72, str(tmp_path))
+  prev.phase = "done"
+  prev.save(str(tmp_path / "state.json"))
+  with pytest.raises(evolution.SearchError, match="--space=flops72"):
+    evolution.state_from_previous(_cfg(space="flops27", init_from=str(tmp_path)), str(tmp_path))
+  s = evolution.state_from_previous(cfg72, str(tmp_path))
+  assert cfg72.num_rounds() == 3
+  assert s.inherited == prev.inherited
+  for ws, inh, q in zip(s.working_sets, s.inherited, s.queues):
+    assert set(inh) <= set(ws) and len(ws) == 4
+    assert sorted(q) == list(range(27, 72))                 # only the 45 grouped ops queued
+    assert set(ws) - set(inh) <= set(range(27, 72))
+  f = arch_lib.Architecture.from_compact(s.front[0]["arch"])
+  assert f.space == "flops72" and f.layers == a.layers
