@@ -53,7 +53,9 @@ FLAGS = flags.FLAGS
 def setup_tensorflow():
   """Op determinism (--deterministic) and TensorFlow's INFO chatter off."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel("WARNING")
+  logging.set_verbosity(logging.WARNING)   # checkpoint saver chatter; progress is printed
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
 
