@@ -267,10 +267,6 @@ def profiler_macs(model, input_shape: Sequence[int],
   return flops // 2
 
 
-def model_params(model) -> int:
-  return int(model.count_params())
-
-
 def format_count(n: float) -> str:
   return f"{n / 1e6:.2f}"
 
