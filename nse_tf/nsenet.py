@@ -55,7 +55,8 @@ def classifier(x, num_classes: int, dropout: float = 0.0):
 def build_nsenet(arch: Union[Architecture, str], num_classes: int = 1000,
                  input_shape: Sequence[int] = (224, 224, 3), activation: str = "relu",
                  se: bool = False, dropout: float = 0.0, backbone: bool = False,
-                 sync_bn: bool = False, name: Optional[str] = None) -> keras.Model:
+                 sync_bn: bool = False, name: Optional[str] = None,
+                 drop_path: float = 0.0) -> keras.Model:
   """Builds the standalone network of `arch`.
 
   Args:
@@ -69,12 +70,22 @@ def build_nsenet(arch: Union[Architecture, str], num_classes: int = 1000,
       feature maps instead of logits.
     sync_bn: SyncBatchNormalization (multi-replica training).
     name: model name (default: the released name or 'nsenet').
+    drop_path: stochastic depth (EfficientNet's "drop connect") for retraining: in
+      training, each op branch of a normal layer (the layers with an identity path) is
+      dropped per example with a rate growing linearly with depth up to `drop_path` at
+      the last layer, and rescaled by 1/keep. R/E layers have no identity and are never
+      dropped. 0 (the default) adds no layer at all.
   """
   if isinstance(arch, str):
     from nse_tf.arch import load_released  # pylint: disable=g-import-not-at-top
     arch = load_released(arch)
   if len(input_shape) != 3 or input_shape[-1] != 3:
     raise ValueError(f"input_shape must be (height, width, 3), got {tuple(input_shape)}")
+  if not 0.0 <= drop_path < 1.0:
+    raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+  if drop_path > 0:
+    # tf-models' layer (registered as 'Vision>StochasticDepth'); imported only when used.
+    from official.vision.modeling.layers import nn_layers  # pylint: disable=g-import-not-at-top
   resolved = spaces.resolve_macro(arch.macro, tuple(input_shape[:2]), arch.scale)
   inputs = keras.Input(shape=tuple(input_shape), name="images")
   x = stem(inputs, activation, sync_bn, resolved.stem_channels)
@@ -89,6 +100,10 @@ def build_nsenet(arch: Union[Architecture, str], num_classes: int = 1000,
     branches = [ops_lib.build_op(op, layer, se=se, activation=activation, sync_bn=sync_bn)(x)
                 for op in op_names]
     if layer.kind == "N":
+      rate = drop_path * (layer.index + 1) / len(resolved.layers)
+      if rate > 0:
+        branches = [nn_layers.StochasticDepth(rate, name=f"l{layer.index:02d}_{op}_drop")(b)
+                    for op, b in zip(op_names, branches)]
       branches = [x] + branches
     x = (branches[0] if len(branches) == 1 else
          keras.layers.Average(name=f"l{layer.index:02d}_avg")(branches))

@@ -1,0 +1,661 @@
+"""CLI and library: retrain a found (or released) NSENet from scratch (SPEC §6), resumably.
+
+  python -m nse_tf.retrain --arch_json=runs/demo/final_arch.json --flagfile=flags/retrain_demo.cfg \
+      --model_dir=runs/retrain_demo
+  python -m nse_tf.retrain --arch=NSENet-27 --flagfile=flags/retrain_imagenet.cfg \
+      --data_dir=DIR --strategy=mirrored --model_dir=runs/nsenet27
+  python -m nse_tf.retrain --arch=NSENet-27 --recipe=efficientnet --flagfile=... --model_dir=...
+
+The paper's recipe is the default (SPEC §6: 350 epochs, global batch 2048, lr 0.8 with a
+linear warm-up and cosine decay, SGD Nesterov 0.9, weight decay 4e-5 on conv/fc kernels,
+EMA 0.9999 whose weights are evaluated and deployed). `--recipe=efficientnet` switches to
+EfficientNet-B0's: swish, squeeze-and-excitation, AutoAugment (or RandAugment), dropout
+0.2, stochastic depth 0.2 and label smoothing 0.1; any flag given explicitly wins.
+
+Writes under --model_dir (names fixed: export.py and detection/ read them):
+  arch.json            the Architecture (JSON v1)
+  model_config.json    what build_nsenet needs to rebuild the network, plus preprocessing
+  retrain_config.json  every resolved setting (a resume with other values is refused)
+  ckpt/                training checkpoints: model, optimizer, EMA, step, data iterator
+  final/               tf.train.Checkpoint(model=<classifier>) with the weights to deploy
+                       (the EMA weights when EMA is on): tf.train.latest_checkpoint(final/)
+  metrics.json         top-1/top-5 on the validation split, params, MFLOPs, time
+  tb/                  TensorBoard: loss, accuracy, lr, validation top-1/top-5
+Re-running the same command resumes; on a finished run it only prints the metrics.
+`load_trained_model(model_dir)` rebuilds and restores the deployable Keras model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+from absl import flags
+
+from nse_tf import cli
+from nse_tf import common_flags
+
+flags.DEFINE_string("arch", None, "A released network (NSENet-27, NSENet, NSENet-GPU) or a "
+                    "compact architecture string.")
+flags.DEFINE_string("arch_json", None, "An Architecture JSON file (e.g. a search's "
+                    "final_arch.json).")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and the trained model go. "
+                    "Re-running on the same directory resumes.")
+flags.DEFINE_enum("recipe", "paper", ["paper", "efficientnet"],
+                  "paper: ReLU, no SE, no augmentation beyond crop/flip. efficientnet: swish, "
+                  "SE, AutoAugment, dropout 0.2, stochastic depth 0.2, label smoothing 0.1.")
+flags.DEFINE_enum("activation", None, ["relu", "swish"], "Default: the recipe's.")
+flags.DEFINE_bool("se", None, "Squeeze-and-excitation in every op. Default: the recipe's.")
+flags.DEFINE_float("dropout", None, "Dropout before the fc. Default: the recipe's.")
+flags.DEFINE_float("drop_path", None, "Stochastic depth rate of the last layer. Default: the "
+                   "recipe's.")
+flags.DEFINE_float("label_smoothing", None, "Label smoothing. Default: the recipe's.")
+flags.DEFINE_enum("augment", None, ["none", "randaugment", "autoaugment"],
+                  "tf-models augmentation policy on top of crop/flip. Default: the recipe's.")
+flags.DEFINE_integer("randaug_layers", 2, "RandAugment: ops per image (N).")
+flags.DEFINE_float("randaug_magnitude", 9.0, "RandAugment: magnitude (M).")
+flags.DEFINE_float("ema_decay", 0.9999, "Exponential moving average of the weights, evaluated "
+                   "and deployed; 0 turns it off.")
+flags.DEFINE_float("eval_every", 10.0, "Evaluate on the validation split every this many "
+                   "epochs (0: only at the end).")
+flags.DEFINE_integer("eval_batch", 256, "Global batch of evaluation.")
+flags.DEFINE_integer("log_every", 50, "Steps between TensorBoard summaries.")
+flags.DEFINE_bool("progress", True, "Progress bars.")
+flags.DEFINE_bool("overwrite", False, "Delete this retrain's outputs in --model_dir first.")
+FLAGS = flags.FLAGS
+
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "paper": dict(activation="relu", se=False, dropout=0.0, drop_path=0.0,
+                  label_smoothing=0.0, augment="none"),
+    "efficientnet": dict(activation="swish", se=True, dropout=0.2, drop_path=0.2,
+                         label_smoothing=0.1, augment="autoaugment"),
+}
+
+# Shared (common_flags) flags whose search default is not the retrain default (SPEC §6).
+_RETRAIN_DEFAULTS = dict(global_batch=2048, epochs=350.0, lr=0.8, warmup_epochs=5.0,
+                         warmup_start_lr=0.0, checkpoint_every=1000)
+# Settings a resume may change without changing the result.
+_RESUME_FREE = {"progress", "checkpoint_every", "log_every", "data_dir", "strategy", "tpu",
+                "cpu_replicas", "eval_every", "eval_batch"}
+_OUTPUTS = ("arch.json", "model_config.json", "retrain_config.json", "metrics.json", "ckpt",
+            "final", "tb")
+MODEL_CONFIG_VERSION = 1
+
+
+@dataclasses.dataclass
+class RetrainConfig:
+  """Hyper-parameters of a retrain; SPEC §6 (the paper recipe) as defaults."""
+  global_batch: int = 2048
+  epochs: float = 350.0
+  steps_per_epoch: Optional[int] = None    # default: num_train // global_batch
+  lr: float = 0.8
+  warmup_epochs: float = 5.0
+  warmup_start_lr: float = 0.0
+  momentum: float = 0.9
+  nesterov: bool = True
+  weight_decay: float = 4e-5
+  label_smoothing: float = 0.0
+  ema_decay: float = 0.9999
+  activation: str = "relu"
+  se: bool = False
+  dropout: float = 0.0
+  drop_path: float = 0.0
+  augment: str = "none"
+  randaug_layers: int = 2
+  randaug_magnitude: float = 9.0
+  mixed_precision: Optional[str] = None
+  sync_bn: bool = False
+  checkpoint_every: int = 1000
+  eval_every: float = 10.0
+  eval_batch: int = 256
+  log_every: int = 50
+  seed: int = 0
+  progress: bool = True
+
+  def validate(self):
+    def bad(msg):
+      raise cli.UsageError(msg)
+    if self.global_batch < 1 or self.epochs <= 0:
+      bad(f"--global_batch and --epochs must be positive (got {self.global_batch}, {self.epochs})")
+    if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+      bad(f"--steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+    if self.lr <= 0 or self.weight_decay < 0:
+      bad("--lr must be > 0 and --weight_decay >= 0")
+    if not 0.0 <= self.ema_decay < 1.0:
+      bad(f"--ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+    if not 0.0 <= self.label_smoothing < 1.0:
+      bad(f"--label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.drop_path < 1.0:
+      bad(f"--dropout and --drop_path must be in [0, 1) (got {self.dropout}, {self.drop_path})")
+    if self.activation not in ("relu", "swish"):
+      bad(f"--activation must be relu or swish, got {self.activation!r}")
+    if self.augment not in ("none", "randaugment", "autoaugment"):
+      bad(f"--augment must be none, randaugment or autoaugment, got {self.augment!r}")
+    if self.mixed_precision not in (None, "", "bfloat16", "float16"):
+      bad(f"--mixed_precision must be bfloat16 or float16, got {self.mixed_precision!r}")
+    if self.eval_batch < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+      bad("--eval_batch, --checkpoint_every and --log_every must be >= 1")
+    if self.eval_every < 0:
+      bad(f"--eval_every must be >= 0, got {self.eval_every}")
+
+
+def model_config(arch, cfg: RetrainConfig, info) -> Dict[str, Any]:
+  """model_config.json: everything build_nsenet and a server need to rebuild the model."""
+  from nse_tf import data as data_lib  # pylint: disable=g-import-not-at-top
+  return {
+      "format_version": MODEL_CONFIG_VERSION,
+      "num_classes": int(info.num_classes),
+      "image_size": int(info.image_size),
+      "activation": cfg.activation,
+      "se": bool(cfg.se),
+      "dropout": float(cfg.dropout),
+      "drop_path": float(cfg.drop_path),
+      "dataset": info.name,
+      "class_names": class_names(info.name, info.num_classes),
+      # Test-time preprocessing of the data pipelines (nse_tf.data), for serving.
+      "preprocessing": {"mean_rgb": list(data_lib.IMAGENET_MEAN_RGB),
+                        "stddev_rgb": list(data_lib.IMAGENET_STDDEV_RGB),
+                        "eval_crop_fraction": data_lib.EVAL_CROP_FRACTION,
+                        "resize": "bilinear"},
+      "arch_name": arch.metadata.get("name"),
+  }
+
+
+def class_names(dataset: str, num_classes: int) -> List[str]:
+  """Readable class names where they are known locally; else the class ids as strings."""
+  from nse_tf import data as data_lib  # pylint: disable=g-import-not-at-top
+  if dataset == "demo_shapes":
+    return list(data_lib.SHAPE_CLASSES)
+  if dataset == "demo_digits":
+    return [str(i) for i in range(10)]
+  try:
+    builder = data_lib._builder(dataset, FLAGS.data_dir if FLAGS.is_parsed() else None)  # pylint: disable=protected-access
+    names = list(builder.info.features[builder.info.supervised_keys[1]].names)
+    if len(names) == num_classes:
+      return names
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return [str(i) for i in range(num_classes)]
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise cli.UsageError(f"{path} is not valid JSON ({e}); delete it or use --overwrite") from None
+
+
+def build_model(arch, config: Dict[str, Any], training_options: bool = False,
+                sync_bn: bool = False):
+  """The Keras classifier of `arch` as described by a model_config dict."""
+  from nse_tf import nsenet  # pylint: disable=g-import-not-at-top
+  size = int(config["image_size"])
+  return nsenet.build_nsenet(
+      arch, num_classes=int(config["num_classes"]), input_shape=(size, size, 3),
+      activation=config["activation"], se=bool(config["se"]),
+      dropout=float(config.get("dropout", 0.0)),
+      drop_path=float(config.get("drop_path", 0.0)) if training_options else 0.0,
+      sync_bn=sync_bn)
+
+
+def load_trained_model(model_dir: str):
+  """Rebuilds the finished retrain in `model_dir` and restores its deployable weights.
+
+  Reads arch.json, model_config.json and the checkpoint under final/ (the EMA weights
+  when EMA was on). Stochastic depth is left out: it has no weights and is a no-op at
+  inference.
+
+  Raises:
+    FileNotFoundError: model_dir is not a finished retrain (the message says what is
+      missing and how to finish it).
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
+  for name in ("arch.json", "model_config.json"):
+    if not os.path.exists(os.path.join(model_dir, name)):
+      raise FileNotFoundError(
+          f"{model_dir!r} has no {name}: it is not a retrain directory (train one with "
+          "python -m nse_tf.retrain --model_dir=...)")
+  latest = tf.train.latest_checkpoint(os.path.join(model_dir, "final"))
+  if latest is None:
+    raise FileNotFoundError(
+        f"{model_dir!r} has no final/ checkpoint: the retrain has not finished; re-run the "
+        "same python -m nse_tf.retrain command to resume and finish it")
+  arch = arch_lib.Architecture.load(os.path.join(model_dir, "arch.json"))
+  config = _read_json(os.path.join(model_dir, "model_config.json"))
+  missing = [k for k in ("num_classes", "image_size", "activation", "se") if k not in config]
+  if missing:
+    raise cli.UsageError(f"{model_dir}/model_config.json lacks {', '.join(missing)}")
+  model = build_model(arch, config)
+  tf.train.Checkpoint(model=model).read(latest).assert_existing_objects_matched()
+  return model
+
+
+class EMA:
+  """Exponential moving average of all model variables (weights and BN statistics).
+
+  decay_t = min(decay, (1 + t) / (10 + t)) as in tf.train.ExponentialMovingAverage
+  with num_updates, so short runs are not dominated by the initialisation.
+  """
+
+  def __init__(self, model, decay: float):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self.decay = float(decay)
+    self.variables = list(model.variables)
+    self.module = tf.Module(name="ema")
+    self.module.shadow = [
+        tf.Variable(v.read_value(), trainable=False, name=f"ema/{v.name.split(':')[0]}",
+                    synchronization=tf.VariableSynchronization.ON_WRITE,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        for v in self.variables]
+
+  @property
+  def shadow(self):
+    return self.module.shadow
+
+  def update(self, step):
+    """Call in cross-replica context after the optimizer step; `step` counts updates."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    t = tf.cast(step, tf.float32)
+    decay = tf.minimum(self.decay, (1.0 + t) / (10.0 + t))
+    for s, v in zip(self.shadow, self.variables):
+      s.assign(decay * s + (1.0 - decay) * tf.cast(v.read_value(), s.dtype))
+
+  def swap(self):
+    """Exchanges model and shadow values (twice = no change)."""
+    for s, v in zip(self.shadow, self.variables):
+      tmp = v.read_value()
+      v.assign(s.read_value())
+      s.assign(tmp)
+
+
+class Retrainer:
+  """Trains `arch` from scratch under `strategy` on `data`, checkpointing to model_dir.
+
+  Args:
+    arch: the Architecture.
+    config: RetrainConfig (validated).
+    strategy: a tf.distribute strategy.
+    data: nse_tf.data.ImageData (train and validation pipelines; image_size is the
+      training resolution).
+    model_dir: output directory (checkpoints in ckpt/, TensorBoard in tb/).
+  """
+
+  def __init__(self, arch, config: RetrainConfig, strategy, data, model_dir: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_keras as keras  # pylint: disable=g-import-not-at-top
+    from nse_tf import augment, trainer  # pylint: disable=g-import-not-at-top
+    config.validate()
+    self.arch, self.cfg, self.strategy, self.data = arch, config, strategy, data
+    self.model_dir = model_dir
+    self.model_config = model_config(arch, config, data.info)
+    replicas = strategy.num_replicas_in_sync
+    if config.global_batch % replicas or config.eval_batch % replicas:
+      raise cli.UsageError(f"--global_batch {config.global_batch} and --eval_batch "
+                           f"{config.eval_batch} must be multiples of the {replicas} replicas")
+    if data.info.num_train < config.global_batch:
+      raise cli.UsageError(f"--global_batch {config.global_batch} is larger than the "
+                           f"{data.info.num_train} training examples of {data.info.name}")
+    spe = config.steps_per_epoch or max(1, data.info.num_train // config.global_batch)
+    self.steps_per_epoch = spe
+    self.total_steps = max(1, int(round(config.epochs * spe)))
+    self.eval_steps = int(round(config.eval_every * spe)) if config.eval_every else 0
+    warmup = int(round(config.warmup_epochs * spe))
+    self.augment_fn = augment.batch_augmenter(config.augment, config.randaug_layers,
+                                              config.randaug_magnitude)
+
+    keras.utils.set_random_seed(config.seed)
+    policy_before = keras.mixed_precision.global_policy()
+    if config.mixed_precision:
+      keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
+    try:
+      with strategy.scope():
+        self.model = build_model(arch, self.model_config, training_options=True,
+                                 sync_bn=config.sync_bn)
+        self.lr_schedule = trainer.WarmupCosine(config.lr, self.total_steps, warmup,
+                                                config.warmup_start_lr)
+        opt = trainer.SearchSGD(self.lr_schedule, config.momentum, config.nesterov,
+                                l2=config.weight_decay)
+        if config.mixed_precision == "float16":
+          opt = keras.mixed_precision.LossScaleOptimizer(opt)
+        self.optimizer = opt
+        self.optimizer.build(self.model.trainable_variables)
+        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+        self.best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_top1")
+    finally:
+      keras.mixed_precision.set_global_policy(policy_before)
+
+    self.train_iter = self._iterator(0)
+    state = dict(model=self.model, optimizer=self.optimizer, step=self.step, best=self.best)
+    if self.ema is not None:
+      state["ema"] = self.ema.module
+    self._iterator_in_checkpoint = isinstance(self.train_iter,
+                                              tf.__internal__.tracking.Trackable)
+    if self._iterator_in_checkpoint:
+      state["train_iter"] = self.train_iter
+    self.checkpoint = tf.train.Checkpoint(**state)
+    self.manager = tf.train.CheckpointManager(self.checkpoint, os.path.join(model_dir, "ckpt"),
+                                              max_to_keep=2)
+    self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "tb"))
+    self._train_step = self._make_train_step()
+    self._eval_step = self._make_eval_step()
+    self.restored = self._restore()
+
+  # ------------------------------------------------------------ checkpoints
+  def _restore(self) -> bool:
+    latest = self.manager.latest_checkpoint
+    if not latest:
+      return False
+    self.checkpoint.restore(latest).assert_existing_objects_matched()
+    if not self._iterator_in_checkpoint:
+      self.train_iter = self._iterator(int(self.step.numpy()))
+    return True
+
+  def save(self):
+    self.manager.save(checkpoint_number=int(self.step.numpy()))
+
+  def _iterator(self, skip_steps: int):
+    fn = self.data.dataset_fn("train", self.cfg.global_batch, seed=self.cfg.seed)
+    augment_fn = self.augment_fn
+
+    def dataset(ctx):
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      ds = fn(ctx)
+      if skip_steps:
+        ds = ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+      if augment_fn is not None:
+        ds = ds.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+      return ds
+
+    return iter(self.strategy.distribute_datasets_from_function(dataset))
+
+  # --------------------------------------------------------- compiled steps
+  def _make_train_step(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_keras as keras  # pylint: disable=g-import-not-at-top
+    model, opt, strategy, cfg, ema = self.model, self.optimizer, self.strategy, self.cfg, self.ema
+    gb = float(cfg.global_batch)
+    fp16 = cfg.mixed_precision == "float16"
+    num_classes = int(self.model_config["num_classes"])
+
+    def step_fn(images, labels):
+      with tf.GradientTape() as tape:
+        logits = tf.cast(model(images, training=True), tf.float32)
+        onehot = tf.one_hot(labels, num_classes)
+        ce = keras.losses.categorical_crossentropy(onehot, logits, from_logits=True,
+                                                   label_smoothing=cfg.label_smoothing)
+        loss = tf.reduce_sum(ce) / gb
+        scaled = opt.get_scaled_loss(loss) if fp16 else loss
+      variables = model.trainable_variables
+      grads = tape.gradient(scaled, variables)
+      if fp16:
+        grads = opt.get_unscaled_gradients(grads)
+      opt.apply_gradients(zip(grads, variables))
+      correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                                               tf.cast(labels, tf.int32)), tf.float32))
+      return loss, correct
+
+    @tf.function
+    def train_step(iterator, step):
+      images, labels = next(iterator)
+      loss, correct = strategy.run(step_fn, args=(images, labels))
+      if ema is not None:
+        ema.update(step)
+      return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+              strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None) / gb)
+
+    return train_step
+
+  def _make_eval_step(self):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    model, strategy = self.model, self.strategy
+    k = min(5, int(self.model_config["num_classes"]))
+
+    def step_fn(images, labels):
+      logits = tf.cast(model(images, training=False), tf.float32)
+      labels = tf.cast(labels, tf.int32)
+      top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                                            labels), tf.float32))
+      topk = tf.reduce_sum(tf.cast(tf.nn.in_top_k(labels, logits, k), tf.float32))
+      n = tf.cast(tf.shape(labels)[0], tf.float32)
+      return tf.stack([top1, topk, n])
+
+    @tf.function
+    def eval_step(batch):
+      out = strategy.run(step_fn, args=batch)
+      return strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
+
+    return eval_step
+
+  # -------------------------------------------------------------- evaluation
+  def evaluate(self, use_ema: bool = True) -> Dict[str, float]:
+    """Top-1/top-5 on the whole validation split (the EMA weights when EMA is on)."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    swap = use_ema and self.ema is not None
+    if swap:
+      self.ema.swap()
+    try:
+      ds = self.strategy.distribute_datasets_from_function(
+          self.data.dataset_fn("validation", self.cfg.eval_batch))
+      total = np.zeros(3)
+      for batch in ds:
+        total += self._eval_step(batch).numpy()
+    finally:
+      if swap:
+        self.ema.swap()
+    n = max(total[2], 1.0)
+    return {"top1": float(total[0] / n), "top5": float(total[1] / n),
+            "examples": int(total[2])}
+
+  # -------------------------------------------------------------------- loop
+  def train(self, stop_at: Optional[int] = None) -> List[Dict[str, float]]:
+    """Trains to the end (or up to step `stop_at`, for tests); returns the history."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    import tf_keras as keras  # pylint: disable=g-import-not-at-top
+    cfg = self.cfg
+    end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
+    step = int(self.step.numpy())
+    history: List[Dict[str, float]] = []
+    progbar = None
+    epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+    while step < end:
+      if cfg.progress and (progbar is None or step % self.steps_per_epoch == 0):
+        epoch = step // self.steps_per_epoch
+        print(f"epoch {epoch + 1}/{epochs}")
+        progbar = keras.utils.Progbar(min(self.steps_per_epoch,
+                                          self.total_steps - epoch * self.steps_per_epoch),
+                                      stateful_metrics=["loss", "acc", "lr"])
+      loss, acc = self._train_step(self.train_iter, tf.constant(step, tf.int64))
+      step += 1
+      self.step.assign(step)
+      last = {"step": step, "loss": float(loss), "acc": float(acc),
+              "lr": float(self.lr_schedule(step - 1))}
+      history.append(last)
+      if not math.isfinite(last["loss"]):
+        raise FloatingPointError(f"loss is {last['loss']} at step {step}; lower --lr "
+                                 "(the last checkpoint is kept)")
+      if progbar is not None:
+        progbar.update(step - (step - 1) // self.steps_per_epoch * self.steps_per_epoch,
+                       [(k, last[k]) for k in ("loss", "acc", "lr")])
+      if step % cfg.log_every == 0 or step == end:
+        with self.writer.as_default(step=step):
+          for k in ("loss", "acc", "lr"):
+            tf.summary.scalar(f"train/{k}", last[k])
+      if self.eval_steps and step % self.eval_steps == 0 and step < self.total_steps:
+        self._log_eval(step)
+      if step % cfg.checkpoint_every == 0 or step == end:
+        self.save()
+    self.writer.flush()
+    return history
+
+  def _log_eval(self, step: int) -> Dict[str, float]:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    result = self.evaluate()
+    print(f"step {step}: validation top-1 {100 * result['top1']:.2f} %, "
+          f"top-5 {100 * result['top5']:.2f} %" + (" (EMA weights)" if self.ema else ""))
+    with self.writer.as_default(step=step):
+      tf.summary.scalar("validation/top1", result["top1"])
+      tf.summary.scalar("validation/top5", result["top5"])
+    self.writer.flush()
+    return result
+
+  @property
+  def finished(self) -> bool:
+    return int(self.step.numpy()) >= self.total_steps
+
+  def write_final(self) -> str:
+    """Saves the deployable weights (EMA when on) to model_dir/final/, atomically."""
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    final = os.path.join(self.model_dir, "final")
+    tmp = os.path.join(self.model_dir, f".final.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if self.ema is not None:
+      self.ema.swap()
+    try:
+      ckpt = tf.train.Checkpoint(model=self.model)
+      tf.train.CheckpointManager(ckpt, tmp, max_to_keep=1).save(checkpoint_number=1)
+    finally:
+      if self.ema is not None:
+        self.ema.swap()
+    if os.path.exists(final):
+      shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# ------------------------------------------------------------------------- CLI
+
+def _value(name: str, recipe: Dict[str, Any]):
+  """A flag's value, else the recipe's / retrain's default for flags not given."""
+  flag = FLAGS[name]
+  if name in recipe and flag.value is None:
+    return recipe[name]
+  if name in _RETRAIN_DEFAULTS and not flag.present:
+    return _RETRAIN_DEFAULTS[name]
+  return flag.value
+
+
+def retrain_config() -> RetrainConfig:
+  recipe = RECIPES[FLAGS.recipe]
+  cfg = RetrainConfig(
+      global_batch=_value("global_batch", recipe), epochs=_value("epochs", recipe),
+      steps_per_epoch=FLAGS.steps_per_epoch, lr=_value("lr", recipe),
+      warmup_epochs=_value("warmup_epochs", recipe),
+      warmup_start_lr=_value("warmup_start_lr", recipe), weight_decay=FLAGS.weight_decay,
+      label_smoothing=_value("label_smoothing", recipe), ema_decay=FLAGS.ema_decay,
+      activation=_value("activation", recipe), se=_value("se", recipe),
+      dropout=_value("dropout", recipe), drop_path=_value("drop_path", recipe),
+      augment=_value("augment", recipe), randaug_layers=FLAGS.randaug_layers,
+      randaug_magnitude=FLAGS.randaug_magnitude, mixed_precision=FLAGS.mixed_precision,
+      sync_bn=FLAGS.sync_bn, checkpoint_every=_value("checkpoint_every", recipe),
+      eval_every=FLAGS.eval_every, eval_batch=FLAGS.eval_batch, log_every=FLAGS.log_every,
+      seed=FLAGS.seed, progress=FLAGS.progress)
+  cfg.validate()
+  return cfg
+
+
+def _prepare_model_dir(model_dir: str, arch, resolved: Dict[str, Any]):
+  """--overwrite; refuses a resume with another architecture or configuration."""
+  from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
+  if FLAGS.overwrite:
+    for name in os.listdir(model_dir):
+      if name in _OUTPUTS:
+        p = os.path.join(model_dir, name)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+  arch_path = os.path.join(model_dir, "arch.json")
+  if os.path.exists(arch_path):
+    old = arch_lib.Architecture.load(arch_path)
+    if old != arch:
+      raise cli.UsageError(f"{model_dir} holds a retrain of another architecture "
+                           f"({old.to_compact()}); use another --model_dir or --overwrite")
+  path = os.path.join(model_dir, "retrain_config.json")
+  if os.path.exists(path):
+    old = _read_json(path)
+    diff = sorted(k for k in set(old) | set(resolved)
+                  if k not in _RESUME_FREE and old.get(k) != resolved.get(k))
+    if diff:
+      details = ", ".join(f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
+      raise cli.UsageError(f"{model_dir} holds a retrain with another configuration "
+                           f"({details}); use the same flags to resume, or --overwrite")
+
+
+def main(_):
+  from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
+  from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
+  if not FLAGS.model_dir:
+    raise cli.UsageError("--model_dir is required (where the checkpoints and the trained "
+                         "model go)")
+  arch = arch_lib.resolve(FLAGS.arch, FLAGS.arch_json)
+  cfg = retrain_config()
+  common_flags.check_output_dir(FLAGS.model_dir)
+  holdout = FLAGS.holdout_examples if FLAGS["holdout_examples"].present else 0
+  resolved = dict(dataclasses.asdict(cfg), dataset=FLAGS.dataset, image_size=FLAGS.image_size,
+                  holdout_examples=holdout, arch=arch.to_compact())
+  _prepare_model_dir(FLAGS.model_dir, arch, resolved)
+  from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
+  common_flags.setup_tensorflow()
+  strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
+  d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+                    holdout_examples=holdout)
+  out = FLAGS.model_dir
+  atomic_write_text(os.path.join(out, "retrain_config.json"),
+                    json.dumps(resolved, indent=1, sort_keys=True) + "\n")
+  arch.save(os.path.join(out, "arch.json"))
+  metrics_path = os.path.join(out, "metrics.json")
+  if os.path.exists(metrics_path) and os.path.exists(os.path.join(out, "final")):
+    print(f"{out} is a finished retrain:")
+    print(json.dumps(_read_json(metrics_path), indent=1))
+    return 0
+  start = time.time()
+  r = Retrainer(arch, cfg, strategy, d, out)
+  atomic_write_text(os.path.join(out, "model_config.json"),
+                    json.dumps(r.model_config, indent=1) + "\n")
+  c = cost.arch_cost(arch, resolution=FLAGS.image_size, num_classes=d.info.num_classes,
+                     se=cfg.se)
+  print(f"retraining {arch.metadata.get('name') or arch.to_compact()} on {d.info.name} "
+        f"({d.info.num_train} images) at {FLAGS.image_size}x{FLAGS.image_size}: "
+        f"{c.macs / 1e6:.2f} MFLOPs, {c.params / 1e6:.3f} M params; "
+        f"{r.total_steps} steps of {cfg.global_batch} on "
+        f"{strategy.num_replicas_in_sync} replica(s); recipe {FLAGS.recipe}")
+  if r.restored:
+    print(f"resuming at step {int(r.step.numpy())} of {r.total_steps}")
+  history = r.train()
+  result = r.evaluate()
+  r.write_final()
+  metrics = {
+      "top1": round(result["top1"], 6), "top5": round(result["top5"], 6),
+      "top5_k": min(5, d.info.num_classes), "validation_examples": result["examples"],
+      "weights": "ema" if r.ema is not None else "raw",
+      "params": int(r.model.count_params()),
+      "mflops": round(c.macs / 1e6, 3), "mflops_at_224": round(
+          cost.arch_cost(arch, 224, num_classes=d.info.num_classes, se=cfg.se).macs / 1e6, 3),
+      "image_size": FLAGS.image_size, "dataset": d.info.name, "steps": r.total_steps,
+      "epochs": cfg.epochs, "train_seconds_this_run": round(time.time() - start, 1),
+      "last_train_loss": history[-1]["loss"] if history else None,
+      "arch": arch.to_compact(), "recipe": FLAGS.recipe,
+  }
+  if r.ema is not None:
+    raw = r.evaluate(use_ema=False)
+    metrics.update(top1_raw_weights=round(raw["top1"], 6), top5_raw_weights=round(raw["top5"], 6))
+  atomic_write_text(metrics_path, json.dumps(metrics, indent=1) + "\n")
+  print(f"\nvalidation top-1 {100 * metrics['top1']:.2f} %, top-{metrics['top5_k']} "
+        f"{100 * metrics['top5']:.2f} % on {metrics['validation_examples']} images "
+        f"({metrics['weights']} weights); {metrics['params']} params, "
+        f"{metrics['mflops']} MFLOPs at {FLAGS.image_size}x{FLAGS.image_size}")
+  print(f"wrote {metrics_path} and {os.path.join(out, 'final')}/")
+  return 0
+
+
+def run():
+  cli.run(main)
+
+
+if __name__ == "__main__":
+  run()
