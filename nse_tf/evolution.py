@@ -61,6 +61,8 @@ class SearchConfig:
   final_scale: Optional[float] = None
   init_from: Optional[str] = None
   seed: int = 0
+  constraint: str = "flops"            # flops: cost.CostTable (MFLOPs); latency: a measured table (ms)
+  latency_lut: Optional[str] = None    # the latency table JSON (constraint == 'latency')
 
   def resolved_macro(self) -> str:
     return self.macro or spaces.DEFAULT_MACRO[self.space]
@@ -90,6 +92,11 @@ class SearchConfig:
       raise SearchError(f"--select: {e}") from None
     if self.final_target is not None and self.final_scale is not None:
       raise SearchError("give --final_target or --final_scale, not both")
+    if self.constraint not in ("flops", "latency"):
+      raise SearchError(f"--constraint must be 'flops' or 'latency', got {self.constraint!r}")
+    if self.constraint == "latency" and not self.latency_lut:
+      raise SearchError("--constraint=latency needs a latency table (--latency_lut=PATH, built "
+                        "with tools/build_latency_lut.py on the target device)")
 
 
 @dataclasses.dataclass
@@ -203,6 +210,40 @@ def aggregate(front_archs: Sequence[Architecture], num_layers: int) -> List[List
 
 
 # ---------------------------------------------------------------------------
+# Cost tables: FLOPs (analytic) or latency (measured); the same interface.
+
+
+def make_cost_table(cfg: SearchConfig, num_classes: int):
+  """The table the regulariser, the sampler and the front use, by `cfg.constraint`.
+
+  Both kinds expose `unit`, `fixed`, `layer_costs`, `indices_cost` and `arch_cost`
+  (see cost.CostTable); nothing downstream knows which one it got.
+  """
+  macro = cfg.resolved_macro()
+  if cfg.constraint == "latency":
+    from nse_tf import latency  # pylint: disable=g-import-not-at-top
+    try:
+      return latency.LatencyTable.load(cfg.latency_lut, cfg.space, macro, cfg.cost_resolution,
+                                       cfg.scale, num_classes)
+    except latency.LatencyError as e:
+      raise SearchError(str(e)) from None
+  return cost_lib.CostTable(cfg.space, macro, cfg.cost_resolution, cfg.scale,
+                            num_classes=num_classes)
+
+
+def reference_cost(table) -> float:
+  """Cost of the network holding every layer's single most expensive op.
+
+  The unit of --relative_targets: τ, the interval and the edge band given as
+  fractions of it mean the same thing on any device's table.
+  """
+  if hasattr(table, "reference_cost"):
+    return float(table.reference_cost())
+  return float(table.fixed + sum(max(table.layer_costs(l)) for l in range(
+      len(table.macs))))
+
+
+# ---------------------------------------------------------------------------
 # Sampling candidates from the θ distribution.
 
 
@@ -269,7 +310,8 @@ def solve_scale(a: Architecture, target: float, resolution: int, num_classes: in
   return math.floor(lo * 1e4) / 1e4   # never round up past a channel-rounding step
 
 
-def final_architecture(cfg: SearchConfig, state: SearchState, num_classes: int) -> Architecture:
+def final_architecture(cfg: SearchConfig, state: SearchState, num_classes: int,
+                       table=None) -> Architecture:
   if not state.front:
     raise SearchError("the search has no front to select from")
   costs = [f["cost"] for f in state.front]
@@ -282,11 +324,17 @@ def final_architecture(cfg: SearchConfig, state: SearchState, num_classes: int) 
     scale = solve_scale(a, cfg.final_target, cfg.cost_resolution, num_classes)
   a = a.with_scale(scale if scale is not None else a.scale)
   final_cost = cost_lib.arch_cost(a, cfg.cost_resolution, num_classes)
+  extra = {}
+  if cfg.constraint == "latency":
+    extra = dict(constraint="latency", interval=list(cfg.interval), num_classes=num_classes,
+                 latency_lut=os.path.abspath(cfg.latency_lut))
+    if table is not None and abs(a.scale - cfg.scale) < 1e-9:
+      extra["latency_ms"] = round(table.arch_cost(a), 4)   # predicted on the search's table
   return a.with_metadata(
       search_cost=chosen["cost"], accuracy=chosen["accuracy"], round=state.round,
       selection=cfg.select, cost_mflops=round(final_cost.macs / 1e6, 3),
       params_m=round(final_cost.params / 1e6, 4), cost_resolution=cfg.cost_resolution,
-      empty_layers_dropped=[l for l, ops in enumerate(a.layers) if not ops])
+      empty_layers_dropped=[l for l, ops in enumerate(a.layers) if not ops], **extra)
 
 
 # ---------------------------------------------------------------------------
@@ -312,8 +360,7 @@ class Search:
     self.kinds = spaces.layer_kinds(self.macro)
     self.pool = spaces.get_pool(cfg.space)
     self.num_classes = data.info.num_classes
-    self.table = cost_lib.CostTable(cfg.space, self.macro, cfg.cost_resolution, cfg.scale,
-                                    num_classes=self.num_classes)
+    self.table = make_cost_table(cfg, self.num_classes)
     self.state_path = os.path.join(output_dir, "state.json")
     if os.path.exists(self.state_path):
       self.state = SearchState.load(self.state_path)
@@ -346,7 +393,7 @@ class Search:
     plots.plot_space_evolution(os.path.join(self.out, "space_evolution.png"),
                                [h["space"] for h in self.state.history], list(self.pool),
                                len(self.kinds), title=f"NSE search space per round ({self.cfg.space})")
-    final = final_architecture(self.cfg, self.state, self.num_classes)
+    final = final_architecture(self.cfg, self.state, self.num_classes, self.table)
     final.save(os.path.join(self.out, "final_arch.json"))
     return final
 

@@ -52,6 +52,19 @@ flags.DEFINE_string("init_from", None, "Output dir of a finished flops27 search:
 flags.DEFINE_bool("overwrite", False, "Delete this search's outputs in --output_dir and start "
                   "over.")
 flags.DEFINE_bool("progress", True, "Progress bars.")
+flags.DEFINE_enum("constraint", "flops", ["flops", "latency"], "What --tau, --interval and "
+                  "--edge_lo constrain: MFLOPs (analytic) or latency in ms from --latency_lut.")
+flags.DEFINE_string("latency_lut", None, "Latency table JSON (tools/build_latency_lut.py, "
+                    "measured on the target device). Default with --constraint=latency: "
+                    "OUTPUT_DIR/latency_lut.json, built on the spot on this machine when missing "
+                    "(with the --lut_* settings) and reused on resume.")
+flags.DEFINE_bool("relative_targets", False, "Read --tau, --interval and --edge_lo as fractions "
+                  "of the cost of the network that holds every layer's most expensive single op "
+                  "on the chosen table, so one flagfile fits any device's table.")
+flags.DEFINE_enum("lut_backend", "tf", ["tf", "tflite"], "Backend of a table built on the spot.")
+flags.DEFINE_integer("lut_batch_size", 1, "Batch of a table built on the spot.")
+flags.DEFINE_integer("lut_threads", 1, "Threads of a table built on the spot.")
+flags.DEFINE_integer("lut_repeats", 30, "Timed calls per entry of a table built on the spot.")
 FLAGS = flags.FLAGS
 
 # Flags that do not change the result: a resume may change them.
@@ -106,9 +119,60 @@ def search_config():
       edge_lo=FLAGS.edge_lo, max_draws=FLAGS.max_draws,
       bn_recal_batches=FLAGS.bn_recal_batches, eval_examples=FLAGS.eval_examples,
       eval_batch=FLAGS.eval_batch, select=FLAGS.select, final_target=FLAGS.final_target,
-      final_scale=FLAGS.final_scale, init_from=FLAGS.init_from, seed=FLAGS.seed)
+      final_scale=FLAGS.final_scale, init_from=FLAGS.init_from, seed=FLAGS.seed,
+      constraint=FLAGS.constraint, latency_lut=latency_lut_path())
   cfg.validate()
   return cfg
+
+
+def latency_lut_path():
+  if FLAGS.constraint != "latency":
+    return FLAGS.latency_lut
+  if FLAGS.latency_lut and not os.path.isfile(FLAGS.latency_lut):
+    raise cli.UsageError(
+        f"--latency_lut={FLAGS.latency_lut}: no such file; measure one on the target device "
+        f"with python tools/build_latency_lut.py --output={FLAGS.latency_lut} (or leave "
+        "--latency_lut out to build OUTPUT_DIR/latency_lut.json on this machine)")
+  return FLAGS.latency_lut or os.path.join(FLAGS.output_dir, "latency_lut.json")
+
+
+def ensure_latency_table(cfg, num_classes: int):
+  """Builds (or completes) the default table on the spot; an explicit one must exist."""
+  from nse_tf import evolution, latency  # pylint: disable=g-import-not-at-top
+  try:
+    evolution.make_cost_table(cfg, num_classes)
+    return
+  except evolution.SearchError as e:
+    if FLAGS.latency_lut:    # the user's own table: never measured over here
+      raise cli.UsageError(str(e)) from None
+  print(f"building the latency table {cfg.latency_lut} on this machine "
+        f"({FLAGS.lut_backend}, batch {FLAGS.lut_batch_size}, {FLAGS.lut_threads} thread(s))",
+        flush=True)
+  try:
+    latency.build_in_subprocess(
+        cfg.latency_lut, space=cfg.space, macro=cfg.resolved_macro(),
+        resolution=cfg.cost_resolution, scale=cfg.scale, num_classes=num_classes,
+        batch_size=FLAGS.lut_batch_size, backend=FLAGS.lut_backend, threads=FLAGS.lut_threads,
+        repeats=FLAGS.lut_repeats, max_branches=max(cfg.max_ops + 1, 2),
+        progress=FLAGS.progress)
+  except latency.LatencyError as e:
+    raise cli.UsageError(str(e)) from None
+
+
+def resolve_targets(cfg, train_cfg, num_classes: int):
+  """--relative_targets: τ, interval and edge band in the table's own unit."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from nse_tf import evolution  # pylint: disable=g-import-not-at-top
+  table = evolution.make_cost_table(cfg, num_classes)
+  ref = evolution.reference_cost(table)
+  if FLAGS.relative_targets:
+    lo, hi = cfg.interval
+    cfg = dataclasses.replace(cfg, interval=(lo * ref, hi * ref), edge_lo=cfg.edge_lo * ref)
+    train_cfg = dataclasses.replace(train_cfg, tau=train_cfg.tau * ref)
+  print(f"{cfg.constraint} targets: tau {train_cfg.tau:.4g}, interval ({cfg.interval[0]:.4g}, "
+        f"{cfg.interval[1]:.4g}), edge band ({cfg.edge_lo:.4g}, {cfg.interval[0]:.4g}] "
+        f"{table.unit} (the slowest single-op network: {ref:.4g} {table.unit})", flush=True)
+  return cfg, train_cfg
 
 
 def main(_):
@@ -121,9 +185,17 @@ def main(_):
   strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
   d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
                     holdout_examples=FLAGS.holdout_examples)
+  if cfg.constraint == "latency":
+    ensure_latency_table(cfg, d.info.num_classes)
+  if cfg.constraint == "latency" or FLAGS.relative_targets:
+    cfg, train_cfg = resolve_targets(cfg, train_cfg, d.info.num_classes)
   search = evolution.Search(cfg, train_cfg, d, strategy, FLAGS.output_dir,
                             progress=FLAGS.progress)
   final = search.run()
+  if "latency_ms" in final.metadata:
+    print(f"\npredicted latency of the final architecture: {final.metadata['latency_ms']} ms "
+          f"(interval {cfg.interval[0]:.4g}-{cfg.interval[1]:.4g}); measure it with "
+          f"python tools/check_latency_lut.py --search_dir={FLAGS.output_dir}")
   print(f"\nfinal architecture ({cfg.select}): {final.metadata.get('cost_mflops')} MFLOPs, "
         f"held-out accuracy {100 * final.metadata.get('accuracy', 0):.2f} % in the supernet")
   print(final.to_text())

@@ -275,3 +275,16 @@ def test_second_space_continues_a_finished_flops27_search(tmp_path):
     assert set(ws) - set(inh) <= set(range(27, 72))
   f = arch_lib.Architecture.from_compact(s.front[0]["arch"])
   assert f.space == "flops72" and f.layers == a.layers
+
+
+# ------------------------------------------------------------------ latency constraint
+
+
+def test_latency_search_with_a_missing_table_is_one_error_line(tmp_path):
+  out = tmp_path / "run"
+  code, _, err = _run(["--flagfile=flags/latency_demo.cfg",
+                       f"--latency_lut={tmp_path / 'nope.json'}"], str(out), timeout=120)
+  assert code == 2
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: --latency_lut=") and "tools/build_latency_lut.py" in last
+  assert not (out / "config.json").exists()
