@@ -147,3 +147,23 @@ def test_options():
     nsenet.build_nsenet(a, input_shape=(32, 32))
   with pytest.raises(arch_lib.ArchitectureError):
     nsenet.build_nsenet("NSENet-99")
+
+
+def test_drop_path_only_on_normal_layer_branches_and_only_in_training():
+  a = arch_lib.Architecture.from_compact("flops27@tiny*0.25:0|3|-|6|0+9|9+21")
+  plain = nsenet.build_nsenet(a, num_classes=4, input_shape=(32, 32, 3))
+  dropped = nsenet.build_nsenet(a, num_classes=4, input_shape=(32, 32, 3), drop_path=0.5)
+  drops = [l for l in dropped.layers if l.name.endswith("_drop")]
+  # Normal layers 0 and 4 (one and two ops); R layers 1, 3 and the E layer 5 have no identity.
+  assert sorted(l.name for l in drops) == ["l00_dw_k3_e1_drop", "l04_dw_k3_e1_drop",
+                                           "l04_dw_k5_e1_drop"]
+  rates = {l.name: l.get_config()["stochastic_depth_drop_rate"] for l in drops}
+  assert rates["l00_dw_k3_e1_drop"] == pytest.approx(0.5 * 1 / 6)
+  assert rates["l04_dw_k5_e1_drop"] == pytest.approx(0.5 * 5 / 6)
+  assert plain.count_params() == dropped.count_params()
+  dropped.set_weights(plain.get_weights())
+  x = _images(8, size=32)
+  np.testing.assert_allclose(dropped(x, training=False), plain(x, training=False), atol=1e-6)
+  assert np.abs(dropped(x, training=True) - plain(x, training=True)).max() > 1e-4
+  with pytest.raises(ValueError, match="drop_path"):
+    nsenet.build_nsenet(a, num_classes=4, input_shape=(32, 32, 3), drop_path=1.0)

@@ -1,0 +1,132 @@
+"""Tests of nse_tf.retrain: the CLI's outputs (the contract export.py and detection/ rely on),
+resume of an interrupted retrain, recipes and bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+from absl.testing import flagsaver
+
+from nse_tf import arch as arch_lib
+from nse_tf import data as data_lib
+from nse_tf import retrain
+
+FLAGS = flags.FLAGS
+TINY = "flops27@tiny*0.25:0|3|-|6|0|9+21"
+ARGS = ["--dataset=demo_digits", "--image_size=32", "--global_batch=32", "--steps_per_epoch=4",
+        "--epochs=2", "--lr=0.1", "--warmup_epochs=0.5", "--ema_decay=0.9", "--eval_every=1",
+        "--eval_batch=120", "--noprogress"]
+
+
+def _main(*args):
+  with flagsaver.flagsaver():
+    FLAGS(["retrain", *args])
+    return retrain.main([])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp("retrain"))
+  assert _main(f"--arch={TINY}", f"--model_dir={model_dir}", *ARGS) == 0
+  return model_dir
+
+
+def test_cli_writes_the_contract(finished):
+  names = set(os.listdir(finished))
+  assert {"arch.json", "model_config.json", "retrain_config.json", "metrics.json", "ckpt",
+          "final", "tb"} <= names
+  assert arch_lib.Architecture.load(os.path.join(finished, "arch.json")).to_compact() == TINY
+  with open(os.path.join(finished, "model_config.json")) as f:
+    config = json.load(f)
+  assert {"num_classes": 10, "image_size": 32, "activation": "relu", "se": False,
+          "dropout": 0.0}.items() <= config.items()
+  with open(os.path.join(finished, "metrics.json")) as f:
+    metrics = json.load(f)
+  assert metrics["validation_examples"] == 359 and metrics["weights"] == "ema"
+  assert metrics["steps"] == 8 and metrics["params"] > 0 and metrics["mflops"] > 0
+  assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+  assert tf.train.latest_checkpoint(os.path.join(finished, "final")) is not None
+  # The deployable model rebuilt from the directory scores what metrics.json says (the EMA
+  # weights, not the raw ones that the training checkpoint holds).
+  model = retrain.load_trained_model(finished)
+  d = data_lib.get_data("demo_digits", image_size=32, holdout_examples=0)
+  correct = sum(int(np.sum(model(x, training=False).numpy().argmax(-1) == y.numpy()))
+                for x, y in d.validation(120))
+  assert correct / 359 == pytest.approx(metrics["top1"], abs=1e-6)
+  # Re-running the finished run changes nothing.
+  before = {n: os.path.getmtime(os.path.join(finished, n)) for n in ("metrics.json", "final")}
+  assert _main(f"--arch={TINY}", f"--model_dir={finished}", *ARGS) == 0
+  assert before == {n: os.path.getmtime(os.path.join(finished, n)) for n in before}
+
+
+def test_resume_refuses_other_settings_and_bad_input(finished, tmp_path):
+  with pytest.raises(ValueError, match=r"another configuration \(lr: 0.1 -> 0.2"):
+    _main(f"--arch={TINY}", f"--model_dir={finished}", *ARGS, "--lr=0.2")
+  with pytest.raises(ValueError, match="another architecture"):
+    _main("--arch=flops27@tiny*0.25:0|3|-|6|0|9", f"--model_dir={finished}", *ARGS)
+  with pytest.raises(ValueError, match="--model_dir is required"):
+    _main(f"--arch={TINY}", *ARGS)
+  with pytest.raises(ValueError, match="exactly one of --arch"):
+    _main(f"--arch={TINY}", "--arch_json=x.json", f"--model_dir={tmp_path}", *ARGS)
+  with pytest.raises(ValueError, match="--ema_decay must be in"):
+    _main(f"--arch={TINY}", f"--model_dir={tmp_path}", *ARGS, "--ema_decay=1.5")
+  with pytest.raises(FileNotFoundError, match="no arch.json"):
+    retrain.load_trained_model(str(tmp_path))
+  (tmp_path / "arch.json").write_text((open(os.path.join(finished, "arch.json")).read()))
+  (tmp_path / "model_config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="has not finished; re-run"):
+    retrain.load_trained_model(str(tmp_path))
+
+
+def test_recipes_and_defaults():
+  with flagsaver.flagsaver():
+    FLAGS(["retrain", "--recipe=efficientnet", "--dropout=0.3"])
+    cfg = retrain.retrain_config()
+  assert (cfg.activation, cfg.se, cfg.dropout, cfg.drop_path, cfg.augment,
+          cfg.label_smoothing) == ("swish", True, 0.3, 0.2, "autoaugment", 0.1)
+  with flagsaver.flagsaver():
+    FLAGS(["retrain"])
+    cfg = retrain.retrain_config()
+  # SPEC §6 when nothing is given, although the search's shared flags default otherwise.
+  assert (cfg.global_batch, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.ema_decay,
+          cfg.activation, cfg.se) == (2048, 350.0, 0.8, 4e-5, 0.9999, "relu", False)
+
+
+def _retrainer(model_dir, **kw):
+  d = data_lib.get_data("demo_digits", image_size=32, holdout_examples=0)
+  cfg = retrain.RetrainConfig(**{**dict(global_batch=16, epochs=1, steps_per_epoch=6, lr=0.1,
+                                        warmup_epochs=0.3, ema_decay=0.9, eval_every=0,
+                                        checkpoint_every=100, progress=False), **kw})
+  return retrain.Retrainer(arch_lib.Architecture.from_compact(TINY), cfg,
+                           tf.distribute.get_strategy(), d, model_dir)
+
+
+def test_interrupted_retrain_resumes_on_the_same_trajectory(tmp_path):
+  tf.config.experimental.enable_op_determinism()
+  full = _retrainer(str(tmp_path / "full"))
+  full.train()
+  part = _retrainer(str(tmp_path / "part"))
+  part.train(stop_at=4)            # checkpoints at the stop, as after a kill at step 4
+  del part
+  resumed = _retrainer(str(tmp_path / "part"))
+  assert resumed.restored and int(resumed.step.numpy()) == 4
+  resumed.train()
+  for a, b in zip(full.model.variables, resumed.model.variables):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+  for a, b in zip(full.ema.shadow, resumed.ema.shadow):
+    np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.name)
+  # The EMA weights are what gets evaluated and deployed, and they differ from the raw.
+  assert any(np.abs(a.numpy() - b.numpy()).max() > 0
+             for a, b in zip(full.ema.shadow, full.model.variables))
+
+
+def test_efficientnet_recipe_trains(tmp_path):
+  r = _retrainer(str(tmp_path), activation="swish", se=True, dropout=0.2, drop_path=0.2,
+                 augment="randaugment", label_smoothing=0.1, steps_per_epoch=2, global_batch=8)
+  names = [l.name for l in r.model.layers]
+  assert any(n.endswith("_drop") for n in names)
+  history = r.train()
+  assert len(history) == 2 and all(np.isfinite(h["loss"]) for h in history)
