@@ -4,10 +4,24 @@
   python tools/count_flops.py --arch_json=runs/demo/final_arch.json --input_size=32 --num_classes=10
   python tools/count_flops.py --keras_app=MobileNetV2
   python tools/count_flops.py --arch=NSENet --verify   # also ask TensorFlow's profiler
+  python tools/count_flops.py --detector=efficientdet_d0_nsenet_coco --input_size=512
+  python tools/count_flops.py --detector=all --input_size=512   # the three D0 backbones
 
 Convention (nse_tf/cost.py): convs and fc count as multiply-accumulates, BN/activations/
 adds/max-pool are free, average pooling counts its output elements.
+
+--detector builds the model of a registered tf-models experiment (detection/) and
+counts the whole detector on a batch-1 graph: backbone, decoder (BiFPN) and class/box
+heads; anchor decoding and NMS (post-processing) are excluded.
 """
+
+import os
+import sys
+
+if __name__ == "__main__" and __package__ in (None, ""):  # python tools/count_flops.py
+  _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if _repo not in sys.path:
+    sys.path.insert(1, _repo)
 
 from absl import flags
 
@@ -19,7 +33,11 @@ flags.DEFINE_string("arch", None, "Released network name (NSENet-27, NSENet, NSE
                     "compact architecture string.")
 flags.DEFINE_string("arch_json", None, "Path to an Architecture JSON (e.g. final_arch.json).")
 flags.DEFINE_string("keras_app", None, "Any tf_keras.applications model name, e.g. MobileNetV2.")
-flags.DEFINE_integer("input_size", 224, "Square input resolution.")
+flags.DEFINE_string("detector", None, "A registered detection experiment (e.g. "
+                    "efficientdet_d0_nsenet_coco), or 'all' for the three EfficientDet-D0 "
+                    "backbones side by side.")
+flags.DEFINE_integer("input_size", None, "Square input resolution (default 224; for "
+                     "--detector the experiment's own, 512 for D0).")
 flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
 flags.DEFINE_bool("se", False, "NSENet with squeeze-and-excitation (retraining option).")
 flags.DEFINE_bool("per_layer", False, "Also print MACs per searchable layer.")
@@ -38,13 +56,60 @@ def _count_keras_app(name: str, size: int):
   return model, cost.count_graph(model, (size, size, 3)), model.count_params()
 
 
+def detector_counts(experiment: str, input_size=None):
+  """(experiment, size, {'backbone', 'decoder', 'head', 'total'} MACs, params), no NMS."""
+  from official.core import exp_factory  # pylint: disable=g-import-not-at-top
+  import detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from detection import flops  # pylint: disable=g-import-not-at-top
+  try:
+    params = exp_factory.get_exp_config(experiment)
+  except KeyError:
+    raise cli.UsageError(f"unknown --detector experiment {experiment!r}; e.g. "
+                         "efficientdet_d0_nsenet_coco, or 'all'") from None
+  if not hasattr(params.task, "model") or not hasattr(params.task.model, "decoder"):
+    raise cli.UsageError(f"--detector {experiment!r} is not a detection experiment")
+  size = input_size or params.task.model.input_size[0]
+  stride = 2 ** params.task.model.max_level
+  if size % stride:
+    raise cli.UsageError(f"--input_size must be a multiple of {stride} for {experiment}, "
+                         f"got {size}")
+  counts, n_params = flops.count_detector(flops.build_detector(params, size), size)
+  return experiment, size, counts, n_params
+
+
+DETECTORS = ("efficientdet_d0_efficientnetb0_coco", "efficientdet_d0_mobilenetv2_coco",
+             "efficientdet_d0_nsenet_coco")
+PUBLISHED_D0 = {"efficientdet_d0_efficientnetb0_coco": 2.50,
+                "efficientdet_d0_mobilenetv2_coco": 2.24,
+                "efficientdet_d0_nsenet_coco": 2.18}  # B FLOPs (SPEC §7)
+
+
+def _main_detector():
+  names = DETECTORS if FLAGS.detector == "all" else (FLAGS.detector,)
+  rows = [detector_counts(n, FLAGS.input_size) for n in names]
+  width = max(len(r[0]) for r in rows)
+  print(f"{'detector':{width}}  size  backbone  BiFPN    head     total MFLOPs  Mparams  "
+        "published")
+  for name, size, c, params in rows:
+    pub = PUBLISHED_D0.get(name)
+    pub_s = (f"{pub * 1e3:.0f} ({100 * (c['total'] / (pub * 1e9) - 1):+.1f} %)"
+             if pub and size == 512 else "-")
+    print(f"{name:{width}}  {size:4d}  {c['backbone'] / 1e6:8.2f}  {c['decoder'] / 1e6:7.2f}  "
+          f"{c['head'] / 1e6:7.2f}  {c['total'] / 1e6:12.2f}  {params / 1e6:7.3f}  {pub_s}")
+  print("multiply-adds of a batch-1 graph (convs, matmuls, average pools); anchor decoding "
+        "and NMS excluded")
+  return 0
+
+
 def main(_):
-  given = [f for f in ("arch", "arch_json", "keras_app") if getattr(FLAGS, f)]
+  given = [f for f in ("arch", "arch_json", "keras_app", "detector") if getattr(FLAGS, f)]
   if len(given) != 1:
-    raise cli.UsageError("give exactly one of --arch, --arch_json or --keras_app")
-  if FLAGS.input_size < 32:
+    raise cli.UsageError("give exactly one of --arch, --arch_json, --keras_app or --detector")
+  if FLAGS.input_size is not None and FLAGS.input_size < 32:
     raise cli.UsageError(f"--input_size must be >= 32, got {FLAGS.input_size}")
-  size = FLAGS.input_size
+  if FLAGS.detector:
+    return _main_detector()
+  size = FLAGS.input_size or 224
   if FLAGS.keras_app:
     _, counts, params = _count_keras_app(FLAGS.keras_app, size)
     print(f"{FLAGS.keras_app} @ {size}x{size}: {counts['total'] / 1e6:.2f} MFLOPs (multiply-adds), "
