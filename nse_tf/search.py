@@ -64,6 +64,8 @@ flags.DEFINE_bool("relative_targets", False, "Read --tau, --interval and --edge_
 flags.DEFINE_enum("lut_backend", "tf", ["tf", "tflite"], "Backend of a table built on the spot.")
 flags.DEFINE_integer("lut_batch_size", 1, "Batch of a table built on the spot.")
 flags.DEFINE_integer("lut_threads", 1, "Threads of a table built on the spot.")
+flags.DEFINE_enum("lut_clock", "wall", ["wall", "cpu"], "Clock of a table built on the spot "
+                  "(cpu: CPU time, robust on a shared machine).")
 flags.DEFINE_integer("lut_repeats", 30, "Timed calls per entry of a table built on the spot.")
 FLAGS = flags.FLAGS
 
@@ -153,7 +155,7 @@ def ensure_latency_table(cfg, num_classes: int):
         cfg.latency_lut, space=cfg.space, macro=cfg.resolved_macro(),
         resolution=cfg.cost_resolution, scale=cfg.scale, num_classes=num_classes,
         batch_size=FLAGS.lut_batch_size, backend=FLAGS.lut_backend, threads=FLAGS.lut_threads,
-        repeats=FLAGS.lut_repeats, max_branches=max(cfg.max_ops + 1, 2),
+        repeats=FLAGS.lut_repeats, max_branches=max(cfg.max_ops + 1, 2), clock=FLAGS.lut_clock,
         progress=FLAGS.progress)
   except latency.LatencyError as e:
     raise cli.UsageError(str(e)) from None

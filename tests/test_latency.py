@@ -280,3 +280,19 @@ def test_build_tool_reports_bad_input_in_one_line(tmp_path):
   last = p.stderr.strip().splitlines()[-1]
   assert p.returncode == 2 and last.startswith("error: ") and "is not a latency table" in last
   assert bad.read_text() == "{}"          # nothing written over the user's file
+
+
+def test_calibration_factor_scales_every_block_and_keeps_the_linear_form():
+  data = _synthetic(max_branches=2)
+  plain = latency.LatencyTable(data, "latency19", "tiny", 32, 1.0, 10)
+  key = latency.config_key(plain.layout)
+  data["calibration"] = {key: {"archs": 5, "seed": 1, "factor": {s: 0.9 for s in
+                                                                 latency.STATISTICS}}}
+  cal = latency.LatencyTable(data, "latency19", "tiny", 32, 1.0, 10)
+  assert cal.calibration == 0.9 and plain.calibration == 1.0
+  a = cost.random_architectures("latency19", 1, macro="tiny", max_ops=1)[0]
+  assert cal.arch_cost(a) == pytest.approx(0.9 * plain.arch_cost(a))
+  assert cal.fixed == pytest.approx(0.9 * plain.fixed)
+  assert cal.layer_costs(3) == pytest.approx([0.9 * c for c in plain.layer_costs(3)])
+  other = latency.LatencyTable(data, "latency19", "tiny", 32, 1.0, 10, calibrated=False)
+  assert other.arch_cost(a) == pytest.approx(plain.arch_cost(a))

@@ -37,13 +37,19 @@ flags.DEFINE_enum("backend", "tf", ["tf", "tflite"], "tf: a TensorFlow concrete 
                   "tflite: the TFLite interpreter, what mobile deployment runs.")
 flags.DEFINE_integer("threads", 1, "Intra-/inter-op threads (TensorFlow) or interpreter "
                      "threads (TFLite); recorded in the table.")
+flags.DEFINE_enum("clock", "wall", ["wall", "cpu"], "wall: elapsed time, the latency on an "
+                  "idle device; cpu: CPU time of this process (all threads), robust to other "
+                  "jobs on a shared machine and equal to wall time on an idle one at 1 thread.")
 flags.DEFINE_integer("warmup", 10, "Untimed calls per entry.")
 flags.DEFINE_integer("repeats", 50, "Timed calls per entry.")
-flags.DEFINE_enum("statistic", "median", ["median", "q25", "min", "mean"], "Statistic the predictor "
+flags.DEFINE_enum("statistic", "q25", ["median", "q25", "min", "mean"], "Statistic the predictor "
                   "reads (all are stored).")
 flags.DEFINE_integer("max_branches", 7, "Measure the average of up to this many branches "
                      "(K ops + the identity).")
 flags.DEFINE_list("ops", None, "Measure only these ops (default: the whole pool).")
+flags.DEFINE_integer("calibration_archs", 5, "After the blocks, measure this many random "
+                     "networks end to end and scale predictions by the median measured/predicted "
+                     "ratio (removes the cache bias of isolated blocks; 0: off).")
 flags.DEFINE_integer("chunk", 16, "Entries compiled and timed together (interleaved).")
 flags.DEFINE_bool("overwrite", False, "Start the table over (another device or settings).")
 flags.DEFINE_bool("progress", True, "Progress bar.")
@@ -66,7 +72,8 @@ def main(_):
         scale=FLAGS.scale, num_classes=FLAGS.num_classes, batch_size=FLAGS.batch_size,
         backend=FLAGS.backend, threads=FLAGS.threads, warmup=FLAGS.warmup,
         repeats=FLAGS.repeats, statistic=FLAGS.statistic, max_branches=FLAGS.max_branches,
-        ops=FLAGS.ops, overwrite=FLAGS.overwrite, progress=FLAGS.progress, chunk=FLAGS.chunk)
+        ops=FLAGS.ops, overwrite=FLAGS.overwrite, progress=FLAGS.progress, chunk=FLAGS.chunk,
+        clock=FLAGS.clock, calibration_archs=FLAGS.calibration_archs)
   except latency.LatencyError as e:
     raise cli.UsageError(str(e)) from None
   if FLAGS.ops:

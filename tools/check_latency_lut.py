@@ -38,20 +38,25 @@ flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
 flags.DEFINE_integer("batch_size", 1, "Batch (must match the table).")
 flags.DEFINE_enum("backend", "tf", ["tf", "tflite"], "Backend (must match the table).")
 flags.DEFINE_integer("threads", 1, "Threads (must match the table).")
+flags.DEFINE_enum("clock", "wall", ["wall", "cpu"], "wall: elapsed time; cpu: CPU time of "
+                  "this process, robust to other jobs on a shared machine (must match the table).")
 flags.DEFINE_integer("num_archs", 30, "Random architectures to measure.")
 flags.DEFINE_integer("max_ops", 3, "At most this many ops per layer in a random architecture.")
 flags.DEFINE_integer("seed", 0, "Seed of the random architectures.")
 flags.DEFINE_integer("warmup", 10, "Untimed calls per network (and per table entry).")
 flags.DEFINE_integer("repeats", 30, "Timed calls per network (and per table entry).")
+flags.DEFINE_integer("calibration_archs", 5, "Networks the table build calibrates on (other "
+                     "random networks than the checked ones).")
 flags.DEFINE_integer("chunk", 10, "Networks compiled and timed together (interleaved).")
 flags.DEFINE_string("search_dir", None, "Check a search's final_arch.json against its interval.")
 flags.DEFINE_string("output_dir", "runs/latency_check", "Where the report and plot go.")
 FLAGS = flags.FLAGS
 
 
-def _default_lut(backend, macro, resolution, batch, threads):
+def _default_lut(backend, macro, resolution, batch, threads, clock):
+  suffix = "" if clock == "wall" else f"_{clock}"
   return os.path.join("runs", "latency",
-                      f"lut_{backend}_{macro}{resolution}_b{batch}_t{threads}.json")
+                      f"lut_{backend}_{macro}{resolution}_b{batch}_t{threads}{suffix}.json")
 
 
 def _check_search(latency, arch_lib):
@@ -73,7 +78,9 @@ def _check_search(latency, arch_lib):
   latency.pin_threads(dev["threads"])
   table = latency.LatencyTable(data, a.space, a.macro, cfg["cost_resolution"], a.scale,
                                a.metadata["num_classes"], source=lut)
-  measurer = latency.Measurer(dev["backend"], dev["threads"], FLAGS.warmup, FLAGS.repeats)
+  # One network: time more calls than in the 30-network check, it costs little.
+  measurer = latency.Measurer(dev["backend"], dev["threads"], FLAGS.warmup,
+                              max(FLAGS.repeats, 200), clock=dev.get("clock", "wall"))
   stats = latency.measure_network(a, measurer, cfg["cost_resolution"], dev["batch_size"],
                                   a.metadata["num_classes"])
   pred, meas = table.arch_cost(a), stats[table.statistic]
@@ -82,7 +89,8 @@ def _check_search(latency, arch_lib):
         f"{cfg['cost_resolution']}, {dev['backend']}, batch {dev['batch_size']}, "
         f"{dev['threads']} thread(s):")
   print(f"  predicted {pred:.3f} ms, measured {meas:.3f} ms ({table.statistic} of "
-        f"{stats['count']} calls; min {stats['min']:.3f}, mean {stats['mean']:.3f} ± "
+        f"{stats['count']} calls; min {stats['min']:.3f}, median {stats['median']:.3f}, mean "
+        f"{stats['mean']:.3f} ± "
         f"{stats['std']:.3f}), error {100 * (pred - meas) / meas:+.1f} %")
   print(f"  requested interval ({lo:g}, {hi:g}) ms: measured latency is "
         f"{'INSIDE' if inside else 'OUTSIDE'} it; load average {_load()}")
@@ -106,13 +114,14 @@ def main(_):
     if FLAGS.num_archs < 2:
       raise cli.UsageError(f"--num_archs must be >= 2 (Kendall's τ), got {FLAGS.num_archs}")
     lut = FLAGS.latency_lut or _default_lut(FLAGS.backend, FLAGS.macro, FLAGS.resolution,
-                                            FLAGS.batch_size, FLAGS.threads)
+                                            FLAGS.batch_size, FLAGS.threads, FLAGS.clock)
     latency.pin_threads(FLAGS.threads)
     t0 = time.time()
     latency.build_table(lut, space=FLAGS.space, macro=FLAGS.macro, resolution=FLAGS.resolution,
                         scale=FLAGS.scale, num_classes=FLAGS.num_classes,
                         batch_size=FLAGS.batch_size, backend=FLAGS.backend,
-                        threads=FLAGS.threads, warmup=FLAGS.warmup, repeats=FLAGS.repeats)
+                        threads=FLAGS.threads, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
+                        clock=FLAGS.clock, calibration_archs=FLAGS.calibration_archs)
     build_s = time.time() - t0
     table = latency.LatencyTable.load(lut, FLAGS.space, FLAGS.macro, FLAGS.resolution,
                                       FLAGS.scale, FLAGS.num_classes, backend=FLAGS.backend,
@@ -123,12 +132,17 @@ def main(_):
   archs = cost.random_architectures(FLAGS.space, FLAGS.num_archs, seed=FLAGS.seed,
                                     max_ops=FLAGS.max_ops, macro=FLAGS.macro, scale=FLAGS.scale)
   dev = table.device
-  measurer = latency.Measurer(FLAGS.backend, FLAGS.threads, FLAGS.warmup, FLAGS.repeats)
+  measurer = latency.Measurer(FLAGS.backend, FLAGS.threads, FLAGS.warmup, FLAGS.repeats,
+                              clock=FLAGS.clock)
   os.makedirs(FLAGS.output_dir, exist_ok=True)
-  stem = f"latency_check_{FLAGS.backend}_{FLAGS.macro}{FLAGS.resolution}_b{FLAGS.batch_size}"
-  print(f"table {lut} ({build_s:.0f} s): {dev['cpu']}, {dev['backend']}, batch "
+  stem = (f"latency_check_{FLAGS.backend}_{FLAGS.macro}{FLAGS.resolution}_b{FLAGS.batch_size}"
+          f"{'' if FLAGS.clock == 'wall' else '_' + FLAGS.clock}")
+  if dev.get("clock", "wall") != FLAGS.clock:
+    raise cli.UsageError(f"{lut} was measured with the {dev.get('clock', 'wall')} clock, not "
+                         f"--clock={FLAGS.clock}")
+  print(f"table {lut} ({build_s:.0f} s): {dev['cpu']}, {dev['backend']}, {FLAGS.clock} clock, batch "
         f"{dev['batch_size']}, {dev['threads']} thread(s), TF {dev['tensorflow']}, statistic "
-        f"{table.statistic}; load average {_load()}")
+        f"{table.statistic}, calibration x{table.calibration:.3f}; load average {_load()}")
   print(f"measuring {len(archs)} random {FLAGS.space}@{FLAGS.macro} networks at "
         f"{FLAGS.resolution}x{FLAGS.resolution} end to end ...", flush=True)
   t0 = time.time()
