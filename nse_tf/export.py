@@ -145,7 +145,10 @@ class ServingModule:
       raise cli.UsageError(f"model_config.json has {len(names)} class_names for "
                            f"{num_classes} classes")
     self.module = tf.Module(name="nsenet_serving")
-    self.module.model = model
+    # The variables, not the Keras model, are tracked: the SavedModel then holds just the
+    # two signatures' graphs (no per-layer Keras functions: smaller, several times faster
+    # to save, and nothing Keras-specific to load).
+    self.module.model_variables = list(model.variables)
     self.module.class_names = tf.Variable(names, trainable=False, name="class_names")
     self.preprocess = make_preprocess(config)
     self.max_pixels = int(max_pixels)
@@ -182,7 +185,7 @@ class ServingModule:
           (tf.zeros([0], tf.int32), tf.zeros([0, size, size, 3], tf.float32)),
           lambda s, e: (tf.concat([s[0], e[0]], 0), tf.concat([s[1], e[1]], 0)))
       valid = tf.scatter_nd(idx[:, None], tf.ones_like(idx, tf.bool), [n])
-      logits = module.model(images, training=False)
+      logits = model(images, training=False)
       _, scores, classes = top_k_outputs(logits)
       classes = tf.scatter_nd(idx[:, None], classes + 1, [n, k]) - 1   # -1 where invalid
       scores = tf.scatter_nd(idx[:, None], scores, [n, k])
@@ -199,7 +202,7 @@ class ServingModule:
     def serve_images(images):
       batch = tf.map_fn(preprocess, images,
                         fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-      logits = tf.cast(module.model(batch, training=False), tf.float32)
+      logits = tf.cast(model(batch, training=False), tf.float32)
       probs, scores, classes = top_k_outputs(logits)
       return {"classes": classes, "probabilities": scores,
               "class_names": tf.gather(module.class_names, classes), "logits": logits,
@@ -266,18 +269,24 @@ def _write_bytes_atomic(path: str, payload: bytes) -> None:
     raise
 
 
-def _model_function(model, size: int):
+def _converter(model, size: int):
+  """A TFLite converter for model(x [1, S, S, 3]) -> logits.
+
+  The converter saves its trackable object as a SavedModel first; handing it the
+  variables in a bare tf.Module rather than the Keras model keeps that about 5x faster.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  fn = tf.function(lambda x: model(x, training=False))
-  return fn.get_concrete_function(tf.TensorSpec([1, size, size, 3], tf.float32))
+  holder = tf.Module(name="nsenet_tflite")
+  holder.model_variables = list(model.variables)
+  holder.fn = tf.function(lambda x: model(x, training=False))
+  concrete = holder.fn.get_concrete_function(tf.TensorSpec([1, size, size, 3], tf.float32,
+                                                           name="images"))
+  return tf.lite.TFLiteConverter.from_concrete_functions([concrete], holder)
 
 
 def tflite_float(model, size: int) -> bytes:
   """Float32 TFLite model: normalised image [1, S, S, 3] -> logits."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([_model_function(model, size)],
-                                                              model)
-  return converter.convert()
+  return _converter(model, size).convert()
 
 
 def tflite_int8(model, size: int, representative_images) -> bytes:
@@ -290,8 +299,7 @@ def tflite_int8(model, size: int, representative_images) -> bytes:
   images = [np.asarray(im, np.float32)[None] for im in representative_images]
   if not images:
     raise cli.UsageError("int8 calibration needs at least one training image")
-  converter = tf.lite.TFLiteConverter.from_concrete_functions([_model_function(model, size)],
-                                                              model)
+  converter = _converter(model, size)
   converter.optimizations = [tf.lite.Optimize.DEFAULT]
   converter.representative_dataset = lambda: ([im] for im in images)
   converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
