@@ -44,7 +44,7 @@ def load_params(experiment: str, config_files: Sequence[str] = (), params_overri
   from detection import efficientdet  # pylint: disable=g-import-not-at-top
   try:
     params = exp_factory.get_exp_config(experiment)
-  except KeyError:
+  except LookupError:  # registry.lookup: unknown name
     raise cli.UsageError(f"unknown --experiment {experiment!r}; the detection experiments "
                          f"are {', '.join(efficientdet.EXPERIMENTS)}") from None
   for path in config_files or []:
@@ -64,11 +64,14 @@ def load_params(experiment: str, config_files: Sequence[str] = (), params_overri
 def export_detector(params, checkpoint_path: Optional[str], export_dir: str,
                     input_type: str = "image_bytes", batch_size: Optional[int] = None,
                     input_image_size: Optional[Sequence[int]] = None,
-                    overwrite: bool = False) -> str:
+                    overwrite: bool = False, keras_traces: bool = False) -> str:
   """Writes export_dir/{saved_model, checkpoint, params.yaml}; returns the SavedModel path.
 
   checkpoint_path: a checkpoint file prefix or a model_dir (its latest checkpoint);
   None exports freshly initialised weights (for tests only).
+  keras_traces: also trace every Keras layer's call into the SavedModel (what
+  `model.save(save_traces=True)` does), needed only to revive the detector as a Keras
+  model; serving uses the signatures. Off by default: it is most of the export time.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from official.vision.serving import export_saved_model_lib  # pylint: disable=g-import-not-at-top
@@ -94,15 +97,27 @@ def export_detector(params, checkpoint_path: Optional[str], export_dir: str,
   tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(export_dir))}.tmp{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
   try:
-    export_saved_model_lib.export_inference_graph(
-        input_type=input_type, batch_size=batch_size, input_image_size=size, params=params,
-        checkpoint_path=checkpoint_path, export_dir=tmp)
+    with _keras_traces(keras_traces):
+      export_saved_model_lib.export_inference_graph(
+          input_type=input_type, batch_size=batch_size, input_image_size=size, params=params,
+          checkpoint_path=checkpoint_path, export_dir=tmp,
+          export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
     if os.path.exists(export_dir):
       shutil.rmtree(export_dir)
     os.replace(tmp, export_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return os.path.join(export_dir, "saved_model")
+
+
+def _keras_traces(enabled: bool):
+  """tf_keras' save_traces switch for tf.saved_model.save (a no-op if it moved)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  try:
+    from tf_keras.src.saving.legacy.saved_model import utils  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return contextlib.nullcontext()
+  return utils.keras_option_scope(save_traces=enabled)
 
 
 def main(argv) -> int:
@@ -121,7 +136,7 @@ def main(argv) -> int:
       raise cli.UsageError(f"--input_image_size must be 'height,width', got "
                            f"{FLAGS.input_image_size!r}")
   path = export_detector(params, FLAGS.checkpoint_path, FLAGS.export_dir, FLAGS.input_type,
-                         FLAGS.batch_size, size, FLAGS.overwrite)
+                         FLAGS.batch_size, size, FLAGS.overwrite, FLAGS.keras_traces)
   print(f"SavedModel: {path} (signature serving_default, input {FLAGS.input_type})")
   return 0
 
@@ -140,4 +155,6 @@ if __name__ == "__main__":
   flags.DEFINE_string("input_image_size", None, "height,width the images are resized to "
                       "(default: the model's input size).")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --export_dir.")
+  flags.DEFINE_bool("keras_traces", False, "Also save every Keras layer's traced call "
+                    "(only to reload it as a Keras model; slow).")
   cli.run(main)

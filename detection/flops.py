@@ -15,10 +15,30 @@ import tf_keras as keras
 from nse_tf import cost
 
 
+def used_backbone(model: keras.Model) -> keras.Model:
+  """The backbone cut to the levels the decoder reads.
+
+  tf-models' EfficientNet and MobileNet backbones also compute their classification
+  head conv (320 → 1280, ~105 MFLOPs at 512²) as an extra endpoint that no detector
+  uses; EfficientDet's published FLOPs do not include it. A functional backbone is
+  re-wired to the used outputs, which keeps only the layers they depend on.
+  """
+  backbone = model.backbone
+  if model.decoder is not None and isinstance(getattr(model.decoder, "input", None), dict):
+    levels = sorted(model.decoder.input)
+  else:
+    levels = [str(l) for l in range(model.head.get_config()["min_level"],
+                                     model.head.get_config()["max_level"] + 1)]
+  outputs = getattr(backbone, "output", None)
+  if not getattr(backbone, "_is_graph_network", False) or not isinstance(outputs, dict):
+    return backbone
+  return keras.Model(backbone.input, {l: outputs[l] for l in levels if l in outputs})
+
+
 def detector_parts(model: keras.Model, size: int) -> Dict[str, keras.Model]:
   """Keras models for backbone, backbone+decoder and the whole detector (no NMS)."""
   images = keras.Input(shape=(size, size, 3), batch_size=1)
-  features = model.backbone(images)
+  features = used_backbone(model)(images)
   decoded = model.decoder(features) if model.decoder is not None else features
   cls_out, box_out = model.head(decoded)[:2]
   return {"backbone": keras.Model(images, features),

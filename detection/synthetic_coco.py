@@ -259,6 +259,8 @@ def generate(output_dir: str, num_train: int = 512, num_val: int = 64, image_siz
 
 def main(argv: Sequence[str]) -> int:
   del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # tf-models' writer logs every 100 images
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if not FLAGS.output_dir:
     raise SyntheticDataError("--output_dir is required")

@@ -83,7 +83,7 @@ def main(argv) -> int:
       raise cli.UsageError(f"--config_file {path!r} does not exist")
   try:
     params = train_utils.parse_configuration(FLAGS)
-  except KeyError as e:  # exp_factory / hyperparams: unknown experiment or field
+  except LookupError as e:  # exp_factory / hyperparams: unknown experiment or field
     raise cli.UsageError(f"bad --experiment, --config_file or --params_override: "
                          f"{e.args[0] if e.args else e}") from None
   except (ValueError, AttributeError) as e:

@@ -63,7 +63,7 @@ def detector_counts(experiment: str, input_size=None):
   from detection import flops  # pylint: disable=g-import-not-at-top
   try:
     params = exp_factory.get_exp_config(experiment)
-  except KeyError:
+  except LookupError:  # registry.lookup: unknown name
     raise cli.UsageError(f"unknown --detector experiment {experiment!r}; e.g. "
                          "efficientdet_d0_nsenet_coco, or 'all'") from None
   if not hasattr(params.task, "model") or not hasattr(params.task.model, "decoder"):
@@ -85,6 +85,8 @@ PUBLISHED_D0 = {"efficientdet_d0_efficientnetb0_coco": 2.50,
 
 
 def _main_detector():
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # tf-models' builders log every block at INFO
   names = DETECTORS if FLAGS.detector == "all" else (FLAGS.detector,)
   rows = [detector_counts(n, FLAGS.input_size) for n in names]
   width = max(len(r[0]) for r in rows)
