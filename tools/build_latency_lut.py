@@ -42,7 +42,7 @@ flags.DEFINE_enum("clock", "wall", ["wall", "cpu"], "wall: elapsed time, the lat
                   "jobs on a shared machine and equal to wall time on an idle one at 1 thread.")
 flags.DEFINE_integer("warmup", 10, "Untimed calls per entry.")
 flags.DEFINE_integer("repeats", 50, "Timed calls per entry.")
-flags.DEFINE_enum("statistic", "q25", ["median", "q25", "min", "mean"], "Statistic the predictor "
+flags.DEFINE_enum("statistic", "median", ["median", "q25", "min", "mean"], "Statistic the predictor "
                   "reads (all are stored).")
 flags.DEFINE_integer("max_branches", 7, "Measure the average of up to this many branches "
                      "(K ops + the identity).")
@@ -63,7 +63,13 @@ def main(_):
     raise cli.UsageError(f"--resolution must be >= 32, got {FLAGS.resolution}")
   if FLAGS.batch_size < 1 or FLAGS.threads < 1 or FLAGS.repeats < 1 or FLAGS.warmup < 0:
     raise cli.UsageError("--batch_size, --threads and --repeats must be >= 1, --warmup >= 0")
+  import os  # pylint: disable=g-import-not-at-top
   from nse_tf import latency  # pylint: disable=g-import-not-at-top
+  if os.path.exists(FLAGS.output) and not FLAGS.overwrite:
+    try:
+      latency.load_json(FLAGS.output)     # a foreign or corrupt file: say so before measuring
+    except latency.LatencyError as e:
+      raise cli.UsageError(str(e)) from None
   latency.pin_threads(FLAGS.threads)    # before TensorFlow runs anything
   t0 = time.time()
   try:
