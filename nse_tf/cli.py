@@ -17,7 +17,9 @@ def user_errors():
   """Exception types that are the user's input, not a bug: printed as one line."""
   from nse_tf.arch import ArchitectureError  # pylint: disable=g-import-not-at-top
   from nse_tf.spaces import SpaceError  # pylint: disable=g-import-not-at-top
-  errors = [UsageError, ArchitectureError, SpaceError, FileNotFoundError, PermissionError]
+  # FloatingPointError: a diverged run (NaN loss), reported with the flag to change.
+  errors = [UsageError, ArchitectureError, SpaceError, FileNotFoundError, PermissionError,
+            FloatingPointError]
   # Only from modules already loaded: they import TensorFlow.
   for module, name in (("nse_tf.data", "DataError"), ("nse_tf.trainer", "ConfigError"),
                        ("nse_tf.evolution", "SearchError"),
