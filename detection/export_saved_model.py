@@ -8,8 +8,10 @@ Uses `official.vision.serving.detection.DetectionModule` and
 `export_saved_model_lib.export_inference_graph`: the `serving_default` signature takes
 encoded images (`--input_type=image_bytes`, default; or image_tensor / tf_example) and
 returns `detection_boxes` (pixels, [ymin, xmin, ymax, xmax] in the input image),
-`detection_classes`, `detection_scores`, `num_detections` (and `image_info`). The
-checkpoint's EMA weights are what tf-models' trainer saved as the model's. The export
+`detection_classes`, `detection_scores`, `num_detections` (and `image_info`). Given a
+model_dir, the latest checkpoint of its `ema_checkpoints/` is exported when there is one
+(tf-models saves the EMA weights, the ones it evaluates, there at each evaluation), else
+its latest training checkpoint. The export
 is written to a temporary folder beside --export_dir and renamed into place, so an
 interrupted export never leaves a half-written model.
 
@@ -64,10 +66,13 @@ def load_params(experiment: str, config_files: Sequence[str] = (), params_overri
 def export_detector(params, checkpoint_path: Optional[str], export_dir: str,
                     input_type: str = "image_bytes", batch_size: Optional[int] = None,
                     input_image_size: Optional[Sequence[int]] = None,
-                    overwrite: bool = False, keras_traces: bool = False) -> str:
-  """Writes export_dir/{saved_model, checkpoint, params.yaml}; returns the SavedModel path.
+                    overwrite: bool = False, keras_traces: bool = False):
+  """Writes export_dir/{saved_model, checkpoint, params.yaml}.
 
-  checkpoint_path: a checkpoint file prefix or a model_dir (its latest checkpoint);
+  Returns (SavedModel path, the checkpoint exported).
+
+  checkpoint_path: a checkpoint file prefix or a model_dir (its latest EMA checkpoint,
+  else its latest checkpoint);
   None exports freshly initialised weights (for tests only).
   keras_traces: also trace every Keras layer's call into the SavedModel (what
   `model.save(save_traces=True)` does), needed only to revive the detector as a Keras
@@ -80,7 +85,9 @@ def export_detector(params, checkpoint_path: Optional[str], export_dir: str,
                          f"got {input_type!r}")
   if checkpoint_path is not None:
     if tf.io.gfile.isdir(checkpoint_path):
-      found = tf.train.latest_checkpoint(checkpoint_path)
+      # tf-models keeps the EMA (evaluated) weights in ema_checkpoints/: prefer them.
+      found = (tf.train.latest_checkpoint(os.path.join(checkpoint_path, "ema_checkpoints"))
+               or tf.train.latest_checkpoint(checkpoint_path))
       if not found:
         raise cli.UsageError(f"no checkpoint in {checkpoint_path!r}: train first, or give "
                              "a checkpoint prefix such as MODEL_DIR/ckpt-1200")
@@ -107,7 +114,7 @@ def export_detector(params, checkpoint_path: Optional[str], export_dir: str,
     os.replace(tmp, export_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
-  return os.path.join(export_dir, "saved_model")
+  return os.path.join(export_dir, "saved_model"), checkpoint_path
 
 
 def _keras_traces(enabled: bool):
@@ -135,9 +142,10 @@ def main(argv) -> int:
     if len(size) != 2 or min(size) < 1:
       raise cli.UsageError(f"--input_image_size must be 'height,width', got "
                            f"{FLAGS.input_image_size!r}")
-  path = export_detector(params, FLAGS.checkpoint_path, FLAGS.export_dir, FLAGS.input_type,
+  path, ckpt = export_detector(params, FLAGS.checkpoint_path, FLAGS.export_dir, FLAGS.input_type,
                          FLAGS.batch_size, size, FLAGS.overwrite, FLAGS.keras_traces)
-  print(f"SavedModel: {path} (signature serving_default, input {FLAGS.input_type})")
+  print(f"SavedModel: {path} (signature serving_default, input {FLAGS.input_type}) "
+        f"from {ckpt}")
   return 0
 
 

@@ -317,7 +317,8 @@ def test_export_round_trip(tmp_path, data):
   model(tf.zeros([1, SIZE, SIZE, 3]), training=False)
   ckpt = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt" / "ckpt"))
   export_dir = str(tmp_path / "export")
-  path = export_saved_model.export_detector(params, ckpt, export_dir)
+  path, used = export_saved_model.export_detector(params, str(tmp_path / "ckpt"), export_dir)
+  assert used == ckpt  # a folder: its latest checkpoint
   assert sorted(os.listdir(export_dir)) == ["checkpoint", "params.yaml", "saved_model"]
   loaded = tf.saved_model.load(path)
   serve = loaded.signatures["serving_default"]

@@ -128,3 +128,22 @@ def test_count_flops_unknown_keras_app():
   proc = run_tool("count_flops.py", "--keras_app=NoSuchNet")
   # TensorFlow is imported on this path and may log to stderr; still one error line.
   assert_one_error_line(proc, "unknown --keras_app 'NoSuchNet'", only_line=False)
+
+
+def test_count_flops_detector():
+  proc = run_tool("count_flops.py", "--detector=efficientdet_d0_mobilenetv2_coco",
+                  "--input_size=128")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  row = [ln for ln in proc.stdout.splitlines()
+         if ln.startswith("efficientdet_d0_mobilenetv2_coco")]
+  assert len(row) == 1, proc.stdout
+  size, backbone, bifpn, head, total = (float(v) for v in row[0].split()[1:6])
+  assert size == 128 and total == pytest.approx(backbone + bifpn + head, abs=0.02)
+  # Every map is 1/16 of its 512² size: the README's 512² numbers, divided by 16.
+  assert backbone == pytest.approx(1459.85 / 16, abs=0.02)
+  assert bifpn == pytest.approx(132.01 / 16, abs=0.02)
+  assert head == pytest.approx(457.78 / 16, abs=0.02)
+  assert "NMS excluded" in proc.stdout
+  proc = run_tool("count_flops.py", "--detector=no_such_experiment")
+  assert_one_error_line(proc, "unknown --detector experiment 'no_such_experiment'",
+                        only_line=False)
