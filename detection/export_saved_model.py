@@ -129,6 +129,8 @@ def _keras_traces(enabled: bool):
 
 def main(argv) -> int:
   del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # tf-models' exporter logs every signature input
   for name in ("experiment", "export_dir", "checkpoint_path"):
     if not getattr(FLAGS, name):
       raise cli.UsageError(f"--{name} is required")
