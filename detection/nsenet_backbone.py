@@ -17,8 +17,8 @@ Example:
   >>> from detection import nsenet_backbone
   >>> bb = nsenet_backbone.NSENetBackbone('NSENet', keras.layers.InputSpec(
   ...     shape=[None, 128, 128, 3]))
-  >>> {k: v.as_list() for k, v in bb.output_specs.items()}['5']
-  [None, 4, 4, 320]
+  >>> sorted(bb.output_specs), bb.output_specs['5'].as_list()[:3]
+  (['3', '4', '5'], [None, 4, 4])
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ class NSENetBackbone(keras.Model):
                input_specs: keras.layers.InputSpec = keras.layers.InputSpec(
                    shape=[None, 512, 512, 3]),
                min_level: int = 3, activation: str = "relu", se: bool = False,
+               sync_bn: bool = False,
                kernel_regularizer: Optional[keras.regularizers.Regularizer] = None,
                **kwargs):
     if isinstance(arch, str):
@@ -110,7 +111,7 @@ class NSENetBackbone(keras.Model):
       raise DetectionConfigError("the nsenet backbone needs a static input height and width, "
                                  f"got {shape}")
     network = nsenet.build_nsenet(arch, input_shape=shape, activation=activation, se=se,
-                                  backbone=True, name="nsenet")
+                                  backbone=True, sync_bn=sync_bn, name="nsenet")
     inputs = keras.Input(shape=shape, batch_size=input_specs.shape[0], name="images")
     features = network(inputs)
     endpoints = {str(l): features[str(l)] for l in range(min_level, MAX_LEVEL + 1)}
@@ -118,7 +119,7 @@ class NSENetBackbone(keras.Model):
     self._network = network
     self._arch_json = arch.to_json(indent=None)
     self._config_dict = dict(min_level=min_level, activation=activation, se=se,
-                             kernel_regularizer=kernel_regularizer)
+                             sync_bn=sync_bn, kernel_regularizer=kernel_regularizer)
     self._output_specs = {l: endpoints[l].get_shape() for l in endpoints}
     if kernel_regularizer is not None:
       kernels = [w for w in network.trainable_weights if w.name.split("/")[-1].startswith(
@@ -206,4 +207,5 @@ def build_nsenet_backbone(input_specs: keras.layers.InputSpec, backbone_config,
     raise DetectionConfigError(f"NSENet supports activation 'relu' or 'swish', got "
                                f"{activation!r} (set task.model.backbone.nsenet.activation)")
   return NSENetBackbone(arch, input_specs, min_level=c.min_level, activation=activation, se=se,
+                        sync_bn=norm_activation_config.use_sync_bn,
                         kernel_regularizer=l2_regularizer)
