@@ -11,7 +11,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
     packages=setuptools.find_packages(include=["nse_tf", "nse_tf.*", "detection", "detection.*"]),
-    package_data={"nse_tf": ["released_archs.json"]},
+    package_data={"nse_tf": ["released_archs.json"], "detection": ["configs/*.yaml"]},
     install_requires=[
         # tf-models-official 2.20 pins the stack to TensorFlow 2.20 + tf_keras 2.20.
         "tensorflow==2.20.*",
@@ -30,5 +30,7 @@ setuptools.setup(
     entry_points={"console_scripts": [
         "nse-search=nse_tf.search:run",
         "nse-train-round=nse_tf.train_round:run",
+        "nse-retrain=nse_tf.retrain:run",
+        "nse-export=nse_tf.export:run",
     ]},
 )
