@@ -609,10 +609,16 @@ class Measurer:
         out = concrete(*tensors)
         return out
       return run
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], model)
-    from tensorflow.python.util import deprecation  # pylint: disable=g-import-not-at-top
-    with deprecation.silence():
-      content = converter.convert()
+    # Without a trackable object the converter freezes the graph instead of exporting
+    # a SavedModel first: the same flatbuffer, about 4x faster for a whole network
+    # (19 s against 78 s for a 21-layer one on this CPU).
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)   # "consider providing trackable_obj"
+    try:
+      content = tf.lite.TFLiteConverter.from_concrete_functions([concrete]).convert()
+    finally:
+      absl_logging.set_verbosity(level)
     interpreter = tf.lite.Interpreter(model_content=content, num_threads=self.threads)
     interpreter.allocate_tensors()
     details = interpreter.get_input_details()
@@ -867,6 +873,8 @@ def build_in_subprocess(path: str, **kwargs) -> None:
 def _subprocess_main(argv: Sequence[str]) -> int:
   kwargs = json.loads(argv[0])
   path = kwargs.pop("path")
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)
   pin_threads(int(kwargs.get("threads", 1)))
   try:
     build_table(path, **kwargs)

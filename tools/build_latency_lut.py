@@ -23,6 +23,8 @@ import time
 
 from absl import flags
 
+from absl import logging
+
 from nse_tf import cli
 
 flags.DEFINE_string("output", None, "Table JSON to write (extended/resumed if it exists).")
@@ -70,6 +72,7 @@ def main(_):
       latency.load_json(FLAGS.output)     # a foreign or corrupt file: say so before measuring
     except latency.LatencyError as e:
       raise cli.UsageError(str(e)) from None
+  logging.set_verbosity(logging.WARNING)   # the TFLite converter's INFO chatter
   latency.pin_threads(FLAGS.threads)    # before TensorFlow runs anything
   t0 = time.time()
   try:

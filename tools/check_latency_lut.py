@@ -12,9 +12,10 @@ hits all alike), and prints predicted vs measured per architecture, the mean abs
 percentage error (MAPE) and Kendall's τ, and saves a scatter plot and a JSON report
 under --output_dir. The table is built first when it does not exist (or is
 incomplete); with no arguments that is the demo configuration: latency19 on the
-latency macro at 96x96, batch 1, one thread (about 2 minutes for the table and 4
-for the check on one CPU core with TensorFlow; TFLite converts every network and takes
-longer).
+latency macro at 96x96, batch 1, one thread (TensorFlow: about 2-3 minutes for the
+table and 6-8 for the check on this 2-core machine; TFLite converts every block and
+every network: about 16 and 12 minutes). On a machine shared with other jobs add
+--clock=cpu (CPU time instead of elapsed time; see nse_tf/latency.py).
 
 With --search_dir it measures the search's final_arch.json instead and says whether
 its measured latency lies inside the search's interval.
@@ -25,6 +26,8 @@ import os
 import time
 
 from absl import flags
+
+from absl import logging
 
 from nse_tf import cli
 
@@ -108,6 +111,7 @@ def _load():
 def main(_):
   from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
   from nse_tf import latency  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)   # the TFLite converter's INFO chatter
   try:
     if FLAGS.search_dir:
       return _check_search(latency, arch_lib)
