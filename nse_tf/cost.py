@@ -113,7 +113,8 @@ class CostTable:
   `macs[l][i]` is the MACs of pool op i in layer l (0 where the op cannot be
   built there); `fixed_macs` is the stem/head part. These tables are what the
   sampler and the supernet regulariser use; a latency table exposes the same
-  interface (`layer_costs`, `fixed`, `arch_cost`) so that it plugs in unchanged.
+  interface (`layer_costs`, `fixed`, `indices_cost`, `arch_cost`, `reference_cost`) so
+  that it plugs in unchanged.
   """
 
   unit = "MFLOPs"  # multiply-accumulates, the NAS convention
@@ -150,6 +151,11 @@ class CostTable:
   def layer_costs(self, layer: int) -> List[float]:
     """Cost of every pool op at `layer`, in MMACs (the search's unit)."""
     return [m / 1e6 for m in self.macs[layer]]
+
+  def reference_cost(self) -> float:
+    """Cost of the network holding every layer's single most expensive op (the unit of
+    relative targets), in MMACs."""
+    return (self.fixed_macs + sum(max(row) for row in self.macs)) / 1e6
 
   def indices_cost(self, layers_idx: Sequence[Iterable[int]]) -> float:
     """Cost in MMACs of an architecture given as pool indices per layer."""

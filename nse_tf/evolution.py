@@ -237,10 +237,7 @@ def reference_cost(table) -> float:
   The unit of --relative_targets: τ, the interval and the edge band given as
   fractions of it mean the same thing on any device's table.
   """
-  if hasattr(table, "reference_cost"):
-    return float(table.reference_cost())
-  return float(table.fixed + sum(max(table.layer_costs(l)) for l in range(
-      len(table.macs))))
+  return float(table.reference_cost())
 
 
 # ---------------------------------------------------------------------------
