@@ -217,6 +217,10 @@ class Supernet(keras.Model):
     thetas = {id(v) for v in self.theta_variables}
     return [v for v in self.trainable_variables if id(v) not in thetas]
 
+  def op_variable_groups(self) -> List[List[tf.Variable]]:
+    """The trainable weights of every op, in flat gate order (for SearchSGD)."""
+    return [list(op.trainable_variables) for mbl in self.mbls for op in mbl.branches]
+
   def thetas_numpy(self) -> List[np.ndarray]:
     return [m.theta.numpy() for m in self.mbls]
 

@@ -17,6 +17,7 @@ same trajectory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -111,44 +112,171 @@ def decays(variable) -> bool:
 class SearchSGD(keras.optimizers.SGD):
   """SGD with PyTorch's momentum/Nesterov semantics and coupled L2 weight decay.
 
-  v ← μv + (g + λw);  w ← w − lr·(g + λw + μv) (Nesterov) — as in the reference
-  runs, where an op that was off in a step still had a zero gradient, so momentum
-  and weight decay kept moving it. `skip_zero_grad=True` skips a variable whose
-  gradient is exactly zero (an op that was off) entirely.
+  v ← μv + (g + λw);  w ← w − lr·(g + λw + μv) with Nesterov, w ← w − lr·v without.
+
+  Supernet ops (`set_op_groups`, gates given while tracing with `gated`): in the
+  reference runs an op that was off in a step still had a zero gradient, so momentum
+  and weight decay kept moving its weights. With g = 0 that step is linear with
+  scalar coefficients, [w; v] ← A_t [w; v], A_t = [[1 − lr·λ(1 + μ), −lr·μ²], [λ, μ]]
+  (Nesterov; [[1 − lr·λ, −lr·μ], [λ, μ]] without), so rather than rewriting every off
+  op's weights each step the optimiser multiplies its 2×2 `pending` matrix (per op,
+  one for decayed kernels and one for BN/bias variables) and applies the product when
+  the op runs next (`catch_up`, before the forward pass) or when the round ends
+  (`catch_up()` for all). Same trajectory up to float rounding; each step then costs
+  the update of the active path only. `skip_off_ops=True` leaves off ops untouched.
   """
 
   def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=0.0,
-               skip_zero_grad=False, name="SearchSGD", **kwargs):
+               skip_off_ops=False, name="SearchSGD", **kwargs):
+    skip_off_ops = bool(kwargs.pop("skip_zero_grad", skip_off_ops))  # older configs
     super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
                      name=name, **kwargs)
     self.l2 = float(l2)
-    self.skip_zero_grad = bool(skip_zero_grad)
+    self.skip_off_ops = skip_off_ops
+    self._groups: Optional[List[List[tf.Variable]]] = None
+    self._gates = None
 
-  def update_step(self, gradient, variable):
+  # ------------------------------------------------------------- plumbing
+  def set_op_groups(self, groups: Sequence[Sequence[tf.Variable]]):
+    """Registers the supernet's ops: `groups[i]` holds the variables of flat op i.
+
+    Call inside the strategy's scope, after `build`; creates the `pending` state
+    (checkpointed with the optimiser).
+    """
+    self._groups = [list(g) for g in groups]
+    self._op_of = {}
+    for i, group in enumerate(self._groups):
+      for v in group:
+        if self._var_key(v) not in self._index_dict:
+          raise ValueError(f"variable {v.name} of op {i} is not in the optimiser; build it "
+                           "with every weight variable first")
+        self._op_of[self._var_key(v)] = i
+    eye = np.broadcast_to(np.eye(2, dtype=np.float32), (len(self._groups), 2, 2, 2))
+    self._eye = tf.constant(eye)
+    self.pending = tf.Variable(eye, trainable=False, name="pending_off_steps")
+
+  @contextlib.contextmanager
+  def gated(self, gates):
+    """While tracing a step: `gates` (flat 0/1 per registered op) says which ops ran."""
+    if self._groups is None:
+      raise ValueError("SearchSGD.gated needs set_op_groups first")
+    self._gates = gates
+    try:
+      yield self
+    finally:
+      self._gates = None
+
+  def _momentum(self, variable):
+    return self.momentums[self._index_dict[self._var_key(variable)]]
+
+  def _apply(self, gradient, variable):
     lr = tf.cast(self.learning_rate, variable.dtype)
     mu = tf.cast(self.momentum, variable.dtype)
-    m = self.momentums[self._index_dict[self._var_key(variable)]]
+    g = gradient
+    if self.l2 and decays(variable):
+      g = g + tf.cast(self.l2, variable.dtype) * variable
+    # One fused kernel (m ← μm + g; w ← w − lr·(g + μm) with Nesterov) instead of six
+    # element-wise ops with temporaries.
+    return tf.raw_ops.ResourceApplyMomentum(var=variable.handle, accum=self._momentum(variable).handle,
+                                            lr=lr, grad=g, momentum=mu, use_locking=False,
+                                            use_nesterov=self.nesterov)
 
-    def apply():
-      g = gradient
-      if self.l2 and decays(variable):
-        g = g + tf.cast(self.l2, variable.dtype) * variable
-      # One fused kernel (m ← μm + g; w ← w − lr·(g + μm) with Nesterov) instead of
-      # six element-wise ops with temporaries: the supernet's update touches every
-      # op's weights (~2.5× the parameters of a sampled path), so it matters.
-      tf.raw_ops.ResourceApplyMomentum(var=variable.handle, accum=m.handle, lr=lr, grad=g,
-                                       momentum=mu, use_locking=False,
-                                       use_nesterov=self.nesterov)
+  def update_step(self, gradient, variable):
+    self._apply(gradient, variable)
 
-    if self.skip_zero_grad:
-      tf.cond(tf.reduce_any(tf.not_equal(gradient, 0)), lambda: (apply(), tf.no_op())[1],
-              tf.no_op)
-    else:
-      apply()
+  def _off_step(self, lr):
+    """A_t for [kernel (decayed), BN/bias] variables: shape [2 classes, 2, 2]."""
+    mu = tf.cast(self.momentum, tf.float32)
+    lr = tf.cast(lr, tf.float32)
+    rows = []
+    for lam in (self.l2, 0.0):
+      lam = tf.constant(lam, tf.float32)
+      if self.nesterov:
+        a = [[1.0 - lr * lam * (1.0 + mu), -lr * mu * mu], [lam, mu]]
+      else:
+        a = [[1.0 - lr * lam, -lr * mu], [lam, mu]]
+      rows.append(tf.stack([tf.stack(r) for r in a]))
+    return tf.stack(rows)
+
+  # ------------------------------------------------------------- updates
+  def _distributed_apply_gradients_fn(self, distribution, grads_and_vars, **kwargs):
+    if self._gates is None:
+      return super()._distributed_apply_gradients_fn(distribution, grads_and_vars, **kwargs)
+    if self.use_ema:
+      raise ValueError("SearchSGD with op groups does not support use_ema")
+    gates = self._gates
+    lr = tf.identity(self.learning_rate)
+    by_op: List[List[Any]] = [[] for _ in self._groups]
+    for g, v in grads_and_vars:
+      op = self._op_of.get(self._var_key(v))
+      if op is None:
+        distribution.extended.update(v, lambda var, grad: self._apply(grad, var), args=(g,),
+                                     group=False)
+      else:
+        by_op[op].append((g, v))
+    for i, pairs in enumerate(by_op):
+      if not pairs:
+        continue
+      vs = [v for _, v in pairs]
+
+      def op_update(_, *grads, i=i, vs=vs):
+        def run():
+          for grad, var in zip(grads, vs):
+            self._apply(grad, var)
+          return tf.no_op()
+        return tf.cond(gates[i] > 0, run, tf.no_op)
+
+      # One cond per op (not per variable); `.handle` inside an update call picks
+      # each replica's copy of every variable of the group.
+      distribution.extended.update(vs[0], op_update, args=tuple(g for g, _ in pairs),
+                                   group=False)
+    if not self.skip_off_ops:
+      a = self._off_step(lr)
+      off = tf.reshape(tf.cast(gates, tf.float32) <= 0, [-1, 1, 1, 1])
+
+      def defer(p):
+        return p.assign(tf.where(off, tf.einsum("cij,ncjk->ncik", a, p), p))
+
+      distribution.extended.update(self.pending, defer, group=False)
+    return self.iterations.assign_add(1)
+
+  def catch_up(self, needed=None):
+    """Applies the deferred off-step updates of the ops flagged in `needed` (all if None).
+
+    Call in cross-replica context (e.g. at the start of a compiled step, before
+    `strategy.run`) or eagerly; the ops' pending matrices return to identity.
+    """
+    if self._groups is None or self.skip_off_ops:
+      return
+    strategy = self._distribution_strategy
+    with strategy.scope():
+      p = tf.convert_to_tensor(self.pending)
+      stale = tf.reduce_any(tf.not_equal(p, self._eye), axis=[1, 2, 3])
+      do = stale if needed is None else tf.logical_and(tf.cast(needed, tf.float32) > 0, stale)
+      for i, group in enumerate(self._groups):
+        if not group:
+          continue
+
+        def op_catch_up(_, i=i, group=group):
+          def run():
+            for v in group:
+              a = tf.cast(p[i, 0 if (self.l2 and decays(v)) else 1], v.dtype)
+              m = self._momentum(v)
+              w0 = tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype)
+              m0 = tf.raw_ops.ReadVariableOp(resource=m.handle, dtype=m.dtype)
+              tf.raw_ops.AssignVariableOp(resource=v.handle, value=a[0, 0] * w0 + a[0, 1] * m0)
+              tf.raw_ops.AssignVariableOp(resource=m.handle, value=a[1, 0] * w0 + a[1, 1] * m0)
+            return tf.no_op()
+          return tf.cond(do[i], run, tf.no_op)
+
+        strategy.extended.update(group[0], op_catch_up, group=False)
+      reset = tf.reshape(do, [-1, 1, 1, 1])
+      strategy.extended.update(self.pending, lambda v: v.assign(tf.where(reset, self._eye, v)),
+                               group=False)
 
   def get_config(self):
     cfg = super().get_config()
-    cfg.update(l2=self.l2, skip_zero_grad=self.skip_zero_grad)
+    cfg.update(l2=self.l2, skip_off_ops=self.skip_off_ops)
     return cfg
 
 
@@ -220,14 +348,17 @@ class RoundTrainer:
         self.lr_schedule = WarmupCosine(config.lr, self.total_steps, warmup,
                                         config.warmup_start_lr)
         opt = SearchSGD(self.lr_schedule, config.momentum, config.nesterov,
-                        l2=config.weight_decay, skip_zero_grad=config.skip_off_ops)
+                        l2=config.weight_decay, skip_off_ops=config.skip_off_ops)
         if config.mixed_precision == "float16":
           opt = keras.mixed_precision.LossScaleOptimizer(opt)
         self.weight_opt = opt
+        # The SGD itself (inside the loss-scale wrapper under float16).
+        self.sgd = opt.inner_optimizer if config.mixed_precision == "float16" else opt
         self.theta_opt = keras.optimizers.Adam(config.theta_lr, beta_1=config.theta_beta1,
                                                beta_2=config.theta_beta2, epsilon=1e-8)
         self.weight_opt.build(self.model.weight_variables)
         self.theta_opt.build(self.model.theta_variables)
+        self.sgd.set_op_groups(self.model.op_variable_groups())
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
         n = self.model.total_ops
         self.alive_var = tf.Variable(np.ones(n, bool), trainable=False, name="alive")
@@ -256,6 +387,7 @@ class RoundTrainer:
     self.writer = tf.summary.create_file_writer(tb_dir) if tb_dir else None
     self._weight_step = self._make_weight_step()
     self._theta_step = self._make_theta_step()
+    self._catch_up_all = tf.function(self.sgd.catch_up)
     self.history: List[Dict[str, float]] = []
     self.restored = self._restore()
 
@@ -323,10 +455,14 @@ class RoundTrainer:
                                                tf.cast(labels, tf.int32)), tf.float32))
       return loss, correct
 
+    sgd = self.sgd
+
     @tf.function
     def weight_step(iterator, gates):
+      sgd.catch_up(gates)          # deferred off-step updates of the ops about to run
       images, labels = next(iterator)
-      loss, correct = strategy.run(step_fn, args=(images, labels, gates))
+      with sgd.gated(gates):
+        loss, correct = strategy.run(step_fn, args=(images, labels, gates))
       return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
               strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None) / gb)
 
@@ -350,8 +486,11 @@ class RoundTrainer:
       opt.apply_gradients(zip(grads, tvars))
       return ce, reg / replicas, expected / replicas
 
+    sgd = self.sgd
+
     @tf.function
     def theta_step(iterator, g1, g2, same, alive):
+      sgd.catch_up(tf.maximum(g1, g2))
       images, labels = next(iterator)
       out = strategy.run(step_fn, args=(images, labels, g1, g2, same, alive))
       return tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, o, axis=None) for o in out)
@@ -410,6 +549,7 @@ class RoundTrainer:
                        [(k, v) for k, v in last.items() if k in ("loss", "acc", "cost", "alive")])
       if self.manager and (step % cfg.checkpoint_every == 0 or step == end):
         self.save()
+    self._catch_up_all()   # the weights as if every off step had been applied
     return RoundResult(self.model, self.alive_masks(), self.model.thetas_numpy(), self.pruned,
                        int(self.step.numpy()), self.history)
 
