@@ -177,9 +177,9 @@ class SearchSGD(keras.optimizers.SGD):
       g = g + tf.cast(self.l2, variable.dtype) * variable
     # One fused kernel (m ← μm + g; w ← w − lr·(g + μm) with Nesterov) instead of six
     # element-wise ops with temporaries.
-    return tf.raw_ops.ResourceApplyMomentum(var=variable.handle, accum=self._momentum(variable).handle,
-                                            lr=lr, grad=g, momentum=mu, use_locking=False,
-                                            use_nesterov=self.nesterov)
+    return tf.raw_ops.ResourceApplyMomentum(
+        var=variable.handle, accum=self._momentum(variable).handle, lr=lr, grad=g, momentum=mu,
+        use_locking=False, use_nesterov=self.nesterov)
 
   def update_step(self, gradient, variable):
     self._apply(gradient, variable)
@@ -404,6 +404,8 @@ class RoundTrainer:
                                          step // self.cfg.theta_every)
     logging.info("resumed round training at step %d from %s", int(self.step.numpy()),
                  self.manager.latest_checkpoint)
+    if int(self.step.numpy()) >= self.total_steps:
+      self._catch_up_all()   # a finished round: the weights its candidates are evaluated with
     return True
 
   def _iterator(self, split: str, seed: int, skip_steps: int):
