@@ -166,6 +166,10 @@ class SearchSGD(keras.optimizers.SGD):
     finally:
       self._gates = None
 
+  def _decayed(self, variable) -> bool:
+    """Whether L2 applies to `variable` (class 0 of `pending`, else class 1)."""
+    return bool(self.l2) and decays(variable)
+
   def _momentum(self, variable):
     return self.momentums[self._index_dict[self._var_key(variable)]]
 
@@ -173,7 +177,7 @@ class SearchSGD(keras.optimizers.SGD):
     lr = tf.cast(self.learning_rate, variable.dtype)
     mu = tf.cast(self.momentum, variable.dtype)
     g = gradient
-    if self.l2 and decays(variable):
+    if self._decayed(variable):
       g = g + tf.cast(self.l2, variable.dtype) * variable
     # One fused kernel (m ← μm + g; w ← w − lr·(g + μm) with Nesterov) instead of six
     # element-wise ops with temporaries.
@@ -260,7 +264,7 @@ class SearchSGD(keras.optimizers.SGD):
         def op_catch_up(_, i=i, group=group):
           def run():
             for v in group:
-              a = tf.cast(p[i, 0 if (self.l2 and decays(v)) else 1], v.dtype)
+              a = tf.cast(p[i, 0 if self._decayed(v) else 1], v.dtype)
               m = self._momentum(v)
               w0 = tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype)
               m0 = tf.raw_ops.ReadVariableOp(resource=m.handle, dtype=m.dtype)
