@@ -24,6 +24,7 @@ import tf_keras as keras
 
 from nse_tf import cost as cost_lib
 from nse_tf import spaces
+from nse_tf import sync_bn
 
 BN_MOMENTUM = 0.9    # PyTorch momentum 0.1
 BN_EPSILON = 1e-5
@@ -31,7 +32,8 @@ PACKAGE = "nse_tf"
 
 
 def batch_norm(name: str, sync: bool = False, gamma_zero: bool = False):
-  cls = keras.layers.experimental.SyncBatchNormalization if sync else keras.layers.BatchNormalization
+  # sync: moments of the global batch; works inside the supernet's tf.cond (sync_bn.py).
+  cls = sync_bn.SyncBatchNorm if sync else keras.layers.BatchNormalization
   return cls(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name,
              gamma_initializer="zeros" if gamma_zero else "ones")
 
