@@ -324,13 +324,14 @@ class RoundTrainer:
     self.protected = ([list(map(bool, p)) for p in protected] if protected is not None else
                       [[False] * len(ws) for ws in self.working_sets])
     replicas = strategy.num_replicas_in_sync
-    if config.sync_bn and isinstance(strategy, (tf.distribute.MirroredStrategy,
-                                                tf.distribute.MultiWorkerMirroredStrategy)):
+    if (config.sync_bn and replicas > 1
+        and not isinstance(strategy, tf.distribute.TPUStrategy)
+        and len(strategy.extended.worker_devices) != replicas):
       raise ConfigError(
-          "sync_bn is not supported under (MultiWorker)MirroredStrategy: TensorFlow cannot "
-          "all-reduce batch-norm statistics inside the tf.cond that skips an inactive branch "
-          "(merge_call in control flow). Use per-replica batch norm (the default) with a "
-          "per-replica batch of 32 or more, or TPUStrategy")
+          f"sync_bn needs all {replicas} replicas on this machine (--strategy=mirrored) or "
+          "TPUStrategy: the candidate ops' batch norms run inside the tf.cond that skips an "
+          "inactive branch, and moments are summed there only over local devices. Drop "
+          "--sync_bn (per-replica batch norm, ≥ 32 images per replica) for multi_worker")
     if config.global_batch % replicas:
       raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
                        "replicas")
