@@ -239,14 +239,15 @@ MIRRORED_WS = [[0, 21], [3], [12], [6, 25], [1], [13]]
 @pytest.mark.slow
 def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn():
   env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT % (MIRRORED_WS,)], capture_output=True,
-                        text=True, env=env, timeout=900)
+  proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT % (MIRRORED_WS,)],
+                        capture_output=True, text=True, env=env, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
   res = json.loads(line[len("RESULT"):])
   a, b = res["default"], res["mirrored"]
   assert abs(a["loss"] - b["loss"]) < 1e-6                # logits are cast to float32
   assert abs(a["cost"] - b["cost"]) < 1e-5
+  assert max(np.abs(x).max() for x in a["thetas"]) > 1e-3  # θ steps ran
   for x, y in zip(a["thetas"], b["thetas"]):               # θ is float32
     np.testing.assert_allclose(x, y, atol=1e-6)
   for x, y in zip(a["weights"], b["weights"]):
