@@ -187,10 +187,10 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     import numpy as np, tensorflow as tf, tf_keras as keras
     from nse_tf import cost, data, distribute, trainer
-    # float64: in float32 this network's gradients are too ill-conditioned to compare
-    # two summation orders (BN backward after BN backward cancels: one device's own
-    # float32 gradients are up to 14 %% off its float64 ones). In float64 both
-    # strategies must agree to rounding; theta stays float32.
+    # float64: in float32 one device's gradients on these 16 images are up to 14 %% off
+    # its float64 ones on a few variables (2 x 8 under mirrored: within 3e-5; one device
+    # on 8 images: 2e-5; cause not found), so float32 cannot tell a sync-BN bug from
+    # that. In float64 both strategies must agree to rounding; theta stays float32.
     keras.mixed_precision.set_global_policy("float64")
     mirrored = distribute.get_strategy("mirrored", num_cpu_replicas=2)
     assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
