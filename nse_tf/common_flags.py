@@ -42,7 +42,8 @@ flags.DEFINE_float("beta", 2.0, "Regulariser exponent β.")
 flags.DEFINE_float("tau", 300.0, "Cost target τ (MFLOPs at --cost_resolution).")
 flags.DEFINE_float("prune_threshold", -2.0, "Prune ops whose θ falls below this.")
 flags.DEFINE_enum("mixed_precision", None, ["bfloat16", "float16"], "Mixed precision.")
-flags.DEFINE_bool("sync_bn", False, "Batch norm over the global batch (mirrored or tpu; see README).")
+flags.DEFINE_bool("sync_bn", False,
+                  "Batch norm over the global batch (mirrored or tpu; see README).")
 flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
 flags.DEFINE_integer("seed", 0, "Seed of queues, gates, data order and initialisation.")
 flags.DEFINE_bool("deterministic", True, "TensorFlow op determinism: a killed and resumed run "

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -103,6 +104,18 @@ def _collective_sum(x, replica: int, devices, tag: str):
         timeout_seconds=COLLECTIVE_TIMEOUT_S)
 
 
+def unsupported_reason(strategy) -> Optional[str]:
+  """Why sums inside tf.cond cannot work under `strategy`; None where they can."""
+  n = strategy.num_replicas_in_sync
+  if n == 1 or isinstance(strategy, tf.distribute.TPUStrategy):
+    return None
+  local = len(strategy.extended.worker_devices)
+  if local != n:
+    return (f"needs all {n} replicas on this machine (--strategy=mirrored) or TPUStrategy; "
+            f"this strategy has {local} of them here")
+  return None
+
+
 def _call_tag(replica: int, name: str) -> str:
   """`name#i` for the i-th call with this name by this replica in this step."""
   with _lock:
@@ -126,12 +139,11 @@ def cross_replica_sum(x, name: str):
     return tf.identity(x)
   if isinstance(ctx.strategy, tf.distribute.TPUStrategy) or not in_control_flow():
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, x)
+  reason = unsupported_reason(ctx.strategy)
+  if reason:
+    raise NotImplementedError(f"synchronized batch norm inside tf.cond {reason}. Drop "
+                              "--sync_bn or use --strategy=mirrored|tpu")
   devices = tuple(ctx.strategy.extended.worker_devices)
-  if len(devices) != n:
-    raise NotImplementedError(
-        f"synchronized batch norm inside tf.cond needs all replicas on this machine "
-        f"(MirroredStrategy) or TPUStrategy; this strategy has {n} replicas, "
-        f"{len(devices)} of them here. Drop --sync_bn or use --strategy=mirrored|tpu")
   replica = tf.get_static_value(ctx.replica_id_in_sync_group)
   if replica is None:
     raise RuntimeError("cross_replica_sum needs a static replica id")

@@ -30,6 +30,7 @@ import tf_keras as keras
 from absl import logging
 
 from nse_tf import supernet as supernet_lib
+from nse_tf import sync_bn as sync_bn_lib
 
 
 class ConfigError(ValueError):
@@ -324,14 +325,12 @@ class RoundTrainer:
     self.protected = ([list(map(bool, p)) for p in protected] if protected is not None else
                       [[False] * len(ws) for ws in self.working_sets])
     replicas = strategy.num_replicas_in_sync
-    if (config.sync_bn and replicas > 1
-        and not isinstance(strategy, tf.distribute.TPUStrategy)
-        and len(strategy.extended.worker_devices) != replicas):
+    reason = sync_bn_lib.unsupported_reason(strategy) if config.sync_bn else None
+    if reason:
       raise ConfigError(
-          f"sync_bn needs all {replicas} replicas on this machine (--strategy=mirrored) or "
-          "TPUStrategy: the candidate ops' batch norms run inside the tf.cond that skips an "
-          "inactive branch, and moments are summed there only over local devices. Drop "
-          "--sync_bn (per-replica batch norm, ≥ 32 images per replica) for multi_worker")
+          f"sync_bn {reason}: the candidate ops' batch norms run inside the tf.cond that "
+          "skips an inactive branch, and moments are summed there only over local devices. "
+          "Drop --sync_bn (per-replica batch norm, ≥ 32 images per replica) for multi_worker")
     if config.global_batch % replicas:
       raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
                        "replicas")
