@@ -21,6 +21,7 @@ setuptools.setup(
         "absl-py",
         "matplotlib>=3.7",
         "scikit-learn>=1.3",       # ships the 'digits' images of the embedded demo data
+        "scipy>=1.10",             # demo_digits_hard rendering (affine warps), t quantiles
         "numpy>=1.26,<2.4",        # tf-models' test helpers break on numpy 2.4
         "pillow<13",
         "importlib_resources",     # tfds builders import it

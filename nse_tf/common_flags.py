@@ -6,8 +6,9 @@ from absl import flags
 
 flags.DEFINE_string("output_dir", None, "Where the checkpoint, TensorBoard logs and "
                     "round.json go. Re-running on the same directory resumes.")
-flags.DEFINE_string("dataset", "demo_digits", "demo_digits | demo_shapes (embedded, no "
-                    "download) or any prepared tfds image-classification dataset.")
+flags.DEFINE_string("dataset", "demo_digits", "demo_digits | demo_digits_hard | demo_shapes "
+                    "(embedded, no download) or any prepared tfds image-classification "
+                    "dataset.")
 flags.DEFINE_string("data_dir", None, "tfds data directory (prepared data).")
 flags.DEFINE_integer("image_size", 32, "Training resolution.")
 flags.DEFINE_integer("holdout_examples", None, "Held-out part of train for θ steps "

@@ -171,7 +171,7 @@ def class_names(dataset: str, num_classes: int) -> List[str]:
   from nse_tf import data as data_lib  # pylint: disable=g-import-not-at-top
   if dataset == "demo_shapes":
     return list(data_lib.SHAPE_CLASSES)
-  if dataset == "demo_digits":
+  if dataset in ("demo_digits", "demo_digits_hard"):
     return [str(i) for i in range(10)]
   try:
     builder = data_lib._builder(dataset, FLAGS.data_dir if FLAGS.is_parsed() else None)  # pylint: disable=protected-access

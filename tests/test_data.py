@@ -320,3 +320,40 @@ def test_tfds_sharded_holdout_partitions(tiny_tfds_dir):
     shards.append(_hashes(d.holdout(2, repeat=False, shuffle=False, input_context=ctx)))
   assert shards[0] and shards[1] and not set(shards[0]) & set(shards[1])
   assert sorted(shards[0] + shards[1]) == sorted(_hashes(d.holdout(2, repeat=False, shuffle=False)))
+
+
+def test_demo_digits_hard_shape_classes_and_disjoint_sources():
+  from nse_tf import demo_digits_hard as dh  # pylint: disable=g-import-not-at-top
+  tr_x, tr_y, va_x, va_y = data.load_demo("demo_digits_hard")
+  assert tr_x.shape == (12_000, 16, 16, 3) and va_x.shape == (2_000, 16, 16, 3)
+  assert tr_x.dtype == va_x.dtype == np.uint8 and tr_y.dtype == va_y.dtype == np.int32
+  assert not tr_x.flags.writeable
+  for labels in (tr_y[:2_400], tr_y[2_400:], va_y):    # held-out part, rest, validation
+    counts = np.bincount(labels, minlength=10)
+    assert len(counts) == 10 and counts.min() > 0.7 * len(labels) / 10
+  # Bright digit on a dark background: the centre is brighter than the corners on average.
+  assert tr_x[:, 6:10, 6:10].mean() > tr_x[:, :3, :3].mean() + 20
+  d = data.get_data("demo_digits_hard", image_size=16)
+  assert (d.info.num_train, d.info.num_holdout, d.info.num_validation) == (9_600, 2_400, 2_000)
+  assert not d.flip
+  # The held-out part is drawn from scikit-learn digits that the rest never uses.
+  base_y = data.load_demo("demo_digits")[1]
+  hold, fit = dh._split_stratified(base_y, dh.NUM_HOLDOUT_PART / dh.NUM_TRAIN,
+                                   np.random.default_rng(20261130))
+  assert len(np.intersect1d(hold, fit)) == 0 and len(hold) + len(fit) == len(base_y)
+  assert abs(len(hold) / len(base_y) - 0.2) < 0.01
+
+
+def test_demo_digits_hard_render_is_deterministic_and_distorts():
+  from nse_tf import demo_digits_hard as dh  # pylint: disable=g-import-not-at-top
+  base_x, base_y = data.load_demo("demo_digits")[:2]
+  a, la = dh.render(base_x[:20, ..., 0], base_y[:20], 30, seed=5)
+  b, lb = dh.render(base_x[:20, ..., 0], base_y[:20], 30, seed=5)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(la, lb)
+  c, _ = dh.render(base_x[:20, ..., 0], base_y[:20], 30, seed=6)
+  assert not np.array_equal(a, c)
+  assert set(la.tolist()) <= set(base_y[:20].tolist())
+  # Same source digit, two renderings: different pixels (distortion, colour, noise).
+  one, _ = dh.render(base_x[:1, ..., 0], base_y[:1], 2, seed=0)
+  assert np.abs(one[0].astype(int) - one[1].astype(int)).mean() > 10
