@@ -1,0 +1,288 @@
+"""Does the search search? Rank fidelity, NSE vs random at equal cost, and rounds.
+
+Given a finished search (`python -m nse_tf.search … --output_dir=DIR`), trains standalone
+networks from scratch, every one with the same budget (steps, batch, learning rate,
+schedule, data order per seed), evaluates them on the dataset's validation split (never
+seen by the search), and prints:
+
+  (a) rank fidelity: Kendall τ-b between the supernet's held-out accuracy (inherited
+      weights, BN recalibrated: what the search ranks by) and the standalone validation
+      accuracy, over --num_rank architectures of the last round drawn one per equal-width
+      cost bin of the interval; τ between cost alone and standalone accuracy is printed
+      beside it, so that a τ that only reflects "more FLOPs, more accuracy" shows as such;
+  (b) NSE vs random (the protocol of the paper's Fig. 3): the search's final pick against
+      --num_random architectures drawn uniformly from the *full* pool (per layer: an op
+      count, then that many distinct ops) with cost inside the same interval, every network
+      trained with --seeds seeds; random mean ± 95 % t-interval over the architectures'
+      seed means; the between-architecture and between-seed standard deviations;
+  (c) rounds: per round, the front's best supernet accuracy at cost ≤ --fixed_cost, and
+      that front architecture trained standalone (--seeds seeds): do later rounds find
+      better networks at the same cost?
+
+Every trained network is appended to DIR/search_quality_runs.jsonl (keyed by architecture,
+seed and budget), so an interrupted benchmark continues where it stopped; the summary is
+written to DIR/search_quality.json. CI never runs this (it trains ~40 networks).
+
+  python -m nse_tf.search --flagfile=flags/proxy.cfg --output_dir=runs/proxy
+  python benchmarks/search_quality.py --search_dir=runs/proxy
+"""
+
+import csv
+import json
+import os
+import time
+
+import numpy as np
+from absl import app, flags
+
+from nse_tf import arch as arch_lib
+from nse_tf import cost, spaces, stats
+
+flags.DEFINE_string("search_dir", None, "Output dir of a finished search.")
+flags.DEFINE_integer("steps", 600, "Training steps per network (the same for all).")
+flags.DEFINE_integer("batch", 64, "Batch size.")
+flags.DEFINE_float("lr", 0.1, "Peak learning rate (SGD Nesterov 0.9, cosine to 0).")
+flags.DEFINE_float("weight_decay", 4e-5, "L2 on conv/fc kernels.")
+flags.DEFINE_integer("seeds", 2, "Training seeds per network in (b) and (c).")
+flags.DEFINE_integer("rank_seeds", 1, "Training seeds per network in (a).")
+flags.DEFINE_integer("num_rank", 12, "Architectures for the rank fidelity (a).")
+flags.DEFINE_integer("num_random", 10, "Random architectures in (b).")
+flags.DEFINE_integer("seed", 0, "Seed of the random architectures and of the (a) draw.")
+flags.DEFINE_float("fixed_cost", None, "Cost bound of the per-round comparison (c) "
+                   "(default: the interval's upper bound).")
+flags.DEFINE_bool("rounds", True, "Train each round's best front architecture (c).")
+FLAGS = flags.FLAGS
+
+
+def random_in_interval(space, macro, table, lo, hi, max_ops, rng, max_draws=200000):
+  """Uniform over the full pool: per layer an op count in [0|1, max_ops], then the ops."""
+  pool = len(spaces.get_pool(space))
+  kinds = spaces.layer_kinds(macro)
+  for _ in range(max_draws):
+    layers = []
+    for kind in kinds:
+      n = rng.integers(0 if kind == "N" else 1, max_ops + 1)
+      layers.append(tuple(sorted(rng.choice(pool, n, replace=False).tolist())))
+    if lo < table.indices_cost(layers) < hi:
+      return arch_lib.Architecture.from_indices(space, layers, macro=macro)
+  raise RuntimeError(f"no random architecture with cost in ({lo}, {hi}) after {max_draws} "
+                     "draws")
+
+
+def read_candidates(search_dir, r):
+  path = os.path.join(search_dir, f"round_{r:02d}", "candidates.csv")
+  with open(path, encoding="utf-8") as f:
+    return [dict(row, cost=float(row["cost"]), accuracy=float(row["accuracy"]))
+            for row in csv.DictReader(f)]
+
+
+def spread_pick(rows, lo, hi, n, rng):
+  """One row per equal-width cost bin of (lo, hi), drawn at random inside the bin."""
+  edges = np.linspace(lo, hi, n + 1)
+  picked = []
+  for b in range(n):
+    inside = [r for r in rows if edges[b] <= r["cost"] < edges[b + 1]]
+    if inside:
+      picked.append(inside[rng.integers(len(inside))])
+  if len(picked) < n:     # empty bins: top up from the rest, cheapest gaps first
+    rest = [r for r in rows if r not in picked]
+    for i in rng.permutation(len(rest))[:n - len(picked)]:
+      picked.append(rest[i])
+  return sorted(picked, key=lambda r: r["cost"])
+
+
+class Runner:
+  """Trains standalone networks with one budget; results cached in a JSON-lines file."""
+
+  def __init__(self, cfg, cache_path):
+    from nse_tf import data  # pylint: disable=g-import-not-at-top
+    self.cfg = cfg
+    self.data = data.get_data(cfg["dataset"], data_dir=cfg.get("data_dir"),
+                              image_size=cfg["image_size"],
+                              holdout_examples=cfg.get("holdout_examples"))
+    self.cache_path = cache_path
+    self.cache = {}
+    if os.path.exists(cache_path):
+      with open(cache_path, encoding="utf-8") as f:
+        for line in f:
+          try:
+            rec = json.loads(line)
+          except json.JSONDecodeError:
+            break
+          self.cache[rec["key"]] = rec
+    self.trained = 0
+    self.seconds = 0.0
+
+  def key(self, a, seed):
+    return (f"{a.to_compact()}|seed={seed}|steps={FLAGS.steps}|batch={FLAGS.batch}|"
+            f"lr={FLAGS.lr}|wd={FLAGS.weight_decay}")
+
+  def accuracy(self, a, seed):
+    k = self.key(a, seed)
+    if k not in self.cache:
+      t0 = time.time()
+      acc = self._train(a, seed)
+      rec = {"key": k, "accuracy": acc, "seconds": round(time.time() - t0, 1)}
+      with open(self.cache_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+      self.cache[k] = rec
+      self.trained += 1
+      self.seconds += rec["seconds"]
+    return self.cache[k]["accuracy"]
+
+  def _train(self, a, seed):
+    import tf_keras as keras  # pylint: disable=g-import-not-at-top
+    from nse_tf import nsenet  # pylint: disable=g-import-not-at-top
+    size = self.cfg["image_size"]
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    model = nsenet.build_nsenet(a, self.data.info.num_classes, (size, size, 3))
+    if FLAGS.weight_decay:
+      for layer in model.submodules:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and \
+            not isinstance(layer, keras.layers.DepthwiseConv2D):
+          layer.kernel_regularizer = None
+      model.add_loss(lambda: FLAGS.weight_decay * sum(
+          keras.backend.sum(keras.backend.square(w)) for w in model.trainable_weights
+          if "kernel" in w.name and len(w.shape) > 1))
+    sched = keras.optimizers.schedules.CosineDecay(FLAGS.lr, FLAGS.steps)
+    model.compile(keras.optimizers.SGD(sched, momentum=0.9, nesterov=True),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(self.data.train(FLAGS.batch, seed=seed), epochs=1, steps_per_epoch=FLAGS.steps,
+              verbose=0)
+    return float(model.evaluate(self.data.validation(500), verbose=0)[1])
+
+  def mean(self, a, seeds):
+    accs = [self.accuracy(a, s) for s in range(seeds)]
+    return float(np.mean(accs)), accs
+
+
+def main(_):
+  out = FLAGS.search_dir
+  with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
+    cfg = json.load(f)
+  with open(os.path.join(out, "state.json"), encoding="utf-8") as f:
+    state = json.load(f)
+  if state.get("phase") != "done":
+    raise app.UsageError(f"{out} is not a finished search (phase {state.get('phase')!r}); "
+                         "re-run the search command to finish it")
+  macro = cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]]
+  lo, hi = (float(v) for v in cfg["interval"])
+  final = arch_lib.Architecture.load(os.path.join(out, "final_arch.json"))
+  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"))
+  table = cost.CostTable(cfg["space"], macro, cfg["cost_resolution"], cfg["scale"],
+                         num_classes=runner.data.info.num_classes)
+  rounds = len(state["history"])
+  fixed = FLAGS.fixed_cost if FLAGS.fixed_cost is not None else hi
+  t_start = time.time()
+  print(f"search {out}: {cfg['dataset']} at {cfg['image_size']}px, {cfg['space']}@{macro}, "
+        f"K={cfg['max_ops']}, {rounds} rounds, interval ({lo:g}, {hi:g}) {table.unit}")
+  print(f"every network: {FLAGS.steps} steps of {FLAGS.batch}, SGD Nesterov lr {FLAGS.lr} "
+        f"cosine, weight decay {FLAGS.weight_decay}; top-1 on the "
+        f"{runner.data.info.num_validation} validation images (never used by the search)\n")
+  summary = {"search_dir": os.path.abspath(out), "budget": {
+      "steps": FLAGS.steps, "batch": FLAGS.batch, "lr": FLAGS.lr,
+      "weight_decay": FLAGS.weight_decay, "seeds": FLAGS.seeds}}
+
+  # (b) NSE vs random.
+  nse = final.with_scale(cfg["scale"])
+  nse_mean, nse_accs = runner.mean(nse, FLAGS.seeds)
+  print(f"(b) NSE vs random at equal cost, {FLAGS.seeds} seeds per network")
+  print(f"  NSE   {table.arch_cost(nse):6.1f}  {100 * nse_mean:6.2f} %  "
+        f"({', '.join(f'{100 * x:.2f}' for x in nse_accs)})  {nse.to_compact()}")
+  rng = np.random.default_rng(FLAGS.seed)
+  rand_means, rand_groups, rand_keys = [], [], []
+  for _ in range(FLAGS.num_random):
+    a = random_in_interval(cfg["space"], macro, table, lo, hi, cfg["max_ops"], rng)
+    rand_keys.append(a.to_compact())
+    m, accs = runner.mean(a, FLAGS.seeds)
+    rand_means.append(m)
+    rand_groups.append(accs)
+    print(f"  rand  {table.arch_cost(a):6.1f}  {100 * m:6.2f} %  "
+          f"({', '.join(f'{100 * x:.2f}' for x in accs)})  {a.to_compact()}", flush=True)
+  rm, rh = stats.mean_ci(rand_means)
+  between = stats.stdev(rand_means)
+  within = stats.pooled_seed_stdev(rand_groups + [nse_accs])
+  beats = nse_mean >= rm + rh
+  print(f"  random: {100 * rm:.2f} ± {100 * rh:.2f} % (mean ± 95 % CI, n={len(rand_means)}); "
+        f"NSE {100 * nse_mean:.2f} %: {'above' if beats else 'NOT above'} the CI "
+        f"(NSE − random mean = {100 * (nse_mean - rm):+.2f} points); "
+        f"NSE beats {sum(nse_mean > m for m in rand_means)}/{len(rand_means)}")
+  print(f"  std across random architectures {100 * between:.2f} points, across training "
+        f"seeds {100 * within:.2f} points (ratio {between / within:.1f})")
+  # Cost-matched view: inside the interval accuracy still grows with cost, so compare NSE
+  # with the random architectures' least-squares line accuracy ~ cost at NSE's cost.
+  rand_costs = [table.arch_cost(arch_lib.Architecture.from_compact(k)) for k in rand_keys]
+  slope, icpt = np.polyfit(rand_costs, rand_means, 1)
+  resid = np.asarray(rand_means) - (icpt + slope * np.asarray(rand_costs))
+  nse_cost = table.arch_cost(nse)
+  nse_resid = nse_mean - (icpt + slope * nse_cost)
+  resid_sd = stats.stdev(resid.tolist()) * np.sqrt((len(resid) - 1) / max(1, len(resid) - 2))
+  print(f"  cost-matched: random line {100 * slope * 10:+.2f} points per 10 {table.unit}; "
+        f"at NSE's cost ({nse_cost:.1f}, random mean cost {np.mean(rand_costs):.1f}) it "
+        f"predicts {100 * (icpt + slope * nse_cost):.2f} %, NSE is {100 * nse_resid:+.2f} "
+        f"points off it (random residual std {100 * resid_sd:.2f})\n")
+  summary["nse_vs_random"] = {
+      "nse": {"arch": nse.to_compact(), "cost": table.arch_cost(nse), "accuracies": nse_accs,
+              "mean": nse_mean},
+      "random": [{"accuracies": g, "mean": m} for g, m in zip(rand_groups, rand_means)],
+      "random_mean": rm, "random_ci95": rh, "nse_above_ci": bool(beats),
+      "random_costs": rand_costs, "cost_matched_residual": float(nse_resid),
+      "random_residual_std": float(resid_sd),
+      "std_between_architectures": between, "std_between_seeds": within}
+
+  # (a) Rank fidelity on the last round's candidates.
+  rows = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
+  picked = spread_pick(rows, lo, hi, FLAGS.num_rank, np.random.default_rng(FLAGS.seed + 1))
+  sup, alone, costs = [], [], []
+  print(f"(a) rank fidelity: {len(picked)} round-{rounds} candidates across the interval, "
+        f"{FLAGS.rank_seeds} seed(s) each")
+  for r in picked:
+    a = arch_lib.Architecture.from_compact(r["arch"])
+    m, _ = runner.mean(a, FLAGS.rank_seeds)
+    sup.append(r["accuracy"])
+    alone.append(m)
+    costs.append(r["cost"])
+    print(f"  {r['cost']:6.1f}  supernet {100 * r['accuracy']:6.2f} %  standalone "
+          f"{100 * m:6.2f} %  {r['arch']}", flush=True)
+  tau = stats.kendall_tau(sup, alone)
+  tau_cost = stats.kendall_tau(costs, alone)
+  print(f"  Kendall τ(supernet, standalone) = {tau:.3f}; τ(cost, standalone) = {tau_cost:.3f}"
+        f"; τ(supernet, cost) = {stats.kendall_tau(sup, costs):.3f}\n")
+  summary["rank_fidelity"] = {"kendall_tau": tau, "kendall_tau_cost": tau_cost,
+                              "points": [{"arch": r["arch"], "cost": c, "supernet": s,
+                                          "standalone": s2}
+                                         for r, c, s, s2 in zip(picked, costs, sup, alone)]}
+
+  # (c) Rounds.
+  per_round = []
+  print(f"(c) rounds: the front's best architecture at cost <= {fixed:g}")
+  for r in range(1, rounds + 1):
+    front = [x for x in read_candidates(out, r) if x["is_pareto"] == "1" and x["cost"] <= fixed]
+    if not front:
+      print(f"  round {r}: no front architecture at cost <= {fixed:g}")
+      continue
+    best = max(front, key=lambda x: x["accuracy"])
+    entry = {"round": r, "arch": best["arch"], "cost": best["cost"],
+             "supernet": best["accuracy"]}
+    line = (f"  round {r}: {best['cost']:6.1f}  supernet {100 * best['accuracy']:6.2f} %")
+    if FLAGS.rounds:
+      m, accs = runner.mean(arch_lib.Architecture.from_compact(best["arch"]), FLAGS.seeds)
+      entry.update(standalone=accs, standalone_mean=m)
+      line += f"  standalone {100 * m:6.2f} % ({', '.join(f'{100 * x:.2f}' for x in accs)})"
+    print(line + f"  {best['arch']}", flush=True)
+    per_round.append(entry)
+  summary["rounds"] = per_round
+  summary["networks_trained"] = runner.trained
+  summary["seconds"] = round(time.time() - t_start, 1)
+  arch_lib.atomic_write_text(os.path.join(out, "search_quality.json"),
+                             json.dumps(summary, indent=1))
+  print(f"\n{runner.trained} networks trained in {runner.seconds / 60:.1f} min "
+        f"({len(runner.cache) - runner.trained} from the cache); wall "
+        f"{(time.time() - t_start) / 60:.1f} min; wrote {out}/search_quality.json")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("search_dir")
+  app.run(main)

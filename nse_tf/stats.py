@@ -1,0 +1,94 @@
+"""Statistics a NAS result needs: rank agreement and confidence intervals (pure Python).
+
+Used by `benchmarks/search_quality.py`; kept here so that they are unit-tested on
+hand-made inputs rather than trusted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+  """Kendall's τ-b of two paired samples (ties in either count as neither order).
+
+  τ-b = (C − D) / sqrt((n0 − T_x)(n0 − T_y)), n0 = n(n − 1)/2, with C/D the concordant and
+  discordant pairs and T_x/T_y the pairs tied in x/y. 1: same order, −1: reversed, 0: none.
+  O(n²), fine for the dozens of architectures a benchmark trains.
+  """
+  if len(x) != len(y):
+    raise ValueError(f"kendall_tau: {len(x)} x values but {len(y)} y values")
+  n = len(x)
+  if n < 2:
+    raise ValueError("kendall_tau needs at least 2 pairs")
+  concordant = discordant = ties_x = ties_y = 0
+  for i in range(n):
+    for j in range(i + 1, n):
+      dx = (x[i] > x[j]) - (x[i] < x[j])
+      dy = (y[i] > y[j]) - (y[i] < y[j])
+      if dx == 0:
+        ties_x += 1
+      if dy == 0:
+        ties_y += 1
+      if dx and dy:
+        if dx == dy:
+          concordant += 1
+        else:
+          discordant += 1
+  n0 = n * (n - 1) // 2
+  denom = math.sqrt((n0 - ties_x) * (n0 - ties_y))
+  if denom == 0:
+    return float("nan")     # one of the samples is constant: no order to agree with
+  return (concordant - discordant) / denom
+
+
+def t_quantile(p: float, df: int) -> float:
+  """Quantile of Student's t distribution (scipy)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return float(stats.t.ppf(p, df))
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> Tuple[float, float]:
+  """(mean, half-width of the two-sided `level` t confidence interval of the mean).
+
+  The half-width is t_{(1+level)/2, n−1} · s / sqrt(n) with s the sample standard
+  deviation; nan for a single value.
+  """
+  n = len(values)
+  if n == 0:
+    raise ValueError("mean_ci of no values")
+  m = sum(values) / n
+  if n < 2:
+    return m, float("nan")
+  return m, t_quantile((1 + level) / 2, n - 1) * stdev(values) / math.sqrt(n)
+
+
+def stdev(values: Sequence[float]) -> float:
+  """Sample standard deviation (n − 1 in the denominator)."""
+  n = len(values)
+  if n < 2:
+    return float("nan")
+  m = sum(values) / n
+  return math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+
+
+def pooled_seed_stdev(groups: Sequence[Sequence[float]]) -> float:
+  """Within-group (between training seeds) standard deviation, pooled over groups.
+
+  sqrt(Σ_g Σ_i (v_gi − mean_g)² / Σ_g (n_g − 1)); groups with one value are ignored.
+  """
+  num = 0.0
+  dof = 0
+  for g in groups:
+    if len(g) < 2:
+      continue
+    m = sum(g) / len(g)
+    num += sum((v - m) ** 2 for v in g)
+    dof += len(g) - 1
+  return math.sqrt(num / dof) if dof else float("nan")
+
+
+def binomial_se(p: float, n: int) -> float:
+  """Standard error of an accuracy p measured on n examples."""
+  return math.sqrt(max(p * (1 - p), 0.0) / n)

@@ -1,0 +1,53 @@
+"""nse_tf.stats on hand-made inputs (the numbers a search-quality claim rests on)."""
+
+import math
+
+import pytest
+
+from nse_tf import stats
+
+
+def test_kendall_tau_orders():
+  assert stats.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+  assert stats.kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+  # 6 pairs: (1,2)+ (1,3)+ (1,4)+ (2,3)- (2,4)+ (3,4)+ -> (5 - 1) / 6
+  assert stats.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)
+
+
+def test_kendall_tau_b_with_ties_matches_formula():
+  x = [1, 2, 2, 3]
+  y = [1, 2, 3, 3]
+  # pairs: (0,1)+ (0,2)+ (0,3)+ (1,2) tie x (1,3)+ (2,3) tie y; C=4, D=0, Tx=1, Ty=1, n0=6
+  assert stats.kendall_tau(x, y) == pytest.approx(4 / math.sqrt(5 * 5))
+  scipy_stats = pytest.importorskip("scipy.stats")
+  a = [0.81, 0.84, 0.79, 0.88, 0.84, 0.90, 0.77]
+  b = [0.70, 0.75, 0.72, 0.80, 0.74, 0.79, 0.71]
+  assert stats.kendall_tau(a, b) == pytest.approx(scipy_stats.kendalltau(a, b)[0])
+
+
+def test_kendall_tau_rejects_bad_input():
+  with pytest.raises(ValueError):
+    stats.kendall_tau([1, 2], [1])
+  with pytest.raises(ValueError):
+    stats.kendall_tau([1], [1])
+  assert math.isnan(stats.kendall_tau([1, 1, 1], [1, 2, 3]))
+
+
+def test_mean_ci_by_hand():
+  m, h = stats.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
+  # s = sqrt(2.5), t_{0.975, 4} = 2.776445
+  assert m == 3.0
+  assert h == pytest.approx(2.776445 * math.sqrt(2.5) / math.sqrt(5), rel=1e-5)
+  m, h = stats.mean_ci([0.5, 0.7])
+  assert h == pytest.approx(12.706205 * stats.stdev([0.5, 0.7]) / math.sqrt(2), rel=1e-5)
+  assert math.isnan(stats.mean_ci([0.3])[1])
+  with pytest.raises(ValueError):
+    stats.mean_ci([])
+
+
+def test_pooled_seed_stdev_and_binomial_se():
+  # groups (1, 3) and (2, 2, 5): squares 2 + 6 = 8 over 1 + 2 dof
+  assert stats.pooled_seed_stdev([[1, 3], [2, 2, 5], [7]]) == pytest.approx(math.sqrt(8 / 3))
+  assert math.isnan(stats.pooled_seed_stdev([[1], [2]]))
+  assert stats.stdev([2, 4, 4, 4, 5, 5, 7, 9]) == pytest.approx(math.sqrt(32 / 7))
+  assert stats.binomial_se(0.5, 2400) == pytest.approx(0.0102, abs=1e-4)
