@@ -189,8 +189,11 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
     from nse_tf import cost, data, distribute, trainer
     # float64: in float32 one device's gradients on these 16 images are up to 14 %% off
     # its float64 ones on a few variables (2 x 8 under mirrored: within 3e-5; one device
-    # on 8 images: 2e-5; cause not found), so float32 cannot tell a sync-BN bug from
-    # that. In float64 both strategies must agree to rounding; theta stays float32.
+    # on 8 images: 2e-5). The cause is ReLU's switch point under rounding: the 16 images
+    # are 8 duplicated, some pre-activations lie within float32 rounding of 0, and
+    # another summation order flips their side of the kink (gone with swish or 1e-3
+    # noise on the copies). So float32 cannot tell a sync-BN bug from that. In float64
+    # both strategies must agree to rounding; theta stays float32.
     keras.mixed_precision.set_global_policy("float64")
     mirrored = distribute.get_strategy("mirrored", num_cpu_replicas=2)
     assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
