@@ -463,20 +463,46 @@ class Search:
     self._write_round(r, rdir, cands, archs, costs, accs, kinds, set(front_idx), front_archs,
                       start_sets, pruned, added)
     best = max(self.state.front, key=lambda f: f["accuracy"])
+    # Is the ranking above noise? The spread of the candidates' accuracies against the
+    # binomial standard error of one candidate's accuracy on the evaluated examples.
+    sample_accs = np.asarray([a for a, k in zip(accs, kinds) if k == "sample"])
+    num_eval = self.data.info.num_holdout
+    if self.cfg.eval_examples:
+      num_eval = min(num_eval, self.cfg.eval_examples)
+    spread = float(sample_accs.std(ddof=1)) if len(sample_accs) > 1 else 0.0
+    mean_acc = float(sample_accs.mean()) if len(sample_accs) else 0.0
+    se = float(np.sqrt(max(mean_acc * (1 - mean_acc), 0.0) / max(1, num_eval)))
+    halves = [self.halves[i] for i, k in enumerate(kinds) if k == "sample" and i in self.halves]
+    reliability = split_half_reliability(halves)
+    n_inherited = sum(len(a) for a in self.state.inherited)
+    n_added = sum(len(a) for a in added)
     self.state.history.append({
         "round": r, "train_seconds": round(train_s, 1),
         "seconds": round(time.time() - t0, 1), "candidates": len(cands),
         "front_size": len(front_idx), "best_accuracy": best["accuracy"],
-        "best_cost": best["cost"], "space": space})
+        "best_cost": best["cost"], "accuracy_mean": mean_acc, "accuracy_std": spread,
+        "accuracy_se": se, "split_half_r": reliability["r"],
+        "split_half_r_low95": reliability["r_low95"],
+        "reliability": reliability["reliability"], "pruned": len(pruned),
+        "inherited": n_inherited,
+        "added": n_added, "space": space})
     print(f"round {r}: {len(cands)} candidates, front of {len(front_idx)}, best accuracy "
           f"{100 * best['accuracy']:.2f} % at {best['cost']:.1f} {self.table.unit}, "
           f"{time.time() - t0:.0f} s")
+    print(f"  candidates' held-out accuracy {100 * mean_acc:.1f} % ± {100 * spread:.1f} "
+          f"(std across candidates), standard error {100 * se:.1f} points per candidate "
+          f"({num_eval} examples); {reliability['text']}")
+    pruned_names = ", ".join(f"L{e['layer']:02d} {e['op']}" for e in pruned)
+    print(f"  space: {sum(len(w) for w in start_sets)} ops trained, {len(pruned)} pruned"
+          + (f" ({pruned_names})" if pruned else "")
+          + f", {n_inherited} inherited by the front, {n_added} new ops for the next round")
 
   # ------------------------------------------------------------- evaluation
   def _evaluate(self, trainer, cands, log_path: str) -> Dict[int, float]:
     """Accuracy of every candidate on the held-out split (BN recalibrated first)."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     done: Dict[int, float] = {}
+    self.halves: Dict[int, Tuple[float, float]] = {}
     keys = [self._key(c) for _, c in cands]
     if os.path.exists(log_path):
       with open(log_path, encoding="utf-8") as f:
@@ -487,6 +513,8 @@ class Search:
             break     # a line cut by a kill: evaluate that candidate again
           if rec.get("i") is not None and rec["i"] < len(keys) and rec.get("key") == keys[rec["i"]]:
             done[rec["i"]] = rec["accuracy"]
+            if rec.get("halves"):
+              self.halves[rec["i"]] = tuple(rec["halves"])
     todo = [i for i in range(len(cands)) if i not in done]
     if not todo:
       return done
@@ -501,13 +529,17 @@ class Search:
     # Rewrite the log without a possibly cut last line, then append.
     with open(log_path + ".tmp", "w", encoding="utf-8") as f:
       for i in sorted(done):
-        f.write(json.dumps({"i": i, "key": keys[i], "accuracy": done[i]}) + "\n")
+        f.write(json.dumps({"i": i, "key": keys[i], "accuracy": done[i],
+                            "halves": self.halves.get(i)}) + "\n")
     os.replace(log_path + ".tmp", log_path)
     with open(log_path, "a", encoding="utf-8") as log:
       for n, i in enumerate(todo):
         acc = evaluator.accuracy(self._gates(trainer, cands[i][1]))
         done[i] = acc
-        log.write(json.dumps({"i": i, "key": keys[i], "accuracy": acc}) + "\n")
+        if evaluator.last_halves is not None:
+          self.halves[i] = evaluator.last_halves
+        log.write(json.dumps({"i": i, "key": keys[i], "accuracy": acc,
+                              "halves": self.halves.get(i)}) + "\n")
         log.flush()
         os.fsync(log.fileno())
         if bar is not None:
@@ -557,6 +589,36 @@ class Search:
                       cost_unit=self.table.unit)
 
 
+def split_half_reliability(halves: Sequence[Tuple[float, float]]) -> Dict[str, Any]:
+  """Is the candidates' ranking above noise? Their split-half reliability.
+
+  halves: per candidate its accuracy on the even and on the odd held-out batches (two
+  independent samples of examples, same weights and BN recalibration). r is the Pearson
+  correlation of the two across candidates; `reliability` = 2r / (1 + r) (Spearman-Brown)
+  estimates the correlation of the full-set accuracies with those on another held-out set
+  of the same size. The ranking is called above noise when the 95 % lower bound of r
+  (Fisher z) is above 0. Recalibration noise is shared by both halves, so it is not
+  counted as noise here.
+  """
+  out = {"r": None, "r_low95": None, "reliability": None,
+         "text": "split-half reliability: not enough candidates or held-out batches"}
+  if len(halves) < 5:
+    return out
+  a = np.asarray([h[0] for h in halves])
+  b = np.asarray([h[1] for h in halves])
+  if a.std() == 0 or b.std() == 0:
+    return out
+  r = float(np.corrcoef(a, b)[0, 1])
+  z = np.arctanh(np.clip(r, -0.999999, 0.999999))
+  low = float(np.tanh(z - 1.96 / np.sqrt(len(halves) - 3)))
+  rel = 2 * r / (1 + r) if r > -1 else float("nan")
+  verdict = "ranked above noise" if low > 0 else "ranking not distinguishable from noise"
+  out.update(r=r, r_low95=low, reliability=rel,
+             text=f"split-half r = {r:.2f} (95 % lower bound {low:.2f}), reliability "
+                  f"{rel:.2f} over {len(halves)} candidates: {verdict}")
+  return out
+
+
 class CandidateEvaluator:
   """Fixed-gate evaluation through the supernet: no rebuild, no retrace per candidate.
 
@@ -600,9 +662,10 @@ class CandidateEvaluator:
       def fn(x, y):
         logits = model(x, gates=gates, training=False)
         pred = tf.argmax(logits, -1, output_type=tf.int32)
-        return tf.reduce_sum(tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32))
-      correct = strategy.run(fn, args=(images, labels))
-      return strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None)
+        hit = tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32)
+        return tf.stack([tf.reduce_sum(hit), tf.cast(tf.size(hit), tf.float32)])
+      counts = strategy.run(fn, args=(images, labels))
+      return strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
 
     self.recal_step, self.eval_step = recal_step, eval_step
     # A held-out set that fits in 1 GiB is decoded once and kept: every candidate
@@ -624,7 +687,13 @@ class CandidateEvaluator:
       self.recal_step(self.recal_iter, g)
     momentum = self.bns[0].momentum if self.bns else 0.0
     self.scale_bn(tf.constant(1.0 / (1.0 - momentum ** self.n_recal)))  # bias correction
-    correct = 0.0
-    for images, labels in (self.eval_batches if self.eval_batches is not None else self.eval_ds):
-      correct += float(self.eval_step(images, labels, g))
-    return correct / max(1, self.num_eval)
+    # Correct/seen counts of the even and the odd batches kept apart: the two halves are
+    # independent samples of held-out examples, and how well the candidates' accuracies
+    # on one half predict those on the other is the ranking's split-half reliability.
+    counts = np.zeros((2, 2))
+    batches = self.eval_batches if self.eval_batches is not None else self.eval_ds
+    for b, (images, labels) in enumerate(batches):
+      counts[b % 2] += self.eval_step(images, labels, g).numpy()
+    self.last_halves = (tuple(float(c / n) for c, n in counts) if counts[1, 1] > 0
+                        else None)
+    return float(counts[:, 0].sum() / max(1, self.num_eval))

@@ -111,6 +111,23 @@ def test_unreachable_interval_is_a_clear_error():
                                 spaces.layer_kinds("tiny"), seed=0)
 
 
+def test_split_half_reliability():
+  rng = np.random.default_rng(0)
+  true = rng.uniform(0.6, 0.8, 200)
+  # Halves = true accuracy + small noise: reliable ranking.
+  good = [(t + rng.normal(0, 0.01), t + rng.normal(0, 0.01)) for t in true]
+  rel = evolution.split_half_reliability(good)
+  assert rel["r"] > 0.9 and rel["r_low95"] > 0.85
+  assert rel["reliability"] == pytest.approx(2 * rel["r"] / (1 + rel["r"]))
+  assert "ranked above noise" in rel["text"]
+  # Halves = independent noise around one accuracy: no ranking.
+  noise = [(0.7 + rng.normal(0, 0.01), 0.7 + rng.normal(0, 0.01)) for _ in range(200)]
+  rel = evolution.split_half_reliability(noise)
+  assert abs(rel["r"]) < 0.2 and rel["r_low95"] < 0
+  assert "not distinguishable" in rel["text"]
+  assert evolution.split_half_reliability(good[:3])["r"] is None
+
+
 def test_solve_scale_hits_the_target_from_below():
   a = arch_lib.load_released("NSENet-27").with_scale(1.0)
   s = evolution.solve_scale(a, 400.0, 224, 1000)
@@ -188,6 +205,35 @@ def test_smoke_search_writes_every_output(smoke_run):
   final = arch_lib.Architecture.load(str(out / "final_arch.json"))
   assert final.macro == "tiny" and final.metadata["selection"] == "knee"
   assert "final architecture" in stdout
+  # Each round reports whether its ranking is above noise and how the space changed.
+  assert stdout.count("split-half") == 2
+  assert stdout.count("new ops for the next round") == 2
+  for h in state["history"]:
+    assert {"accuracy_std", "accuracy_se", "split_half_r", "pruned", "inherited",
+            "added"} <= set(h)
+    assert 0 < h["accuracy_se"] < 0.06         # 96 evaluated examples
+
+
+@pytest.mark.slow
+def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path):
+  out, _, _ = smoke_run
+  run = tmp_path / "run"
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(out, run)
+  args = [sys.executable, "benchmarks/search_quality.py", f"--search_dir={run}", "--steps=3",
+          "--batch=16", "--num_rank=3", "--num_random=2", "--seeds=1", "--norounds"]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "Kendall" in p.stdout and "random:" in p.stdout
+  summary = json.loads((run / "search_quality.json").read_text())
+  assert len(summary["rank_fidelity"]["points"]) == 3
+  assert len(summary["nse_vs_random"]["random"]) == 2
+  assert summary["networks_trained"] == 6
+  # Every trained network is cached: a second run trains nothing.
+  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0 and json.loads(
+      (run / "search_quality.json").read_text())["networks_trained"] == 0
 
 
 @pytest.mark.slow
