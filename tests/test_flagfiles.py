@@ -1,0 +1,94 @@
+"""The shipped search flagfiles parse, and their cost interval is reachable in round 1.
+
+Round 1 samples candidates from θ = 0 (every op kept with p = 0.5) over the working sets
+the seed gives; a flagfile whose interval cannot be filled from there would fail only
+after a whole round of training.
+"""
+
+import os
+
+import numpy as np
+import pytest
+from absl import flags
+
+from nse_tf import cost, evolution, search, spaces  # noqa: F401  (search defines the flags)
+
+FLAGS = flags.FLAGS
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEARCH_FLAGFILES = ["demo.cfg", "proxy.cfg", "flops.cfg", "latency_demo.cfg"]
+# Short CPU searches whose interval must already be filled at θ = 0 (the paper's settings
+# rely on θ moving the cost down to τ over a long round).
+THETA0_REACHABLE = ["demo.cfg", "proxy.cfg"]
+
+
+def parse_flagfile(name):
+  """{flag: parsed value} of a flagfile (nested --flagfile expanded), FLAGS untouched."""
+  args = FLAGS.read_flags_from_files([f"--flagfile={os.path.join(ROOT, 'flags', name)}"],
+                                     force_gnu=False)
+  values = {}
+  for arg in args:
+    assert arg.startswith("--"), arg
+    key, _, raw = arg[2:].partition("=")
+    if key.startswith("no") and key[2:] in FLAGS and not raw:
+      key, raw = key[2:], "false"
+    assert key in FLAGS, f"{name}: unknown flag --{key}"
+    values[key] = FLAGS[key].parser.parse(raw if raw else "true")
+  return values
+
+
+def config_from(values):
+  fields = {f for f in evolution.SearchConfig.__dataclass_fields__}
+  kw = {k: v for k, v in values.items() if k in fields}
+  if "interval" in values:
+    kw["interval"] = tuple(float(x) for x in values["interval"])
+  cfg = evolution.SearchConfig(**kw)
+  cfg.validate()
+  return cfg
+
+
+def _round1(cfg):
+  state = evolution.new_state(cfg)
+  table = cost.CostTable(cfg.space, cfg.resolved_macro(), cfg.cost_resolution, cfg.scale,
+                         num_classes=10)
+  return state, table, spaces.layer_kinds(cfg.resolved_macro())
+
+
+@pytest.mark.parametrize("name", SEARCH_FLAGFILES)
+def test_search_flagfile_parses_and_interval_is_inside_round1_range(name):
+  values = parse_flagfile(name)
+  if values.get("constraint") == "latency":
+    values["latency_lut"] = "lut.json"   # measured on the user's device: parse only
+    config_from(values)
+    return
+  cfg = config_from(values)
+  state, table, kinds = _round1(cfg)
+  cheapest = table.fixed + sum(0.0 if k == "N" else min(table.layer_costs(l)[i] for i in ws)
+                               for l, (k, ws) in enumerate(zip(kinds, state.working_sets)))
+  dearest = table.fixed + sum(sum(table.layer_costs(l)[i] for i in ws)
+                              for l, ws in enumerate(state.working_sets))
+  lo, hi = cfg.interval
+  assert cheapest < cfg.edge_lo and hi < dearest, (cheapest, dearest)
+
+
+@pytest.mark.parametrize("name", THETA0_REACHABLE)
+def test_short_search_interval_is_filled_at_theta_zero(name):
+  cfg = config_from(parse_flagfile(name))
+  state, table, kinds = _round1(cfg)
+  thetas = [np.zeros(len(w)) for w in state.working_sets]
+  alive = [np.ones(len(w), bool) for w in state.working_sets]
+  samples, edges = evolution.sample_candidates(cfg, table, state.working_sets, alive, thetas,
+                                               kinds, seed=1)
+  lo, hi = cfg.interval
+  assert len(samples) == cfg.num_samples
+  assert all(lo < table.indices_cost(s) < hi for s in samples)
+  assert len(edges) > 0
+
+
+def test_proxy_flagfile_meets_the_search_quality_budget():
+  values = parse_flagfile("proxy.cfg")
+  assert values["dataset"] == "demo_digits_hard"
+  # One candidate's held-out accuracy must have a standard error <= 1.5 points.
+  from nse_tf import stats  # pylint: disable=g-import-not-at-top
+  assert stats.binomial_se(0.5, values["eval_examples"]) <= 0.015
+  steps = values["epochs"] * (12_000 - 2_400) // values["global_batch"]
+  assert steps >= 1000      # a K = 4 supernet needs several times one network's steps
