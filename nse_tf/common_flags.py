@@ -77,17 +77,32 @@ def train_config():
   return cfg
 
 
-def check_output_dir(path):
-  """Creates `path` and proves it writable, or raises UsageError naming it."""
+PROBE_BYTES = 256 << 10
+
+
+def check_output_dir(path, flag: str = "--output_dir"):
+  """Creates `path` and proves it writable, or raises UsageError naming it.
+
+  The probe writes (and fsyncs) real bytes: creating an empty file succeeds on a full
+  filesystem, which would then fail at the first checkpoint instead of here.
+  """
+  import errno  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   from nse_tf import cli  # pylint: disable=g-import-not-at-top
   if not path:
-    raise cli.UsageError("--output_dir is required")
+    raise cli.UsageError(f"{flag} is required")
+  probe = os.path.join(path, f".write_test{os.getpid()}")
   try:
     os.makedirs(path, exist_ok=True)
-    probe = os.path.join(path, ".write_test")
-    with open(probe, "w") as f:
-      f.write("")
-    os.remove(probe)
+    try:
+      with open(probe, "wb") as f:
+        f.write(b"\0" * PROBE_BYTES)
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+      if os.path.exists(probe):
+        os.remove(probe)
   except OSError as e:
-    raise cli.UsageError(f"cannot write to --output_dir {path!r}: {e.strerror}") from None
+    hint = (" (free some space or choose another directory)"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+    raise cli.UsageError(f"cannot write to {flag} {path!r}: {e.strerror}{hint}") from None

@@ -412,6 +412,11 @@ def main(_):
     raise cli.UsageError("--model_dir (a finished retrain) and --export_dir are required")
   if FLAGS.top_k < 1 or FLAGS.max_pixels < 1:
     raise cli.UsageError("--top_k and --max_pixels must be >= 1")
+  from nse_tf import common_flags, run_lock  # pylint: disable=g-import-not-at-top
+  # A path under a regular file, a read-only or a full directory: one line, before the
+  # model is even loaded. One exporter at a time: two would pick the same next version.
+  common_flags.check_output_dir(FLAGS.export_dir, "--export_dir")
+  run_lock.acquire(FLAGS.export_dir, "export")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top

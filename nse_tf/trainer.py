@@ -285,6 +285,30 @@ class SearchSGD(keras.optimizers.SGD):
     return cfg
 
 
+def check_strategy(config: TrainConfig, strategy) -> None:
+  """Raises ConfigError when `config` cannot train under `strategy` (before any write).
+
+  --sync_bn is refused under MultiWorkerMirroredStrategy whatever its size, also as a
+  single worker without TF_CONFIG: a run must not be accepted or refused depending on
+  how many workers happen to be up, and the candidate ops' batch norms run inside the
+  tf.cond that skips an inactive branch, where moments are summed over local devices
+  only.
+  """
+  replicas = strategy.num_replicas_in_sync
+  reason = sync_bn_lib.unsupported_reason(strategy) if config.sync_bn else None
+  if config.sync_bn and reason is None and isinstance(
+      strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    reason = "is not supported under --strategy=multi_worker (with or without TF_CONFIG)"
+  if reason:
+    raise ConfigError(
+        f"sync_bn {reason}: the candidate ops' batch norms run inside the tf.cond that "
+        "skips an inactive branch, and moments are summed there only over local devices. "
+        "Drop --sync_bn (per-replica batch norm, ≥ 32 images per replica) for multi_worker")
+  if config.global_batch % replicas:
+    raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
+                      "replicas")
+
+
 @dataclasses.dataclass
 class RoundResult:
   model: supernet_lib.Supernet
@@ -324,16 +348,7 @@ class RoundTrainer:
     self.working_sets = [list(ws) for ws in working_sets]
     self.protected = ([list(map(bool, p)) for p in protected] if protected is not None else
                       [[False] * len(ws) for ws in self.working_sets])
-    replicas = strategy.num_replicas_in_sync
-    reason = sync_bn_lib.unsupported_reason(strategy) if config.sync_bn else None
-    if reason:
-      raise ConfigError(
-          f"sync_bn {reason}: the candidate ops' batch norms run inside the tf.cond that "
-          "skips an inactive branch, and moments are summed there only over local devices. "
-          "Drop --sync_bn (per-replica batch norm, ≥ 32 images per replica) for multi_worker")
-    if config.global_batch % replicas:
-      raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
-                       "replicas")
+    check_strategy(config, strategy)
     spe = config.steps_per_epoch or max(1, data.info.num_train // config.global_batch)
     self.steps_per_epoch = spe
     self.total_steps = max(1, int(round(config.epochs * spe)))
