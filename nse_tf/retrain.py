@@ -352,16 +352,19 @@ class Retrainer:
 
   # ------------------------------------------------------------ checkpoints
   def _restore(self) -> bool:
-    latest = self.manager.latest_checkpoint
+    from nse_tf import trainer  # pylint: disable=g-import-not-at-top
+    latest = trainer.restore_newest_intact(
+        self.checkpoint, self.manager,
+        f"delete {self.manager.directory} to retrain from the start, or use --overwrite")
     if not latest:
       return False
-    self.checkpoint.restore(latest).assert_existing_objects_matched()
     if not self._iterator_in_checkpoint:
       self.train_iter = self._iterator(int(self.step.numpy()))
     return True
 
   def save(self):
-    self.manager.save(checkpoint_number=int(self.step.numpy()))
+    from nse_tf import trainer  # pylint: disable=g-import-not-at-top
+    trainer.save_checkpoint(self.manager, int(self.step.numpy()))
 
   def _iterator(self, skip_steps: int):
     fn = self.data.dataset_fn("train", self.cfg.global_batch, seed=self.cfg.seed)
@@ -523,6 +526,9 @@ class Retrainer:
     try:
       ckpt = tf.train.Checkpoint(model=self.model)
       tf.train.CheckpointManager(ckpt, tmp, max_to_keep=1).save(checkpoint_number=1)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)   # no half-written copy left behind
+      raise
     finally:
       if self.ema is not None:
         self.ema.swap()

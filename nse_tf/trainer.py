@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -77,6 +78,66 @@ class TrainConfig:
       raise ConfigError("global_batch and epochs must be positive")
     if self.beta <= 0:
       raise ConfigError(f"beta must be > 0, got {self.beta}")
+
+
+class CheckpointError(ConfigError):
+  """No checkpoint of a run directory can be read back."""
+
+
+def restore_newest_intact(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
+                          fix: str) -> Optional[str]:
+  """Restores the newest checkpoint that reads back whole; returns its path (None: none yet).
+
+  A checkpoint cut short (a full disk, a copy interrupted, a bad sector) must not end
+  a week-long run: the older one the manager keeps is tried next, with a warning
+  naming what was skipped. The unreadable files are left in place (the next save of
+  that step number overwrites them). When none can be read, CheckpointError says so
+  and `fix` says what to do.
+  """
+  paths = list(reversed(manager.checkpoints))
+  if not paths:
+    return None
+  skipped = []
+  for path in paths:
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError,
+            RuntimeError) as e:
+      reason = (str(getattr(e, "message", e)).strip().splitlines() or [type(e).__name__])[0]
+      skipped.append(f"{os.path.basename(path)} ({reason[:200]})")
+      logging.warning("checkpoint %s cannot be read back (%s); trying an older one", path,
+                      reason[:200])
+      continue
+    if skipped:
+      logging.warning("resumed from %s, the newest intact checkpoint; skipped: %s", path,
+                      "; ".join(skipped))
+    return path
+  raise CheckpointError(f"no checkpoint in {manager.directory} can be read back "
+                        f"({'; '.join(skipped)}); {fix}")
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, number: int) -> str:
+  """`manager.save`, leaving no temporary files behind when the write fails (full disk).
+
+  TensorFlow writes `ckpt-N_temp/` and then merges it into `ckpt-N.*`; a failure in
+  between would leave that folder (and unreferenced `ckpt-N.*` parts) behind.
+  """
+  try:
+    return manager.save(checkpoint_number=number)
+  except BaseException:
+    directory = manager.directory
+    prefix = os.path.join(directory, f"ckpt-{number}")
+    referenced = prefix in manager.checkpoints
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+      path = os.path.join(directory, name)
+      litter = (name.startswith(f"ckpt-{number}_temp") or name.startswith("checkpoint.tmp")
+                or (not referenced and name.startswith(f"ckpt-{number}.")))
+      if litter:
+        try:
+          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        except OSError:
+          pass
+    raise
 
 
 @keras.utils.register_keras_serializable(package="nse_tf")
@@ -412,17 +473,21 @@ class RoundTrainer:
 
   # ------------------------------------------------------------ checkpoints
   def _restore(self) -> bool:
-    if not self.manager or not self.manager.latest_checkpoint:
+    if not self.manager:
       return False
-    self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+    restored = restore_newest_intact(
+        self.checkpoint, self.manager,
+        f"delete {self.model_dir} to train this round again from its start (the search "
+        "resumes there), or start over with --overwrite")
+    if restored is None:
+      return False
     self.sampler.state = self.rng_var.numpy().decode()
     if not self._iterators_in_checkpoint:
       step = int(self.step.numpy())
       self.train_iter = self._iterator("train", self.cfg.seed, step)
       self.holdout_iter = self._iterator("holdout", self.cfg.seed + 1,
                                          step // self.cfg.theta_every)
-    logging.info("resumed round training at step %d from %s", int(self.step.numpy()),
-                 self.manager.latest_checkpoint)
+    logging.info("resumed round training at step %d from %s", int(self.step.numpy()), restored)
     if int(self.step.numpy()) >= self.total_steps:
       self._catch_up_all()   # a finished round: the weights its candidates are evaluated with
     return True
@@ -443,7 +508,7 @@ class RoundTrainer:
     if not self.manager:
       return
     self.rng_var.assign(self.sampler.state)
-    self.manager.save(checkpoint_number=int(self.step.numpy()))
+    save_checkpoint(self.manager, int(self.step.numpy()))
 
   # -------------------------------------------------------------- host state
   def alive_masks(self) -> List[np.ndarray]:
