@@ -227,3 +227,25 @@ def test_tflite_float_and_int8(trained, tmp_path):
   # bound; the 200-image figure for a trained network is in the README.
   assert np.mean(q.argmax(-1) == keras_logits.argmax(-1)) >= 0.6
 
+
+@pytest.mark.slow
+def test_export_to_a_full_or_unusable_dir_is_one_error_line(trained, small_disk, tmp_path):
+  """A full disk or a path under a regular file: one line, exit 2, no .tmp version left."""
+  model_dir = trained[0]
+  base, preexec = small_disk(300)          # the write probe (256 KiB) fits, a SavedModel not
+  (tmp_path / "a_file").write_text("x")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cases = [(os.path.join(base, "export"), preexec, ("No space left on device", "File too large")),
+           (str(tmp_path / "a_file" / "export"), None, ("Not a directory",))]
+  for export_dir, fn, needles in cases:
+    proc = subprocess.run([sys.executable, "-m", "nse_tf.export", f"--model_dir={model_dir}",
+                           f"--export_dir={export_dir}", "--verify_examples=0"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=fn)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert any(n in last for n in needles), last
+    if os.path.isdir(export_dir):
+      assert [n for n in os.listdir(export_dir) if n != ".lock"] == [], os.listdir(export_dir)
