@@ -61,6 +61,53 @@ def _check_inputs(params, mode: str) -> None:
                            "point it at the instances JSON of the validation split")
 
 
+def _type_errors(value, default, path: str):
+  """Where an override changed a field's type (tf-models' ParamsDict accepts any value)."""
+  if isinstance(default, dict) and isinstance(value, dict):
+    for key, sub in value.items():
+      if key in default:
+        yield from _type_errors(sub, default[key], f"{path}.{key}" if path else key)
+    return
+  if default is None or value is None:
+    return
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  elif isinstance(default, str):
+    ok = isinstance(value, str)
+  else:
+    return   # lists, tuples and nested configs in lists: tf-models checks their shape
+  if not ok:
+    yield f"{path}={value!r} (expected {type(default).__name__})"
+
+
+def _parse_configuration():
+  """tf-models' parse_configuration, with every way a flag value can be wrong in one line."""
+  import yaml  # pylint: disable=g-import-not-at-top
+  from official.core import exp_factory  # pylint: disable=g-import-not-at-top
+  from official.core import train_utils  # pylint: disable=g-import-not-at-top
+  try:
+    params = train_utils.parse_configuration(FLAGS)
+  except LookupError as e:  # exp_factory / hyperparams: unknown experiment or field
+    raise cli.UsageError(f"bad --experiment, --config_file or --params_override: "
+                         f"{e.args[0] if e.args else e}") from None
+  except yaml.YAMLError as e:
+    where = " ".join(str(e).split())
+    raise cli.UsageError(f"--params_override or --config_file is not valid YAML: {where}") \
+        from None
+  except (ValueError, AttributeError, TypeError) as e:
+    raise cli.UsageError(f"bad configuration: {e}") from None
+  wrong = list(_type_errors(params.as_dict(),
+                            exp_factory.get_exp_config(FLAGS.experiment).as_dict(), ""))
+  if wrong:
+    raise cli.UsageError(f"wrong value type in --params_override or --config_file: "
+                         f"{'; '.join(wrong)}")
+  return params
+
+
 def main(argv) -> int:
   del argv
   # Imported here so that `--help` and flag errors stay fast.
@@ -81,16 +128,13 @@ def main(argv) -> int:
   for path in FLAGS.config_file or []:
     if not os.path.exists(path):
       raise cli.UsageError(f"--config_file {path!r} does not exist")
-  try:
-    params = train_utils.parse_configuration(FLAGS)
-  except LookupError as e:  # exp_factory / hyperparams: unknown experiment or field
-    raise cli.UsageError(f"bad --experiment, --config_file or --params_override: "
-                         f"{e.args[0] if e.args else e}") from None
-  except (ValueError, AttributeError) as e:
-    raise cli.UsageError(f"bad configuration: {e}") from None
+  params = _parse_configuration()
   efficientdet.validate_experiment(params)
   _check_inputs(params, FLAGS.mode)
   model_dir = FLAGS.model_dir
+  from nse_tf import common_flags, run_lock  # pylint: disable=g-import-not-at-top
+  common_flags.check_output_dir(model_dir, "--model_dir")
+  run_lock.acquire(model_dir, "detection training")
   if "train" in FLAGS.mode:
     train_utils.serialize_config(params, model_dir)
   if params.runtime.mixed_precision_dtype:

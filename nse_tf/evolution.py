@@ -183,6 +183,21 @@ def state_from_previous(cfg: SearchConfig, prev_dir: str) -> SearchState:
   return state
 
 
+def initial_state(cfg: SearchConfig, output_dir: str, fresh: bool = False) -> SearchState:
+  """The state a run in `output_dir` starts from, written nowhere (validation first).
+
+  `state.json` when there is one (unless `fresh`, i.e. --overwrite), else round 1 of
+  a new search or of the second space (--init_from).
+  """
+  path = os.path.join(output_dir, "state.json")
+  if os.path.exists(path) and not fresh:
+    state = SearchState.load(path)
+    if state.space != cfg.space:
+      raise SearchError(f"{path} is a {state.space} search, not {cfg.space}")
+    return state
+  return state_from_previous(cfg, cfg.init_from) if cfg.init_from else new_state(cfg)
+
+
 def refill(state: SearchState, max_ops: int) -> List[List[int]]:
   """S_l = A_l + the next max(0, K − |A_l|) untried ops of layer l's queue."""
   added = []
@@ -238,6 +253,41 @@ def reference_cost(table) -> float:
   fractions of it mean the same thing on any device's table.
   """
   return float(table.reference_cost())
+
+
+def cost_range(table, working_sets: Sequence[Sequence[int]], kinds: Sequence[str]
+               ) -> Tuple[float, float]:
+  """Cheapest and dearest architecture that `working_sets` can form on `table`.
+
+  Known before any training: the θ distribution can only move candidates inside this
+  range, so an interval outside it is a configuration error, not a training result.
+  Per layer the cheapest choice is no op (normal layers) or the cheapest single op
+  (reduction layers keep one), the dearest every op at once; costs are additive over
+  layers on both kinds of table.
+  """
+  empty = [()] * len(working_sets)
+  base = table.indices_cost(empty)
+  lo = hi = base
+  for l, (ws, kind) in enumerate(zip(working_sets, kinds)):
+    if not ws:
+      continue
+    def layer_cost(ops, l=l):
+      return table.indices_cost([tuple(ops) if i == l else () for i in range(len(empty))]) - base
+    singles = [layer_cost([op]) for op in ws]
+    lo += 0.0 if kind == "N" else min(singles)
+    hi += max(layer_cost(ws), max(singles))
+  return lo, hi
+
+
+def check_reachable(cfg: SearchConfig, table, working_sets, kinds, r: int) -> None:
+  """Raises SearchError when no architecture of the working sets lies in the interval."""
+  lo, hi = cfg.interval
+  cmin, cmax = cost_range(table, working_sets, kinds)
+  if hi <= cmin or lo >= cmax:
+    raise SearchError(
+        f"--interval ({lo:g}, {hi:g}) cannot be reached in round {r}: the architectures its "
+        f"working sets can form cost {cmin:.4g}..{cmax:.4g} {table.unit}; move --interval "
+        "(and --tau, --edge_lo with it) into that range")
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +398,7 @@ class Search:
   """
 
   def __init__(self, cfg: SearchConfig, train_cfg, data, strategy, output_dir: str,
-               progress: bool = True):
+               progress: bool = True, state: Optional[SearchState] = None):
     cfg.validate()
     self.cfg, self.train_cfg, self.data, self.strategy = cfg, train_cfg, data, strategy
     self.out = output_dir
@@ -359,13 +409,10 @@ class Search:
     self.num_classes = data.info.num_classes
     self.table = make_cost_table(cfg, self.num_classes)
     self.state_path = os.path.join(output_dir, "state.json")
-    if os.path.exists(self.state_path):
-      self.state = SearchState.load(self.state_path)
-      if self.state.space != cfg.space:
-        raise SearchError(f"{self.state_path} is a {self.state.space} search, not {cfg.space}")
-    else:
-      self.state = (state_from_previous(cfg, cfg.init_from) if cfg.init_from
-                    else new_state(cfg))
+    if state is None:
+      state = initial_state(cfg, output_dir)
+    self.state = state
+    if not os.path.exists(self.state_path):
       self.state.save(self.state_path)
 
   def round_dir(self, r: int) -> str:
@@ -409,6 +456,8 @@ class Search:
         tb_dir=os.path.join(self.out, "tb", f"round_{r:02d}"))
 
   def run_round(self, r: int):
+    if self.state.phase == "train":
+      check_reachable(self.cfg, self.table, self.state.working_sets, self.kinds, r)
     rdir = self.round_dir(r)
     t0 = time.time()
     trainer = self._trainer(r)

@@ -185,10 +185,16 @@ class ServingModule:
           (tf.zeros([0], tf.int32), tf.zeros([0, size, size, 3], tf.float32)),
           lambda s, e: (tf.concat([s[0], e[0]], 0), tf.concat([s[1], e[1]], 0)))
       valid = tf.scatter_nd(idx[:, None], tf.ones_like(idx, tf.bool), [n])
-      logits = model(images, training=False)
+      # The network always sees a well-formed batch of at least one row: every request
+      # row gets an image (the placeholder zeros where it is invalid), plus one spare
+      # row. An empty or all-invalid request would otherwise run the convolutions on
+      # a zero-size batch, which some CPU kernels reject ("input depth must be evenly
+      # divisible by filter depth"), failing the whole request on some machines only.
+      batch = tf.scatter_nd(idx[:, None], images, tf.stack([n + 1, size, size, 3]))
+      logits = model(tf.ensure_shape(batch, [None, size, size, 3]), training=False)[:n]
       _, scores, classes = top_k_outputs(logits)
-      classes = tf.scatter_nd(idx[:, None], classes + 1, [n, k]) - 1   # -1 where invalid
-      scores = tf.scatter_nd(idx[:, None], scores, [n, k])
+      classes = tf.where(valid[:, None], classes, -1)
+      scores = tf.where(valid[:, None], scores, 0.0)
       names = tf.where(classes >= 0, tf.gather(module.class_names, tf.maximum(classes, 0)), "")
       error = tf.where(valid, "", tf.where(
           fmt > 0, f"image data is corrupt or truncated, or the image has more than "
@@ -200,9 +206,16 @@ class ServingModule:
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32,
                                                 name="images")])
     def serve_images(images):
-      batch = tf.map_fn(preprocess, images,
-                        fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
-      logits = tf.cast(model(batch, training=False), tf.float32)
+      shape = tf.shape(images)
+      check = tf.debugging.Assert(
+          tf.logical_or(tf.equal(shape[0], 0), tf.reduce_all(shape[1:3] > 0)),
+          ["serving_images: the images need a height and width >= 1, got", shape])
+      with tf.control_dependencies([check]):
+        batch = tf.map_fn(preprocess, images,
+                          fn_output_signature=tf.TensorSpec([size, size, 3], tf.float32))
+      # One spare row, as in serve_bytes: the network never runs on an empty batch.
+      batch = tf.concat([batch, tf.zeros([1, size, size, 3], tf.float32)], 0)
+      logits = tf.cast(model(batch, training=False), tf.float32)[:shape[0]]
       probs, scores, classes = top_k_outputs(logits)
       return {"classes": classes, "probabilities": scores,
               "class_names": tf.gather(module.class_names, classes), "logits": logits,
@@ -399,6 +412,11 @@ def main(_):
     raise cli.UsageError("--model_dir (a finished retrain) and --export_dir are required")
   if FLAGS.top_k < 1 or FLAGS.max_pixels < 1:
     raise cli.UsageError("--top_k and --max_pixels must be >= 1")
+  from nse_tf import common_flags, run_lock  # pylint: disable=g-import-not-at-top
+  # A path under a regular file, a read-only or a full directory: one line, before the
+  # model is even loaded. One exporter at a time: two would pick the same next version.
+  common_flags.check_output_dir(FLAGS.export_dir, "--export_dir")
+  run_lock.acquire(FLAGS.export_dir, "export")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top

@@ -39,6 +39,7 @@ from absl import flags
 
 from nse_tf import cli
 from nse_tf import common_flags
+from nse_tf import run_lock
 
 flags.DEFINE_string("arch", None, "A released network (NSENet-27, NSENet, NSENet-GPU) or a "
                     "compact architecture string.")
@@ -351,16 +352,19 @@ class Retrainer:
 
   # ------------------------------------------------------------ checkpoints
   def _restore(self) -> bool:
-    latest = self.manager.latest_checkpoint
+    from nse_tf import trainer  # pylint: disable=g-import-not-at-top
+    latest = trainer.restore_newest_intact(
+        self.checkpoint, self.manager,
+        f"delete {self.manager.directory} to retrain from the start, or use --overwrite")
     if not latest:
       return False
-    self.checkpoint.restore(latest).assert_existing_objects_matched()
     if not self._iterator_in_checkpoint:
       self.train_iter = self._iterator(int(self.step.numpy()))
     return True
 
   def save(self):
-    self.manager.save(checkpoint_number=int(self.step.numpy()))
+    from nse_tf import trainer  # pylint: disable=g-import-not-at-top
+    trainer.save_checkpoint(self.manager, int(self.step.numpy()))
 
   def _iterator(self, skip_steps: int):
     fn = self.data.dataset_fn("train", self.cfg.global_batch, seed=self.cfg.seed)
@@ -522,6 +526,9 @@ class Retrainer:
     try:
       ckpt = tf.train.Checkpoint(model=self.model)
       tf.train.CheckpointManager(ckpt, tmp, max_to_keep=1).save(checkpoint_number=1)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)   # no half-written copy left behind
+      raise
     finally:
       if self.ema is not None:
         self.ema.swap()
@@ -562,14 +569,19 @@ def retrain_config() -> RetrainConfig:
   return cfg
 
 
-def _prepare_model_dir(model_dir: str, arch, resolved: Dict[str, Any]):
-  """--overwrite; refuses a resume with another architecture or configuration."""
+def _remove_outputs(model_dir: str):
+  """--overwrite: this retrain's outputs go (after every check, before the first write)."""
+  for name in os.listdir(model_dir):
+    if name in _OUTPUTS:
+      p = os.path.join(model_dir, name)
+      shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+
+
+def _refuse_other_retrain(model_dir: str, arch, resolved: Dict[str, Any]):
+  """Refuses a resume with another architecture or configuration (read-only)."""
   from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
   if FLAGS.overwrite:
-    for name in os.listdir(model_dir):
-      if name in _OUTPUTS:
-        p = os.path.join(model_dir, name)
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    return
   arch_path = os.path.join(model_dir, "arch.json")
   if os.path.exists(arch_path):
     old = arch_lib.Architecture.load(arch_path)
@@ -595,27 +607,33 @@ def main(_):
                          "model go)")
   arch = arch_lib.resolve(FLAGS.arch, FLAGS.arch_json)
   cfg = retrain_config()
-  common_flags.check_output_dir(FLAGS.model_dir)
+  common_flags.check_output_dir(FLAGS.model_dir, "--model_dir")
+  run_lock.acquire(FLAGS.model_dir, "retrain")
   holdout = FLAGS.holdout_examples if FLAGS["holdout_examples"].present else 0
   resolved = dict(dataclasses.asdict(cfg), dataset=FLAGS.dataset, image_size=FLAGS.image_size,
                   holdout_examples=holdout, arch=arch.to_compact())
-  _prepare_model_dir(FLAGS.model_dir, arch, resolved)
+  _refuse_other_retrain(FLAGS.model_dir, arch, resolved)
   from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
   common_flags.setup_tensorflow()
   strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
   d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
                     holdout_examples=holdout)
   out = FLAGS.model_dir
-  atomic_write_text(os.path.join(out, "retrain_config.json"),
-                    json.dumps(resolved, indent=1, sort_keys=True) + "\n")
-  arch.save(os.path.join(out, "arch.json"))
   metrics_path = os.path.join(out, "metrics.json")
-  if os.path.exists(metrics_path) and os.path.exists(os.path.join(out, "final")):
+  if (not FLAGS.overwrite and os.path.exists(metrics_path)
+      and os.path.exists(os.path.join(out, "final"))):
     print(f"{out} is a finished retrain:")
     print(json.dumps(_read_json(metrics_path), indent=1))
     return 0
+  if FLAGS.overwrite:
+    _remove_outputs(out)
   start = time.time()
+  # Built (and its settings checked) before the first write: a refused start leaves
+  # nothing that would block the corrected command.
   r = Retrainer(arch, cfg, strategy, d, out)
+  atomic_write_text(os.path.join(out, "retrain_config.json"),
+                    json.dumps(resolved, indent=1, sort_keys=True) + "\n")
+  arch.save(os.path.join(out, "arch.json"))
   atomic_write_text(os.path.join(out, "model_config.json"),
                     json.dumps(r.model_config, indent=1) + "\n")
   c = cost.arch_cost(arch, resolution=FLAGS.image_size, num_classes=d.info.num_classes,

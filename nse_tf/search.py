@@ -27,6 +27,7 @@ from absl import flags
 
 from nse_tf import cli
 from nse_tf import common_flags
+from nse_tf import run_lock
 
 flags.DEFINE_integer("rounds", None, "Rounds (default ⌊(N − 1)/(K − 1)⌋; 3 with --init_from).")
 flags.DEFINE_integer("num_samples", 2000, "D: unique architectures sampled per round in the "
@@ -83,13 +84,14 @@ def resolved_flags():
   return {n: FLAGS[n].value for n in sorted(names)}
 
 
-def _prepare_output_dir(out: str, config: dict):
-  path = os.path.join(out, "config.json")
+def _refuse_other_search(out: str, config: dict):
+  """Refuses a directory that holds another search (read-only; --overwrite skips it)."""
   if FLAGS.overwrite:
-    for name in os.listdir(out):
-      if name in _OUTPUTS or name.startswith("round_"):
-        p = os.path.join(out, name)
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    return
+  from nse_tf import evolution  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(out, "state.json")):
+    evolution.SearchState.load(os.path.join(out, "state.json"))  # corrupt: say so first
+  path = os.path.join(out, "config.json")
   if os.path.exists(path):
     try:
       with open(path, encoding="utf-8") as f:
@@ -104,8 +106,18 @@ def _prepare_output_dir(out: str, config: dict):
                            "use the same flags to resume, or --overwrite to start over")
   elif os.path.exists(os.path.join(out, "state.json")):
     raise cli.UsageError(f"{out} has a state.json but no config.json; use --overwrite")
+
+
+def _prepare_output_dir(out: str, config: dict):
+  """--overwrite's deletions, then config.json: the first writes, after every check."""
+  if FLAGS.overwrite:
+    for name in os.listdir(out):
+      if name in _OUTPUTS or name.startswith("round_"):
+        p = os.path.join(out, name)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
   from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
-  atomic_write_text(path, json.dumps(config, indent=1, sort_keys=True) + "\n")
+  atomic_write_text(os.path.join(out, "config.json"),
+                    json.dumps(config, indent=1, sort_keys=True) + "\n")
 
 
 def search_config():
@@ -178,21 +190,37 @@ def resolve_targets(cfg, train_cfg, num_classes: int):
 
 
 def main(_):
+  """Every check that needs no training runs before the first write (config.json).
+
+  A start that fails on a bad flag, an unprepared dataset, a missing latency table or
+  an unreachable interval then leaves the directory as it was, and the corrected
+  command starts (or resumes) without being refused as "another configuration".
+  """
   common_flags.check_output_dir(FLAGS.output_dir)
+  run_lock.acquire(FLAGS.output_dir, "search")
   cfg = search_config()
   train_cfg = common_flags.train_config()
-  _prepare_output_dir(FLAGS.output_dir, resolved_flags())
-  from nse_tf import data, distribute, evolution  # pylint: disable=g-import-not-at-top
+  config = resolved_flags()
+  _refuse_other_search(FLAGS.output_dir, config)
+  from nse_tf import data, distribute, evolution, spaces  # pylint: disable=g-import-not-at-top
+  from nse_tf import trainer  # pylint: disable=g-import-not-at-top
   common_flags.setup_tensorflow()
   strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
+  trainer.check_strategy(train_cfg, strategy)
   d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
                     holdout_examples=FLAGS.holdout_examples)
   if cfg.constraint == "latency":
     ensure_latency_table(cfg, d.info.num_classes)
   if cfg.constraint == "latency" or FLAGS.relative_targets:
     cfg, train_cfg = resolve_targets(cfg, train_cfg, d.info.num_classes)
+  state = evolution.initial_state(cfg, FLAGS.output_dir, fresh=FLAGS.overwrite)
+  if state.phase == "train":
+    table = evolution.make_cost_table(cfg, d.info.num_classes)
+    evolution.check_reachable(cfg, table, state.working_sets,
+                              spaces.layer_kinds(cfg.resolved_macro()), state.round)
+  _prepare_output_dir(FLAGS.output_dir, config)
   search = evolution.Search(cfg, train_cfg, d, strategy, FLAGS.output_dir,
-                            progress=FLAGS.progress)
+                            progress=FLAGS.progress, state=state)
   final = search.run()
   if "latency_ms" in final.metadata:
     print(f"\npredicted latency of the final architecture: {final.metadata['latency_ms']} ms "

@@ -23,6 +23,7 @@ from absl import flags, logging
 
 from nse_tf import cli
 from nse_tf import common_flags
+from nse_tf import run_lock
 
 FLAGS = flags.FLAGS
 
@@ -39,6 +40,7 @@ def main(_):
   if FLAGS.max_ops < 1:
     raise cli.UsageError(f"--max_ops must be >= 1, got {FLAGS.max_ops}")
   common_flags.check_output_dir(FLAGS.output_dir)
+  run_lock.acquire(FLAGS.output_dir, "train_round")
   macro = FLAGS.macro or spaces.DEFAULT_MACRO[FLAGS.space]
   pool = spaces.get_pool(FLAGS.space)
   kinds = spaces.layer_kinds(macro)

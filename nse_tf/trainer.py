@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -77,6 +78,66 @@ class TrainConfig:
       raise ConfigError("global_batch and epochs must be positive")
     if self.beta <= 0:
       raise ConfigError(f"beta must be > 0, got {self.beta}")
+
+
+class CheckpointError(ConfigError):
+  """No checkpoint of a run directory can be read back."""
+
+
+def restore_newest_intact(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
+                          fix: str) -> Optional[str]:
+  """Restores the newest checkpoint that reads back whole; returns its path (None: none yet).
+
+  A checkpoint cut short (a full disk, a copy interrupted, a bad sector) must not end
+  a week-long run: the older one the manager keeps is tried next, with a warning
+  naming what was skipped. The unreadable files are left in place (the next save of
+  that step number overwrites them). When none can be read, CheckpointError says so
+  and `fix` says what to do.
+  """
+  paths = list(reversed(manager.checkpoints))
+  if not paths:
+    return None
+  skipped = []
+  for path in paths:
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError,
+            RuntimeError) as e:
+      reason = (str(getattr(e, "message", e)).strip().splitlines() or [type(e).__name__])[0]
+      skipped.append(f"{os.path.basename(path)} ({reason[:200]})")
+      logging.warning("checkpoint %s cannot be read back (%s); trying an older one", path,
+                      reason[:200])
+      continue
+    if skipped:
+      logging.warning("resumed from %s, the newest intact checkpoint; skipped: %s", path,
+                      "; ".join(skipped))
+    return path
+  raise CheckpointError(f"no checkpoint in {manager.directory} can be read back "
+                        f"({'; '.join(skipped)}); {fix}")
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, number: int) -> str:
+  """`manager.save`, leaving no temporary files behind when the write fails (full disk).
+
+  TensorFlow writes `ckpt-N_temp/` and then merges it into `ckpt-N.*`; a failure in
+  between would leave that folder (and unreferenced `ckpt-N.*` parts) behind.
+  """
+  try:
+    return manager.save(checkpoint_number=number)
+  except BaseException:
+    directory = manager.directory
+    prefix = os.path.join(directory, f"ckpt-{number}")
+    referenced = prefix in manager.checkpoints
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+      path = os.path.join(directory, name)
+      litter = (name.startswith(f"ckpt-{number}_temp") or name.startswith("checkpoint.tmp")
+                or (not referenced and name.startswith(f"ckpt-{number}.")))
+      if litter:
+        try:
+          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        except OSError:
+          pass
+    raise
 
 
 @keras.utils.register_keras_serializable(package="nse_tf")
@@ -285,6 +346,30 @@ class SearchSGD(keras.optimizers.SGD):
     return cfg
 
 
+def check_strategy(config: TrainConfig, strategy) -> None:
+  """Raises ConfigError when `config` cannot train under `strategy` (before any write).
+
+  --sync_bn is refused under MultiWorkerMirroredStrategy whatever its size, also as a
+  single worker without TF_CONFIG: a run must not be accepted or refused depending on
+  how many workers happen to be up, and the candidate ops' batch norms run inside the
+  tf.cond that skips an inactive branch, where moments are summed over local devices
+  only.
+  """
+  replicas = strategy.num_replicas_in_sync
+  reason = sync_bn_lib.unsupported_reason(strategy) if config.sync_bn else None
+  if config.sync_bn and reason is None and isinstance(
+      strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    reason = "is not supported under --strategy=multi_worker (with or without TF_CONFIG)"
+  if reason:
+    raise ConfigError(
+        f"sync_bn {reason}: the candidate ops' batch norms run inside the tf.cond that "
+        "skips an inactive branch, and moments are summed there only over local devices. "
+        "Drop --sync_bn (per-replica batch norm, ≥ 32 images per replica) for multi_worker")
+  if config.global_batch % replicas:
+    raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
+                      "replicas")
+
+
 @dataclasses.dataclass
 class RoundResult:
   model: supernet_lib.Supernet
@@ -324,16 +409,7 @@ class RoundTrainer:
     self.working_sets = [list(ws) for ws in working_sets]
     self.protected = ([list(map(bool, p)) for p in protected] if protected is not None else
                       [[False] * len(ws) for ws in self.working_sets])
-    replicas = strategy.num_replicas_in_sync
-    reason = sync_bn_lib.unsupported_reason(strategy) if config.sync_bn else None
-    if reason:
-      raise ConfigError(
-          f"sync_bn {reason}: the candidate ops' batch norms run inside the tf.cond that "
-          "skips an inactive branch, and moments are summed there only over local devices. "
-          "Drop --sync_bn (per-replica batch norm, ≥ 32 images per replica) for multi_worker")
-    if config.global_batch % replicas:
-      raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
-                       "replicas")
+    check_strategy(config, strategy)
     spe = config.steps_per_epoch or max(1, data.info.num_train // config.global_batch)
     self.steps_per_epoch = spe
     self.total_steps = max(1, int(round(config.epochs * spe)))
@@ -397,17 +473,21 @@ class RoundTrainer:
 
   # ------------------------------------------------------------ checkpoints
   def _restore(self) -> bool:
-    if not self.manager or not self.manager.latest_checkpoint:
+    if not self.manager:
       return False
-    self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+    restored = restore_newest_intact(
+        self.checkpoint, self.manager,
+        f"delete {self.model_dir} to train this round again from its start (the search "
+        "resumes there), or start over with --overwrite")
+    if restored is None:
+      return False
     self.sampler.state = self.rng_var.numpy().decode()
     if not self._iterators_in_checkpoint:
       step = int(self.step.numpy())
       self.train_iter = self._iterator("train", self.cfg.seed, step)
       self.holdout_iter = self._iterator("holdout", self.cfg.seed + 1,
                                          step // self.cfg.theta_every)
-    logging.info("resumed round training at step %d from %s", int(self.step.numpy()),
-                 self.manager.latest_checkpoint)
+    logging.info("resumed round training at step %d from %s", int(self.step.numpy()), restored)
     if int(self.step.numpy()) >= self.total_steps:
       self._catch_up_all()   # a finished round: the weights its candidates are evaluated with
     return True
@@ -428,7 +508,7 @@ class RoundTrainer:
     if not self.manager:
       return
     self.rng_var.assign(self.sampler.state)
-    self.manager.save(checkpoint_number=int(self.step.numpy()))
+    save_checkpoint(self.manager, int(self.step.numpy()))
 
   # -------------------------------------------------------------- host state
   def alive_masks(self) -> List[np.ndarray]:

@@ -9,3 +9,46 @@ from absl import flags  # noqa: E402
 
 # absl would otherwise try to parse pytest's command line ("Unknown command line flag").
 flags.FLAGS(["pytest"], known_only=True)
+
+
+
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """make(size_kib) -> (directory, preexec_fn): a child process runs out of space there.
+
+  A real full filesystem where the test may mount one (a tmpfs of that size; root on
+  Linux), else a simulated one: preexec_fn sets the child's file-size limit
+  (RLIMIT_FSIZE, SIGXFSZ ignored), so every write past the size fails with EFBIG,
+  "File too large", which the CLIs report like a full disk. Pass preexec_fn to
+  subprocess.
+  """
+  mounts = []
+
+  def make(size_kib: int):
+    path = str(tmp_path / f"small_disk_{len(mounts)}")
+    os.makedirs(path)
+    mounted = False
+    if shutil.which("mount") and os.geteuid() == 0:
+      mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs",
+                                path], capture_output=True, timeout=30).returncode == 0
+    limit = size_kib * 1024
+
+    def preexec():
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+      resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    if mounted:
+      mounts.append(path)
+    return path, (None if mounted else preexec)
+
+  yield make
+  for path in mounts:
+    subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)

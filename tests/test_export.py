@@ -130,9 +130,18 @@ def test_bad_and_odd_inputs_are_flagged_or_resized_not_fatal(exported):
   np.testing.assert_allclose(out["probabilities"][4], ref["probabilities"][0], atol=1e-6)
   np.testing.assert_allclose(out["probabilities"][5], ref["probabilities"][1], atol=1e-6)
   np.testing.assert_allclose(out["probabilities"][11], ref["probabilities"][1], atol=1e-6)
-  # An empty batch and an all-invalid batch are answered too.
-  assert serve(image_bytes=tf.constant([], tf.string))["valid"].shape == (0,)
-  assert not serve(image_bytes=tf.constant([b"x"]))["valid"].numpy().any()
+  # An empty batch, each bad input alone (one image per request, as TF Serving's REST
+  # clients send them) and an all-invalid batch are answered, never failed as a whole:
+  # the network must not run on a zero-size batch (some CPUs' kernels reject it).
+  empty = {k: v.numpy() for k, v in serve(image_bytes=tf.constant([], tf.string)).items()}
+  assert empty["valid"].shape == (0,) and empty["classes"].shape == (0, 5)
+  bad_inputs = [batch[i] for i in np.flatnonzero(bad)]
+  for request in [[b] for b in bad_inputs] + [bad_inputs]:
+    out = {k: v.numpy() for k, v in serve(image_bytes=tf.constant(request)).items()}
+    assert not out["valid"].any() and (out["classes"] == -1).all(), request
+    assert (out["probabilities"] == 0).all() and all(out["error"]), out["error"]
+  images = exported[2].signatures["serving_images"]
+  assert images(images=tf.zeros([0, 8, 8, 3]))["classes"].shape == (0, 5)
 
 
 _FRESH = textwrap.dedent("""
@@ -157,9 +166,10 @@ _FRESH = textwrap.dedent("""
     # The saved_model_cli console script is `sys.exit(saved_model_cli.main())`: run its two
     # commands here, in the process that cannot import this project.
     from tensorflow.python.tools import saved_model_cli
+    run = ["saved_model_cli", "run", "--dir", sys.argv[1], "--tag_set", "serve",
+           "--signature_def", "serving_default", "--inputs"]
     for argv in (["saved_model_cli", "show", "--all", "--dir", sys.argv[1]],
-                 ["saved_model_cli", "run", "--dir", sys.argv[1], "--tag_set", "serve",
-                  "--signature_def", "serving_default", "--inputs", "image_bytes=" + sys.argv[3]]):
+                 run + ["image_bytes=" + sys.argv[3]], run + ["image_bytes=" + sys.argv[4]]):
       sys.argv = argv
       try:
         saved_model_cli.main()
@@ -180,11 +190,14 @@ def test_fresh_process_without_the_project_and_saved_model_cli(trained, exported
   script.write_text(_FRESH)
   npy = tmp_path / "bytes.npy"
   np.save(npy, np.array([jpeg_path.read_bytes()], dtype=object), allow_pickle=True)
+  bad_npy = tmp_path / "bad.npy"     # one request, one image, not valid: answered, not failed
+  np.save(bad_npy, np.array([b"not an image"], dtype=object), allow_pickle=True)
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"
   run = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
              env=env)
-  proc = subprocess.run([sys.executable, "-I", str(script), path, str(jpeg_path), str(npy)],
+  proc = subprocess.run([sys.executable, "-I", str(script), path, str(jpeg_path), str(npy),
+                         str(bad_npy)],
                         timeout=300, **run)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = proc.stdout
@@ -193,7 +206,10 @@ def test_fresh_process_without_the_project_and_saved_model_cli(trained, exported
   for needle in ("signature_def['serving_default']", "signature_def['serving_images']",
                  "image_bytes", "dtype: DT_STRING", "probabilities", "error"):
     assert needle in show, needle
-  assert "Result for output key valid" in run_out and "[ True]" in run_out, run_out
+  good_out, bad_out = run_out.split("END run")[:2]
+  assert "Result for output key valid" in good_out and "[ True]" in good_out, good_out
+  assert "Result for output key valid" in bad_out and "[False]" in bad_out, bad_out
+  assert "not a JPEG, PNG, GIF or BMP image" in bad_out and "[[-1" in bad_out, bad_out
 
 
 def test_tflite_float_and_int8(trained, tmp_path):
@@ -210,3 +226,26 @@ def test_tflite_float_and_int8(trained, tmp_path):
   # A barely trained tiny net has nearly tied logits, so int8 agreement here is a sanity
   # bound; the 200-image figure for a trained network is in the README.
   assert np.mean(q.argmax(-1) == keras_logits.argmax(-1)) >= 0.6
+
+
+@pytest.mark.slow
+def test_export_to_a_full_or_unusable_dir_is_one_error_line(trained, small_disk, tmp_path):
+  """A full disk or a path under a regular file: one line, exit 2, no .tmp version left."""
+  model_dir = trained[0]
+  base, preexec = small_disk(300)          # the write probe (256 KiB) fits, a SavedModel not
+  (tmp_path / "a_file").write_text("x")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  cases = [(os.path.join(base, "export"), preexec, ("No space left on device", "File too large")),
+           (str(tmp_path / "a_file" / "export"), None, ("Not a directory",))]
+  for export_dir, fn, needles in cases:
+    proc = subprocess.run([sys.executable, "-m", "nse_tf.export", f"--model_dir={model_dir}",
+                           f"--export_dir={export_dir}", "--verify_examples=0"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=fn)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert any(n in last for n in needles), last
+    if os.path.isdir(export_dir):
+      assert [n for n in os.listdir(export_dir) if n != ".lock"] == [], os.listdir(export_dir)

@@ -16,11 +16,15 @@ from nse_tf import cost, evolution, spaces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A reduced demo: the real search on the tiny macro, a handful of steps and candidates.
+# A reduced demo: the real search on the tiny macro, few candidates, but 2 rounds of 60
+# steps: enough for a float difference in any step to reach the candidates' accuracies
+# (6 steps were not: two runs agreed on every output while their weights differed).
 SMOKE = ["--flagfile=flags/demo.cfg", "--max_ops=2", "--rounds=2", "--epochs=1",
-         "--steps_per_epoch=6", "--num_samples=10", "--num_edge=3", "--bn_recal_batches=2",
+         "--steps_per_epoch=60", "--num_samples=10", "--num_edge=3", "--bn_recal_batches=2",
          "--eval_examples=96", "--eval_batch=48", "--interval=150,1000", "--edge_lo=0",
-         "--checkpoint_every=2", "--progress=false", "--global_batch=32"]
+         "--checkpoint_every=20", "--progress=false", "--global_batch=32"]
+COMPARED = ("final_arch.json", "round_01/front.json", "round_02/front.json",
+            "round_01/candidates.csv", "round_02/candidates.csv")
 
 
 def _cli(args, out_dir, **kw):
@@ -34,6 +38,19 @@ def _run(args, out_dir, timeout=900):
   p = _cli(args, out_dir)
   out, err = p.communicate(timeout=timeout)
   return p.returncode, out, err
+
+
+def _tb_losses(out_dir):
+  """round/loss per (round, step) from the TensorBoard logs, as exact float32 bits."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  losses = {}
+  for r in ("round_01", "round_02"):
+    acc = event_accumulator.EventAccumulator(str(out_dir / "tb" / r),
+                                             size_guidance={"tensors": 0})
+    acc.Reload()
+    for e in acc.Tensors("round/loss"):
+      losses[(r, e.step)] = e.tensor_proto.SerializeToString()
+  return losses
 
 
 # ------------------------------------------------------------------ units
@@ -237,10 +254,33 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path)
 
 
 @pytest.mark.slow
+def test_same_command_same_result_beside_a_cpu_hog(smoke_run, tmp_path):
+  """Two processes, one sharing the CPU with a busy loop, write byte-identical outputs.
+
+  Without --deterministic's single inter-op thread the training losses already
+  differed in round 1 here (TensorFlow's AddN sums in an order that depends on which
+  of its inputs' buffers is free first, i.e. on thread timing).
+  """
+  ref, _, _ = smoke_run
+  out = tmp_path / "beside_hog"
+  hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+  try:
+    code, _, stderr = _run(SMOKE, str(out))
+  finally:
+    hog.kill()
+    hog.wait()
+  assert code == 0, stderr[-4000:]
+  assert _tb_losses(out) == _tb_losses(ref)
+  for name in COMPARED:
+    assert (out / name).read_text() == (ref / name).read_text(), name
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
   ref, _, _ = smoke_run
   out = tmp_path / "killed"
-  # Kill once mid-evaluation of round 1 and once mid-training of round 2.
+  # Kill once mid-evaluation of round 1 and once mid-training of round 2. While the
+  # first run works, a second search on its directory is refused (one writer per run).
   for marker in ("round_01/evaluated.jsonl", "round_02/ckpt/checkpoint"):
     p = _cli(SMOKE, str(out))
     deadline = time.time() + 600
@@ -251,12 +291,16 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
         break
       time.sleep(0.2)
     assert p.poll() is None, "the run ended before it could be killed"
+    if marker.endswith(".jsonl"):
+      code, _, err = _run(SMOKE, str(out), timeout=120)
+      assert code == 2 and f"pid {p.pid}" in err and "Traceback" not in err, err[-2000:]
+      assert err.strip().splitlines()[-1].startswith("error: ")
+      assert p.poll() is None
     p.send_signal(signal.SIGKILL)
     p.wait()
   code, _, stderr = _run(SMOKE, str(out))
   assert code == 0, stderr[-4000:]
-  for name in ("final_arch.json", "round_01/front.json", "round_02/front.json",
-               "round_01/candidates.csv", "round_02/candidates.csv"):
+  for name in COMPARED:
     assert (out / name).read_text() == (ref / name).read_text(), name
 
 
@@ -280,21 +324,47 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
       (["--flagfile=flags/demo.cfg", "--dataset=cifar10", f"--data_dir={tmp_path}/tfds"],
        "tfds build cifar10"),
   ]
+  # Every check that needs no training runs before the first write: a failed start
+  # leaves no config.json that would refuse the corrected command.
+  cases.append((["--flagfile=flags/demo.cfg", "--interval=5000,6000", "--edge_lo=0"],
+                "cannot be reached in round 1"))
+  # Refused as with TF_CONFIG (the tests run without one), not accepted as one worker.
+  cases.append((["--flagfile=flags/demo.cfg", "--strategy=multi_worker", "--sync_bn"],
+                "sync_bn is not supported under --strategy=multi_worker"))
   for args, needle in cases:
     code, _, err = _run(args, str(tmp_path / "o"), timeout=120)
     assert code != 0, args
     assert needle in err, (args, err[-2000:])
     assert "Traceback" not in err, (args, err[-2000:])
+    assert not (tmp_path / "o" / "config.json").exists(), args
   code, _, err = _run(["--flagfile=flags/demo.cfg"], "/proc/nse_no_such_dir", timeout=120)
   assert code != 0 and "cannot write to --output_dir" in err
   corrupt = tmp_path / "corrupt"
   args = ["--flagfile=flags/demo.cfg", "--space=flops72", f"--init_from={tmp_path}/none"]
-  code, _, err = _run(args, str(corrupt), timeout=120)   # writes config.json, then stops
+  code, _, err = _run(args, str(corrupt), timeout=120)
   assert code != 0 and "no state.json there" in err
+  assert not (corrupt / "config.json").exists()
   (corrupt / "state.json").write_text("{oops")
   code, _, err = _run(args, str(corrupt), timeout=120)
   assert code != 0 and "corrupt" in err and "Traceback" not in err
   assert (corrupt / "state.json").read_text() == "{oops"      # nothing overwritten
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_error_line_and_leaves_no_temporary_files(small_disk):
+  """The first checkpoint (step 20) does not fit: one line, no ckpt-N_temp, exit 2."""
+  base, preexec = small_disk(400)          # the write probe (256 KiB) passes, a checkpoint not
+  out = os.path.join(base, "run")
+  p = _cli(SMOKE, out, preexec_fn=preexec)
+  _, err = p.communicate(timeout=900)
+  assert p.returncode == 2, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: ") and "Traceback" not in err, err[-3000:]
+  assert "No space left on device" in last or "File too large" in last, last
+  assert "run the same command again" in last
+  litter = [os.path.join(d, n) for d, dirs, files in os.walk(out) for n in dirs + files
+            if "_temp" in n or ".tmp" in n or n.startswith(".write_test")]
+  assert not litter, litter
 
 
 def test_second_space_continues_a_finished_flops27_search(tmp_path):

@@ -148,6 +148,56 @@ def test_search_sgd_defers_off_op_updates_exactly():
   np.testing.assert_array_equal(pending[2], once[2])
 
 
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+  """A checkpoint cut short (full disk, interrupted copy) costs its steps, not the run."""
+  model_dir = str(tmp_path / "ckpt")
+  t = _trainer(model_dir)
+  for step in (2, 4):                       # two checkpoints, as a round would leave them
+    t.step.assign(step)
+    t.save()
+  del t
+  data_files = sorted(f for f in os.listdir(model_dir) if f.startswith("ckpt-4.data"))
+  path = os.path.join(model_dir, data_files[0])
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  notes = []
+  monkeypatch.setattr(trainer.logging, "warning", lambda fmt, *a: notes.append(fmt % a))
+  resumed = _trainer(model_dir)
+  assert resumed.restored and int(resumed.step.numpy()) == 2
+  assert any("resumed from" in n and "ckpt-2" in n and "ckpt-4" in n for n in notes), notes
+  del resumed
+  for name in os.listdir(model_dir):
+    if name.startswith("ckpt-2.data"):
+      with open(os.path.join(model_dir, name), "r+b") as f:
+        f.truncate(10)
+  with pytest.raises(trainer.CheckpointError, match=r"no checkpoint in .* can be read back.*"
+                     r"ckpt-4.*ckpt-2.*delete .*ckpt"):
+    _trainer(model_dir)
+
+
+def test_failed_checkpoint_write_leaves_no_temporary_files(tmp_path):
+  """A save that fails half-way (here: the merge step) leaves no ckpt-N_temp behind."""
+  model_dir = str(tmp_path / "ckpt")
+  t = _trainer(model_dir)
+  t.step.assign(2)
+  t.save()
+  real = t.manager._checkpoint._write    # pylint: disable=protected-access
+
+  def write_then_fail(prefix, *args, **kwargs):
+    os.makedirs(prefix + "_temp", exist_ok=True)      # what TensorFlow leaves on ENOSPC
+    open(os.path.join(prefix + "_temp", "part-00000-of-00001.data-00000-of-00001"),
+         "wb").close()
+    raise tf.errors.ResourceExhaustedError(None, None, f"{prefix}; No space left on device")
+
+  t.manager._checkpoint._write = write_then_fail      # pylint: disable=protected-access
+  t.step.assign(4)
+  with pytest.raises(tf.errors.ResourceExhaustedError):
+    t.save()
+  t.manager._checkpoint._write = real                 # pylint: disable=protected-access
+  assert sorted(n for n in os.listdir(model_dir) if "ckpt-4" in n) == []
+  assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-2")
+
+
 def test_config_errors_are_clear():
   with pytest.raises(ValueError, match="gate_sampling"):
     trainer.TrainConfig(gate_sampling="bogus").validate()
