@@ -137,11 +137,7 @@ class Runner:
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     model = nsenet.build_nsenet(a, self.data.info.num_classes, (size, size, 3))
-    if FLAGS.weight_decay:
-      for layer in model.submodules:
-        if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)) and \
-            not isinstance(layer, keras.layers.DepthwiseConv2D):
-          layer.kernel_regularizer = None
+    if FLAGS.weight_decay:      # L2 on conv/fc kernels only (SPEC §4), not BN or biases
       model.add_loss(lambda: FLAGS.weight_decay * sum(
           keras.backend.sum(keras.backend.square(w)) for w in model.trainable_weights
           if "kernel" in w.name and len(w.shape) > 1))

@@ -93,8 +93,9 @@ def describe_demo_datasets() -> str:
       "16x16 RGB images with random rotation, scale, shear and shift, a faint fragment of "
       "another digit, random colours and pixel noise: 12,000 train (the first 2,400, the "
       "default held-out part, from digits the rest never uses) / 2,000 validation (from "
-      "the validation digits). Networks leave chance within ~50 steps and differ: random "
-      "architectures of equal cost spread ~3 points, training seeds ~0.7.")
+      "the validation digits). A tiny-macro network reaches ~70% after 150 steps of 64 and "
+      "85-90% after 600; random architectures of equal cost differ by ~1.4 points (std), "
+      "training seeds by ~0.6.")
 
 
 def _readonly(*arrays):

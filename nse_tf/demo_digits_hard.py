@@ -7,11 +7,12 @@ search. This task sits between: scikit-learn's 8x8 digits, each drawn into a 16x
 with a random affine distortion (rotation ±25°, scale 1.5–2.2×, shear ±0.2, shift ±2.5 px),
 a fragment of another digit behind it (60 % of images, at 30–70 % contrast), random dark
 background and bright foreground colours, and Gaussian pixel noise (σ 3–15 % of the range).
-Bright-on-dark is fixed on purpose: with random polarity the same networks stayed near
-chance (~24 %) after 300 steps. Measured (tiny macro, 16x16, 300 SGD steps of 64, six
-random flops27 architectures of 250–300 MFLOPs): 82 % mean validation accuracy, standard
-deviation 2.8 points across architectures against 0.65 points across two training seeds
-of one architecture. The numbers behind the choice are in the README (Search quality).
+Bright-on-dark is fixed on purpose: with random polarity the same networks were at
+~24 % (chance: 10 %) after 300 steps. Measured (tiny macro, 16x16, random flops27
+architectures of 250–300 MFLOPs): after 600 SGD steps of 64, 87.8 % mean validation
+accuracy, standard deviation 1.36 points across ten architectures against 0.57 points
+across two training seeds of one architecture (benchmarks/search_quality.py). The numbers
+behind the choice are in the README (Data, Search quality).
 
 Splits. Digits are split by *source image* so that no scikit-learn digit appears in two
 splits: the 359-digit stratified validation part of `demo_digits` gives the 2,000

@@ -6,33 +6,60 @@ after a whole round of training.
 """
 
 import os
+import re
 
 import numpy as np
 import pytest
-from absl import flags
 
-from nse_tf import cost, evolution, search, spaces  # noqa: F401  (search defines the flags)
+from nse_tf import cost, evolution, spaces
 
-FLAGS = flags.FLAGS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEARCH_FLAGFILES = ["demo.cfg", "proxy.cfg", "flops.cfg", "latency_demo.cfg"]
+SEARCH_FLAGFILES = ["demo.cfg", "proxy.cfg", "proxy_second_space.cfg", "flops.cfg",
+                    "second_space.cfg", "latency_demo.cfg"]
 # Short CPU searches whose interval must already be filled at θ = 0 (the paper's settings
 # rely on θ moving the cost down to τ over a long round).
 THETA0_REACHABLE = ["demo.cfg", "proxy.cfg"]
 
 
-def parse_flagfile(name):
-  """{flag: parsed value} of a flagfile (nested --flagfile expanded), FLAGS untouched."""
-  args = FLAGS.read_flags_from_files([f"--flagfile={os.path.join(ROOT, 'flags', name)}"],
-                                     force_gnu=False)
+def _search_flag_types():
+  """{flag name: DEFINE kind} of the search CLI, read from its source.
+
+  Importing nse_tf.search would define its flags in this process, where another test
+  module's CLI flags may already hold the same names.
+  """
+  kinds = {}
+  for module in ("common_flags.py", "search.py"):
+    with open(os.path.join(ROOT, "nse_tf", module), encoding="utf-8") as f:
+      for kind, name in re.findall(r'flags\.DEFINE_(\w+)\(\s*"(\w+)"', f.read()):
+        kinds[name] = kind
+  return kinds
+
+
+def parse_flagfile(name, _kinds=None):
+  """{flag: value} of a search flagfile (nested --flagfile expanded, later lines win)."""
+  kinds = _kinds or _search_flag_types()
   values = {}
-  for arg in args:
-    assert arg.startswith("--"), arg
-    key, _, raw = arg[2:].partition("=")
-    if key.startswith("no") and key[2:] in FLAGS and not raw:
-      key, raw = key[2:], "false"
-    assert key in FLAGS, f"{name}: unknown flag --{key}"
-    values[key] = FLAGS[key].parser.parse(raw if raw else "true")
+  with open(os.path.join(ROOT, "flags", name), encoding="utf-8") as f:
+    lines = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
+  for line in lines:
+    assert line.startswith("--"), f"{name}: {line!r}"
+    key, _, raw = line[2:].partition("=")
+    if key == "flagfile":
+      values.update(parse_flagfile(os.path.relpath(os.path.join(ROOT, raw), os.path.join(
+          ROOT, "flags")), kinds))
+      continue
+    assert key in kinds, f"{name}: unknown flag --{key}"
+    kind = kinds[key]
+    if kind == "integer":
+      values[key] = int(raw)
+    elif kind == "float":
+      values[key] = float(raw)
+    elif kind == "bool":
+      values[key] = raw.lower() in ("true", "1", "")
+    elif kind == "list":
+      values[key] = raw.split(",")
+    else:
+      values[key] = raw
   return values
 
 
