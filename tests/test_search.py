@@ -214,7 +214,7 @@ def test_smoke_search_writes_every_output(smoke_run):
 @pytest.mark.xfail(strict=False, reason=(
     "issue 14, open: one inter-op thread removed the AddN summation-order race, but "
     "another run-to-run difference remains (four 20-step demo runs beside each other "
-    "gave three different step-20 losses); this passed once with 2 ops per layer"))
+    "gave three different step-20 losses); with 2 ops per layer it passed both times here"))
 def test_same_command_same_result_beside_a_cpu_hog(tmp_path):
   """Two processes, one sharing the CPU with a busy loop, write byte-identical outputs."""
   ref, out = tmp_path / "alone", tmp_path / "beside_hog"
