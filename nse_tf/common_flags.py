@@ -47,10 +47,10 @@ flags.DEFINE_bool("sync_bn", False,
                   "Batch norm over the global batch (mirrored or tpu; see README).")
 flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
 flags.DEFINE_integer("seed", 0, "Seed of queues, gates, data order and initialisation.")
-flags.DEFINE_bool("deterministic", True, "Bit-reproducible runs: TensorFlow op determinism "
-                  "and one op at a time (inter-op parallelism 1; each op still uses every "
-                  "core). The same command gives the same result, and a killed and resumed "
-                  "run ends exactly like an uninterrupted one.")
+flags.DEFINE_bool("deterministic", True, "TensorFlow op determinism and one op at a time "
+                  "(inter-op parallelism 1; each op still uses every core), so that a run "
+                  "depends less on thread timing. Runs in separate processes can still "
+                  "differ in the last bits (see README, issue 14).")
 FLAGS = flags.FLAGS
 
 
@@ -65,7 +65,8 @@ def setup_tensorflow():
   gradients, change from run to run, more under load. Measured on the tiny supernet:
   the stem's gradient took one of two values from call to call in one process (7 of
   30 calls differed); with one inter-op thread, 40 of 40 calls agreed, also next to
-  CPU-hogging processes. Kernels still use every core (intra-op threads).
+  CPU-hogging processes. Kernels still use every core (intra-op threads). This is
+  not the only source: separate processes of the demo still diverge (README).
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
