@@ -101,15 +101,7 @@ class Runner:
                               image_size=cfg["image_size"],
                               holdout_examples=cfg.get("holdout_examples"))
     self.cache_path = cache_path
-    self.cache = {}
-    if os.path.exists(cache_path):
-      with open(cache_path, encoding="utf-8") as f:
-        for line in f:
-          try:
-            rec = json.loads(line)
-          except json.JSONDecodeError:
-            break
-          self.cache[rec["key"]] = rec
+    self.cache = {rec["key"]: rec for rec in arch_lib.read_jsonl(cache_path)}
     self.trained = 0
     self.seconds = 0.0
 

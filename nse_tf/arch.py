@@ -318,6 +318,19 @@ def atomic_write_text(path: str, text: str) -> None:
     raise
 
 
+def read_jsonl(path: str) -> List[Any]:
+  """The records of an append-only JSON-lines log, up to a line cut short by a kill."""
+  records = []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          break     # the last line of a killed writer: what follows is redone
+  return records
+
+
 # ------------------------------------------------------------------ released
 def released_names() -> List[str]:
   return sorted(_released()["architectures"])

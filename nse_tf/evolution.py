@@ -28,7 +28,7 @@ from nse_tf import arch as arch_lib
 from nse_tf import cost as cost_lib
 from nse_tf import pareto
 from nse_tf import spaces
-from nse_tf.arch import Architecture, atomic_write_text
+from nse_tf.arch import Architecture, atomic_write_text, read_jsonl
 
 STATE_VERSION = 1
 KIND_PRIORITY = {"sample": 0, "edge": 0, "prev_front": 1}   # ties go to new samples
@@ -553,17 +553,11 @@ class Search:
     done: Dict[int, float] = {}
     self.halves: Dict[int, Tuple[float, float]] = {}
     keys = [self._key(c) for _, c in cands]
-    if os.path.exists(log_path):
-      with open(log_path, encoding="utf-8") as f:
-        for line in f:
-          try:
-            rec = json.loads(line)
-          except json.JSONDecodeError:
-            break     # a line cut by a kill: evaluate that candidate again
-          if rec.get("i") is not None and rec["i"] < len(keys) and rec.get("key") == keys[rec["i"]]:
-            done[rec["i"]] = rec["accuracy"]
-            if rec.get("halves"):
-              self.halves[rec["i"]] = tuple(rec["halves"])
+    for rec in read_jsonl(log_path):      # a line cut by a kill: evaluated again
+      if rec.get("i") is not None and rec["i"] < len(keys) and rec.get("key") == keys[rec["i"]]:
+        done[rec["i"]] = rec["accuracy"]
+        if rec.get("halves"):
+          self.halves[rec["i"]] = tuple(rec["halves"])
     todo = [i for i in range(len(cands)) if i not in done]
     if not todo:
       return done
