@@ -33,10 +33,10 @@ import os
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from nse_tf import arch as arch_lib
-from nse_tf import cost, spaces, stats
+from nse_tf import cli, cost, spaces, stats
 
 flags.DEFINE_string("search_dir", None, "Output dir of a finished search.")
 flags.DEFINE_integer("steps", 600, "Training steps per network (the same for all).")
@@ -146,15 +146,26 @@ class Runner:
     return float(np.mean(accs)), accs
 
 
+def _read_json(out, name):
+  path = os.path.join(out, name)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise cli.UsageError(f"--search_dir={out}: no {name}; point it at the --output_dir of "
+                         "a finished python -m nse_tf.search run") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise cli.UsageError(f"{path} is unreadable ({e}); re-run the search with --overwrite "
+                         "or point --search_dir at another run") from None
+
+
 def main(_):
   out = FLAGS.search_dir
-  with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
-    cfg = json.load(f)
-  with open(os.path.join(out, "state.json"), encoding="utf-8") as f:
-    state = json.load(f)
+  cfg = _read_json(out, "config.json")
+  state = _read_json(out, "state.json")
   if state.get("phase") != "done":
-    raise app.UsageError(f"{out} is not a finished search (phase {state.get('phase')!r}); "
-                         "re-run the search command to finish it")
+    raise cli.UsageError(f"{out} is not a finished search (phase {state.get('phase')!r}); "
+                         "run the same search command again to finish it")
   macro = cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]]
   lo, hi = (float(v) for v in cfg["interval"])
   final = arch_lib.Architecture.load(os.path.join(out, "final_arch.json"))
@@ -273,4 +284,4 @@ def main(_):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("search_dir")
-  app.run(main)
+  cli.run(main)

@@ -28,6 +28,7 @@ from nse_tf import arch as arch_lib
 from nse_tf import cost as cost_lib
 from nse_tf import pareto
 from nse_tf import spaces
+from nse_tf import stats
 from nse_tf.arch import Architecture, atomic_write_text, read_jsonl
 
 STATE_VERSION = 1
@@ -512,15 +513,13 @@ class Search:
     self._write_round(r, rdir, cands, archs, costs, accs, kinds, set(front_idx), front_archs,
                       start_sets, pruned, added)
     best = max(self.state.front, key=lambda f: f["accuracy"])
-    # Is the ranking above noise? The spread of the candidates' accuracies against the
-    # binomial standard error of one candidate's accuracy on the evaluated examples.
+    # Is the ranking above noise? The candidates' spread, one candidate's binomial
+    # standard error, and the split-half reliability of their ranking.
     sample_accs = np.asarray([a for a, k in zip(accs, kinds) if k == "sample"])
-    num_eval = self.data.info.num_holdout
-    if self.cfg.eval_examples:
-      num_eval = min(num_eval, self.cfg.eval_examples)
+    num_eval = eval_count(self.data, self.cfg)
     spread = float(sample_accs.std(ddof=1)) if len(sample_accs) > 1 else 0.0
     mean_acc = float(sample_accs.mean()) if len(sample_accs) else 0.0
-    se = float(np.sqrt(max(mean_acc * (1 - mean_acc), 0.0) / max(1, num_eval)))
+    se = stats.binomial_se(mean_acc, max(1, num_eval))
     halves = [self.halves[i] for i, k in enumerate(kinds) if k == "sample" and i in self.halves]
     reliability = split_half_reliability(halves)
     n_inherited = sum(len(a) for a in self.state.inherited)
@@ -632,6 +631,12 @@ class Search:
                       cost_unit=self.table.unit)
 
 
+def eval_count(data, cfg: SearchConfig) -> int:
+  """Held-out examples each candidate is evaluated on."""
+  n = data.info.num_holdout
+  return min(n, cfg.eval_examples) if cfg.eval_examples else n
+
+
 def split_half_reliability(halves: Sequence[Tuple[float, float]]) -> Dict[str, Any]:
   """Is the candidates' ranking above noise? Their split-half reliability.
 
@@ -685,10 +690,7 @@ class CandidateEvaluator:
     self.recal_iter = iter(self.strategy.distribute_datasets_from_function(
         lambda ctx: recal_fn(ctx).skip(skip * ctx.num_replicas_in_sync // ctx.num_input_pipelines)))
     eval_batch = cfg.eval_batch
-    n = data.info.num_holdout
-    if cfg.eval_examples:
-      n = min(n, cfg.eval_examples)
-    self.num_eval = n
+    n = self.num_eval = eval_count(data, cfg)
     self.eval_ds = self.strategy.distribute_datasets_from_function(
         lambda ctx: data.holdout(eval_batch, repeat=False, shuffle=False,
                                  input_context=ctx).unbatch().take(n // ctx.num_input_pipelines)

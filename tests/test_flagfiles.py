@@ -89,10 +89,7 @@ def test_search_flagfile_parses_and_interval_is_inside_round1_range(name):
     return
   cfg = config_from(values)
   state, table, kinds = _round1(cfg)
-  cheapest = table.fixed + sum(0.0 if k == "N" else min(table.layer_costs(l)[i] for i in ws)
-                               for l, (k, ws) in enumerate(zip(kinds, state.working_sets)))
-  dearest = table.fixed + sum(sum(table.layer_costs(l)[i] for i in ws)
-                              for l, ws in enumerate(state.working_sets))
+  cheapest, dearest = evolution.cost_range(table, state.working_sets, kinds)
   lo, hi = cfg.interval
   assert cheapest < cfg.edge_lo and hi < dearest, (cheapest, dearest)
 
