@@ -357,17 +357,27 @@ def check_strategy(config: TrainConfig, strategy) -> None:
   """
   replicas = strategy.num_replicas_in_sync
   reason = sync_bn_lib.unsupported_reason(strategy) if config.sync_bn else None
-  if config.sync_bn and reason is None and isinstance(
-      strategy, tf.distribute.MultiWorkerMirroredStrategy):
-    reason = "is not supported under --strategy=multi_worker (with or without TF_CONFIG)"
+  if reason is None and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    check_strategy_name(config, "multi_worker")
+  _refuse_sync_bn(reason)
+  if config.global_batch % replicas:
+    raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
+                      "replicas")
+
+
+def check_strategy_name(config: TrainConfig, name: str) -> None:
+  """The part of `check_strategy` known from the strategy's name, before it is built."""
+  if config.sync_bn and name == "multi_worker":
+    _refuse_sync_bn("is not supported under --strategy=multi_worker (with or without "
+                    "TF_CONFIG)")
+
+
+def _refuse_sync_bn(reason: Optional[str]) -> None:
   if reason:
     raise ConfigError(
         f"sync_bn {reason}: the candidate ops' batch norms run inside the tf.cond that "
         "skips an inactive branch, and moments are summed there only over local devices. "
         "Drop --sync_bn (per-replica batch norm, ≥ 32 images per replica) for multi_worker")
-  if config.global_batch % replicas:
-    raise ConfigError(f"global batch {config.global_batch} is not divisible by {replicas} "
-                      "replicas")
 
 
 @dataclasses.dataclass

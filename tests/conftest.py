@@ -20,6 +20,34 @@ import subprocess  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _global_state_restored():
+  """Every test leaves TensorFlow's, Keras', NumPy's and absl's global settings as it found
+  them (op determinism, seeds, mixed-precision policy, log verbosity), so that no test
+  depends on which ran before it."""
+  import random  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+  determinism = tf_config.is_op_determinism_enabled()
+  policy = keras.mixed_precision.global_policy().name
+  seed, _ = tf.compat.v1.get_seed(None)
+  py_state, np_state = random.getstate(), np.random.get_state()
+  verbosity, tf_level = logging.get_verbosity(), tf.get_logger().level
+  yield
+  if tf_config.is_op_determinism_enabled() != determinism:
+    (tf_config.enable_op_determinism if determinism else tf_config.disable_op_determinism)()
+  keras.mixed_precision.set_global_policy(policy)
+  if tf.compat.v1.get_seed(None)[0] != seed:
+    tf.random.set_seed(seed)
+  random.setstate(py_state)
+  np.random.set_state(np_state)
+  logging.set_verbosity(verbosity)
+  tf.get_logger().setLevel(tf_level)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
   """make(size_kib) -> (directory, preexec_fn): a child process runs out of space there.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nse_tf import arch as arch_lib
-from nse_tf import cost, evolution, spaces
+from nse_tf import cli, cost, evolution, search, spaces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +41,13 @@ def _run(args, out_dir, timeout=900):
   p = _cli(args, out_dir)
   out, err = p.communicate(timeout=timeout)
   return p.returncode, out, err
+
+
+def _invoke(args, out_dir, capsys):
+  """The search command in this process (its own flags): (status, stdout, stderr)."""
+  code = cli.invoke(search.define_flags, search.main, [*args, f"--output_dir={out_dir}"])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
 
 
 def _tb_losses(out_dir):
@@ -310,16 +317,16 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_configuration(smoke_run):
+def test_resume_refuses_a_changed_configuration(smoke_run, capsys):
   ref, _, _ = smoke_run
   before = (ref / "final_arch.json").read_text()
-  code, _, err = _run(SMOKE + ["--tau=123"], str(ref))
+  code, _, err = _invoke(SMOKE + ["--tau=123"], ref, capsys)
   assert code != 0
   assert "tau: 250.0 -> 123.0" in err and "--overwrite" in err and "Traceback" not in err
   assert (ref / "final_arch.json").read_text() == before
 
 
-def test_bad_inputs_give_one_clear_line(tmp_path):
+def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
   cases = [
       (["--flagfile=flags/demo.cfg", "--bogus_flag=1"], "bogus_flag"),
       (["--flagfile=flags/nope.cfg"], "nope.cfg"),
@@ -337,20 +344,20 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
   cases.append((["--flagfile=flags/demo.cfg", "--strategy=multi_worker", "--sync_bn"],
                 "sync_bn is not supported under --strategy=multi_worker"))
   for args, needle in cases:
-    code, _, err = _run(args, str(tmp_path / "o"), timeout=120)
+    code, _, err = _invoke(args, tmp_path / "o", capsys)
     assert code != 0, args
     assert needle in err, (args, err[-2000:])
     assert "Traceback" not in err, (args, err[-2000:])
     assert not (tmp_path / "o" / "config.json").exists(), args
-  code, _, err = _run(["--flagfile=flags/demo.cfg"], "/proc/nse_no_such_dir", timeout=120)
+  code, _, err = _invoke(["--flagfile=flags/demo.cfg"], "/proc/nse_no_such_dir", capsys)
   assert code != 0 and "cannot write to --output_dir" in err
   corrupt = tmp_path / "corrupt"
   args = ["--flagfile=flags/demo.cfg", "--space=flops72", f"--init_from={tmp_path}/none"]
-  code, _, err = _run(args, str(corrupt), timeout=120)
+  code, _, err = _invoke(args, corrupt, capsys)
   assert code != 0 and "no state.json there" in err
   assert not (corrupt / "config.json").exists()
   (corrupt / "state.json").write_text("{oops")
-  code, _, err = _run(args, str(corrupt), timeout=120)
+  code, _, err = _invoke(args, corrupt, capsys)
   assert code != 0 and "corrupt" in err and "Traceback" not in err
   assert (corrupt / "state.json").read_text() == "{oops"      # nothing overwritten
 
@@ -401,10 +408,10 @@ def test_second_space_continues_a_finished_flops27_search(tmp_path):
 # ------------------------------------------------------------------ latency constraint
 
 
-def test_latency_search_with_a_missing_table_is_one_error_line(tmp_path):
+def test_latency_search_with_a_missing_table_is_one_error_line(tmp_path, capsys):
   out = tmp_path / "run"
-  code, _, err = _run(["--flagfile=flags/latency_demo.cfg",
-                       f"--latency_lut={tmp_path / 'nope.json'}"], str(out), timeout=120)
+  code, _, err = _invoke(["--flagfile=flags/latency_demo.cfg",
+                          f"--latency_lut={tmp_path / 'nope.json'}"], out, capsys)
   assert code == 2
   last = err.strip().splitlines()[-1]
   assert last.startswith("error: --latency_lut=") and "tools/build_latency_lut.py" in last
