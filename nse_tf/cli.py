@@ -68,8 +68,9 @@ def disk_error(e: BaseException) -> Optional[str]:
   return None
 
 
-def _call(main: Callable[..., int | None], argv: Sequence[str], *args) -> int:
-  """Runs main; a user error or a refused write becomes one 'error: …' line and status 2."""
+def call(main: Callable[..., int | None], argv: Sequence[str], *args) -> int:
+  """main(argv, *args) as the shell runs it: a user error or a refused write becomes one
+  'error: …' line on stderr and status 2; returns the exit status."""
   try:
     return main(argv, *args) or 0
   except user_errors() as e:  # pylint: disable=catching-non-exception
@@ -102,7 +103,7 @@ def run(main: Callable[..., int | None],
   def wrapped(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected positional arguments: {' '.join(argv[1:])}")
-    code = _call(main, argv)
+    code = call(main, argv)
     if code:
       sys.exit(code)
     return 0
@@ -138,4 +139,4 @@ def invoke(define_flags: Callable[[flags.FlagValues], None],
   except (flags.Error, UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  return _call(main, [sys.argv[0]], flag_values)
+  return call(main, [sys.argv[0]], flag_values)

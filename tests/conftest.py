@@ -10,6 +10,14 @@ from absl import flags  # noqa: E402
 # absl would otherwise try to parse pytest's command line ("Unknown command line flag").
 flags.FLAGS(["pytest"], known_only=True)
 
+# Two logical CPUs for the MirroredStrategy tests, set before TensorFlow initialises its
+# devices (TensorFlow's own mirrored_strategy_with_two_cpus pattern): they run in this
+# process. Everything else runs on the default device, /cpu:0, as before.
+import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
+
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
 
 
 import resource  # noqa: E402
