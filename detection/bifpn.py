@@ -64,6 +64,7 @@ class FastFusion(keras.layers.Layer):
                 epsilon=self.epsilon)
 
 
+@keras.utils.register_keras_serializable(package="nse_tf")
 class BiFPN(keras.Model):
   """BiFPN over levels min_level..max_level, `num_cells` cells of `num_filters` channels."""
 

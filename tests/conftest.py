@@ -28,6 +28,18 @@ import subprocess  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session")
+def mirrored_two_cpus():
+  """One MirroredStrategy over the two logical CPUs, shared by every test that needs one.
+
+  A second instance in the same process hands out the same collective instance keys as
+  the first, and TensorFlow's collective executor refuses a key it has seen with another
+  dtype ("Collective instance 100 expected … data_type 1 but got … data_type 2").
+  """
+  from nse_tf import distribute  # pylint: disable=g-import-not-at-top
+  return distribute.get_strategy("mirrored", num_cpu_replicas=2)
+
+
 @pytest.fixture(autouse=True)
 def _global_state_restored():
   """Every test leaves TensorFlow's, Keras', NumPy's and absl's global settings as it found

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from nse_tf import data, distribute  # noqa: E402
+from nse_tf import data  # noqa: E402
 
 MEAN = np.array(data.IMAGENET_MEAN_RGB, np.float32)
 STD = np.array(data.IMAGENET_STDDEV_RGB, np.float32)
@@ -279,8 +279,8 @@ def test_tfds_iterator_checkpoint(tiny_tfds_dir, tmp_path):
 
 # ------------------------------------------------------------------ distribution
 
-def test_distribute_datasets_from_function_mirrored_two_cpus():
-  strategy = distribute.get_strategy("mirrored", num_cpu_replicas=2)
+def test_distribute_datasets_from_function_mirrored_two_cpus(mirrored_two_cpus):
+  strategy = mirrored_two_cpus
   assert strategy.num_replicas_in_sync == 2
   d = data.get_data("demo_digits", image_size=16, holdout_examples=50)
   ds = strategy.distribute_datasets_from_function(d.dataset_fn("train", 8, seed=1))

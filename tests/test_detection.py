@@ -204,6 +204,31 @@ def test_nsenet_backbone_matches_build_nsenet():
   assert want["5"].shape[-1] == bb.output_specs["5"][-1]
 
 
+def test_backbone_and_bifpn_serialize_deserialize():
+  """tf-models' backbone-test pattern: get_config -> from_config gives the same network."""
+  from detection import bifpn  # pylint: disable=import-outside-toplevel
+  reg = keras.regularizers.L2(4e-5)
+  bb = nsenet_backbone.NSENetBackbone(tiny_arch(), keras.layers.InputSpec(
+      shape=[None, SIZE, SIZE, 3]), min_level=3, kernel_regularizer=reg)
+  config = bb.get_config()
+  assert config["input_specs"] == [None, SIZE, SIZE, 3] and config["min_level"] == 3
+  again = nsenet_backbone.NSENetBackbone.from_config(config)
+  assert again.get_config() == config
+  assert {k: v.as_list() for k, v in again.output_specs.items()} == {
+      k: v.as_list() for k, v in bb.output_specs.items()}
+  assert again.count_params() == bb.count_params() and len(again.losses) == len(bb.losses)
+  fpn = bifpn.BiFPN(bb.output_specs, min_level=3, max_level=6, num_filters=16, num_cells=1)
+  config = fpn.get_config()
+  again = bifpn.BiFPN.from_config(config)
+  assert again.get_config() == config and again.count_params() == fpn.count_params()
+  # Registered: Keras' own (de)serialisation finds both classes by name.
+  for obj in (bb, fpn):
+    name = keras.utils.get_registered_name(type(obj))
+    assert name.startswith("nse_tf>")
+    rebuilt = keras.utils.deserialize_keras_object(keras.utils.serialize_keras_object(obj))
+    assert type(rebuilt) is type(obj) and rebuilt.get_config() == obj.get_config()
+
+
 def test_fast_fusion_is_normalised():
   from detection import bifpn  # pylint: disable=import-outside-toplevel
   fuse = bifpn.FastFusion(2)

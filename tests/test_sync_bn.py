@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from nse_tf import distribute, sync_bn
+from nse_tf import sync_bn
 
 
 def _run(strategy, use_sync, x_all):
@@ -51,9 +51,9 @@ def _run(strategy, use_sync, x_all):
   return out, int(step.experimental_get_tracing_count())
 
 
-def test_sync_bn_in_cond_matches_one_device_on_the_global_batch(monkeypatch):
+def test_sync_bn_in_cond_matches_one_device_on_the_global_batch(monkeypatch, mirrored_two_cpus):
   monkeypatch.setattr(sync_bn, "COLLECTIVE_TIMEOUT_S", 60.0)  # a deadlock fails, not hangs
-  mirrored = distribute.get_strategy("mirrored", num_cpu_replicas=2)
+  mirrored = mirrored_two_cpus
   x_all = np.random.RandomState(0).randn(16, 8, 8, 3).astype(np.float32)
   res = {}
   res["default"], _ = _run(tf.distribute.get_strategy(), True, x_all)

@@ -1,6 +1,7 @@
 """Round training: resume equivalence, strategies, schedules, config errors."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -27,11 +28,12 @@ def _trainer(model_dir, **overrides):
 @pytest.mark.slow
 def test_killed_round_resumes_on_the_same_trajectory(tmp_path):
   tf.config.experimental.enable_op_determinism()
-  straight = _trainer(str(tmp_path / "a")).train()
-  first = _trainer(str(tmp_path / "b"))
-  first.train(stop_at=3)
-  first.save()
-  del first
+  uninterrupted = _trainer(str(tmp_path / "a"))
+  uninterrupted.train(stop_at=3)
+  uninterrupted.save()
+  # What a kill at step 3 leaves on disk: the checkpoint of step 3, nothing later.
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  straight = uninterrupted.train()
   resumed = _trainer(str(tmp_path / "b"))
   assert resumed.restored and int(resumed.step.numpy()) == 3
   result = resumed.train()
@@ -228,7 +230,7 @@ def test_sync_bn_across_machines_is_refused_with_the_fix():
                          macro="tiny", working_sets=WS, num_classes=10, resolution=32)
 
 
-def _mirrored_vs_default(working_sets):
+def _mirrored_vs_default(working_sets, mirrored):
   """The same 4 steps on one device (16 images) and on 2 mirrored replicas (8 each).
 
   float64: in float32 one device's gradients on these 16 images are up to 14 % off its
@@ -241,7 +243,6 @@ def _mirrored_vs_default(working_sets):
   """
   import tf_keras as keras  # pylint: disable=g-import-not-at-top
   keras.mixed_precision.set_global_policy("float64")
-  mirrored = distribute.get_strategy("mirrored", num_cpu_replicas=2)
   assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
   real = data.get_data("demo_digits", image_size=32)
   images, labels = next(iter(real.validation(16)))
@@ -288,8 +289,8 @@ MIRRORED_WS = [[0, 21], [3], [12], [6, 25], [1], [13]]
 
 
 @pytest.mark.slow
-def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn():
-  res = _mirrored_vs_default(MIRRORED_WS)
+def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn(mirrored_two_cpus):
+  res = _mirrored_vs_default(MIRRORED_WS, mirrored_two_cpus)
   a, b = res["default"], res["mirrored"]
   assert abs(a["loss"] - b["loss"]) < 1e-6                # logits are cast to float32
   assert abs(a["cost"] - b["cost"]) < 1e-5
