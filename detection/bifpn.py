@@ -163,12 +163,16 @@ class BiFPN(keras.Model):
     return self._output_specs
 
   def get_config(self):
-    return dict(self._config_dict)
+    config = dict(self._config_dict)
+    config["kernel_regularizer"] = keras.regularizers.serialize(
+        config["kernel_regularizer"]) if config["kernel_regularizer"] is not None else None
+    return config
 
   @classmethod
   def from_config(cls, config, custom_objects=None):
     config = dict(config)
     config["input_specs"] = {k: tf.TensorShape(v) for k, v in config["input_specs"].items()}
+    config["kernel_regularizer"] = keras.regularizers.get(config.get("kernel_regularizer"))
     return cls(**config)
 
 

@@ -139,7 +139,10 @@ class NSENetBackbone(keras.Model):
     return self._output_specs
 
   def get_config(self):
-    return dict(arch=self._arch_json, **self._config_dict)
+    config = dict(arch=self._arch_json, **self._config_dict)
+    config["kernel_regularizer"] = keras.regularizers.serialize(
+        config["kernel_regularizer"]) if config["kernel_regularizer"] is not None else None
+    return config
 
   @classmethod
   def from_config(cls, config, custom_objects=None):
@@ -147,6 +150,7 @@ class NSENetBackbone(keras.Model):
     config["arch"] = arch_lib.Architecture.from_json(config["arch"])
     if isinstance(config.get("input_specs"), (list, tuple)):
       config["input_specs"] = keras.layers.InputSpec(shape=list(config["input_specs"]))
+    config["kernel_regularizer"] = keras.regularizers.get(config.get("kernel_regularizer"))
     return cls(**config)
 
   def load_retrain(self, model_dir: str) -> int:

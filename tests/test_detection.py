@@ -217,7 +217,8 @@ def test_backbone_and_bifpn_serialize_deserialize():
   assert {k: v.as_list() for k, v in again.output_specs.items()} == {
       k: v.as_list() for k, v in bb.output_specs.items()}
   assert again.count_params() == bb.count_params() and len(again.losses) == len(bb.losses)
-  fpn = bifpn.BiFPN(bb.output_specs, min_level=3, max_level=6, num_filters=16, num_cells=1)
+  fpn = bifpn.BiFPN(bb.output_specs, min_level=3, max_level=6, num_filters=16, num_cells=1,
+                    kernel_regularizer=reg)
   config = fpn.get_config()
   again = bifpn.BiFPN.from_config(config)
   assert again.get_config() == config and again.count_params() == fpn.count_params()
@@ -263,6 +264,7 @@ def test_detector_flops_split_and_head_analytic(task_and_model):
 
 # ---------------------------------------------------------------- task: train, eval
 
+@pytest.mark.slow
 def test_one_train_step_and_one_eval_step_with_coco_evaluator(task_and_model):
   params, task, model = task_and_model
   optimizer = task.create_optimizer(params.trainer.optimizer_config, params.runtime)
@@ -330,6 +332,7 @@ def test_init_from_retrain_run(tmp_path, task_and_model):
 
 # ---------------------------------------------------------------- export
 
+@pytest.mark.slow
 def test_export_round_trip(tmp_path, data):
   from detection import export_saved_model  # pylint: disable=import-outside-toplevel
   from official.vision.serving import detection as serving  # pylint: disable=import-outside-toplevel

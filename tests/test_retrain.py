@@ -105,6 +105,7 @@ def _checkpoint_values(model_dir):
           if "train_iter" not in name and "save_counter" not in name and "best" not in name}
 
 
+@pytest.mark.slow
 def test_interrupted_retrain_resumes_on_the_same_trajectory(finished, tmp_path):
   """Stopped at step 3 (checkpointed as a kill would find it) and resumed, a retrain ends
   with exactly the weights, optimizer state and EMA of the uninterrupted CLI run."""
