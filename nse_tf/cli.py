@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -62,8 +63,11 @@ def disk_error(e: BaseException) -> Optional[str]:
     for text in _DISK_TEXTS:
       if text in message:
         first = message.strip().splitlines()[0] if message.strip() else text
+        first = re.sub(r"^\{\{[^}]*\}\}\s*", "", first)   # TF's "{{function_node …}}"
         if len(first) > 300:
           first = first[:300] + "…"
+        if text not in first:        # a long path pushed the reason past the cut
+          first = f"{text}: {first}"
         return f"{first}; {_hint(text.lower())}"
   return None
 

@@ -82,3 +82,16 @@ def test_train_round_cli_in_process_refuses_bad_input(tmp_path, capsys):
   assert code == 2 and "--max_ops must be >= 1" in capsys.readouterr().err
   code = cli.invoke(train_round.define_flags, train_round.main, ["--bogus=1"])
   assert code == 1 and "bogus" in capsys.readouterr().err
+
+
+def test_disk_error_keeps_the_reason_when_the_path_is_long():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = "/tmp/" + "deep/" * 80 + "ckpt-20_temp/part-00000-of-00001.data-00000-of-00001"
+  e = tf.errors.ResourceExhaustedError(
+      None, None, "{{function_node __wrapped__SaveV2_dtypes_335_device_/job:localhost/"
+      f"replica:0/task:0/device:CPU:0}}}} {path}; No space left on device [Op:SaveV2]")
+  line = cli.disk_error(e)
+  assert line.startswith("No space left on device: /tmp/deep/") and "function_node" not in line
+  assert "run the same command again" in line and len(line) < 500
+  short = tf.errors.ResourceExhaustedError(None, None, "/x/ckpt; No space left on device")
+  assert cli.disk_error(short).startswith("/x/ckpt; No space left on device; free some space")
