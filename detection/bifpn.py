@@ -90,7 +90,7 @@ class BiFPN(keras.Model):
         max_level=max_level, num_filters=num_filters, num_cells=num_cells, fusion=fusion,
         use_separable_conv=use_separable_conv, activation=activation, use_sync_bn=use_sync_bn,
         norm_momentum=norm_momentum, norm_epsilon=norm_epsilon,
-        kernel_regularizer=kernel_regularizer)
+        kernel_regularizer=keras.regularizers.serialize(kernel_regularizer))
     bn_cls = (keras.layers.experimental.SyncBatchNormalization if use_sync_bn
               else keras.layers.BatchNormalization)
 
@@ -163,10 +163,7 @@ class BiFPN(keras.Model):
     return self._output_specs
 
   def get_config(self):
-    config = dict(self._config_dict)
-    config["kernel_regularizer"] = keras.regularizers.serialize(
-        config["kernel_regularizer"]) if config["kernel_regularizer"] is not None else None
-    return config
+    return dict(self._config_dict)
 
   @classmethod
   def from_config(cls, config, custom_objects=None):

@@ -121,7 +121,8 @@ class NSENetBackbone(keras.Model):
     self._arch_json = arch.to_json(indent=None)
     self._config_dict = dict(input_specs=list(input_specs.shape), min_level=min_level,
                              activation=activation, se=se, sync_bn=sync_bn,
-                             kernel_regularizer=kernel_regularizer)
+                             kernel_regularizer=keras.regularizers.serialize(
+                                 kernel_regularizer))
     self._output_specs = {l: endpoints[l].get_shape() for l in endpoints}
     if kernel_regularizer is not None:
       kernels = [w for w in network.trainable_weights if w.name.split("/")[-1].startswith(
@@ -139,10 +140,7 @@ class NSENetBackbone(keras.Model):
     return self._output_specs
 
   def get_config(self):
-    config = dict(arch=self._arch_json, **self._config_dict)
-    config["kernel_regularizer"] = keras.regularizers.serialize(
-        config["kernel_regularizer"]) if config["kernel_regularizer"] is not None else None
-    return config
+    return dict(arch=self._arch_json, **self._config_dict)
 
   @classmethod
   def from_config(cls, config, custom_objects=None):
