@@ -329,6 +329,8 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
   assert code == 0, stderr[-4000:]
   for name in COMPARED:
     assert (out / name).read_text() == (ref / name).read_text(), name
+  # Every logged loss too (steps re-run after the kill are logged again: the same bits).
+  assert _tb_losses(out) == _tb_losses(ref)
 
 
 @pytest.mark.slow
