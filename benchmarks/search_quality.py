@@ -38,20 +38,23 @@ from absl import flags
 from nse_tf import arch as arch_lib
 from nse_tf import cli, cost, spaces, stats
 
-flags.DEFINE_string("search_dir", None, "Output dir of a finished search.")
-flags.DEFINE_integer("steps", 600, "Training steps per network (the same for all).")
-flags.DEFINE_integer("batch", 64, "Batch size.")
-flags.DEFINE_float("lr", 0.1, "Peak learning rate (SGD Nesterov 0.9, cosine to 0).")
-flags.DEFINE_float("weight_decay", 4e-5, "L2 on conv/fc kernels.")
-flags.DEFINE_integer("seeds", 2, "Training seeds per network in (b) and (c).")
-flags.DEFINE_integer("rank_seeds", 1, "Training seeds per network in (a).")
-flags.DEFINE_integer("num_rank", 12, "Architectures for the rank fidelity (a).")
-flags.DEFINE_integer("num_random", 10, "Random architectures in (b).")
-flags.DEFINE_integer("seed", 0, "Seed of the random architectures and of the (a) draw.")
-flags.DEFINE_float("fixed_cost", None, "Cost bound of the per-round comparison (c) "
-                   "(default: the interval's upper bound).")
-flags.DEFINE_bool("rounds", True, "Train each round's best front architecture (c).")
-FLAGS = flags.FLAGS
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The benchmark's flags."""
+  flags.DEFINE_string("search_dir", None, "Output dir of a finished search.", flag_values=fv)
+  flags.DEFINE_integer("steps", 600, "Training steps per network (the same for all).", flag_values=fv)
+  flags.DEFINE_integer("batch", 64, "Batch size.", flag_values=fv)
+  flags.DEFINE_float("lr", 0.1, "Peak learning rate (SGD Nesterov 0.9, cosine to 0).", flag_values=fv)
+  flags.DEFINE_float("weight_decay", 4e-5, "L2 on conv/fc kernels.", flag_values=fv)
+  flags.DEFINE_integer("seeds", 2, "Training seeds per network in (b) and (c).", flag_values=fv)
+  flags.DEFINE_integer("rank_seeds", 1, "Training seeds per network in (a).", flag_values=fv)
+  flags.DEFINE_integer("num_rank", 12, "Architectures for the rank fidelity (a).", flag_values=fv)
+  flags.DEFINE_integer("num_random", 10, "Random architectures in (b).", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the random architectures and of the (a) draw.", flag_values=fv)
+  flags.DEFINE_float("fixed_cost", None, "Cost bound of the per-round comparison (c) "
+                     "(default: the interval's upper bound).", flag_values=fv)
+  flags.DEFINE_bool("rounds", True, "Train each round's best front architecture (c).", flag_values=fv)
+
 
 
 def random_in_interval(space, macro, table, lo, hi, max_ops, rng, max_draws=200000):
@@ -94,9 +97,10 @@ def spread_pick(rows, lo, hi, n, rng):
 class Runner:
   """Trains standalone networks with one budget; results cached in a JSON-lines file."""
 
-  def __init__(self, cfg, cache_path):
+  def __init__(self, cfg, cache_path, budget):
     from nse_tf import data  # pylint: disable=g-import-not-at-top
     self.cfg = cfg
+    self.budget = budget   # the flags: steps, batch, lr, weight_decay
     self.data = data.get_data(cfg["dataset"], data_dir=cfg.get("data_dir"),
                               image_size=cfg["image_size"],
                               holdout_examples=cfg.get("holdout_examples"))
@@ -106,8 +110,9 @@ class Runner:
     self.seconds = 0.0
 
   def key(self, a, seed):
-    return (f"{a.to_compact()}|seed={seed}|steps={FLAGS.steps}|batch={FLAGS.batch}|"
-            f"lr={FLAGS.lr}|wd={FLAGS.weight_decay}")
+    b = self.budget
+    return (f"{a.to_compact()}|seed={seed}|steps={b.steps}|batch={b.batch}|"
+            f"lr={b.lr}|wd={b.weight_decay}")
 
   def accuracy(self, a, seed):
     k = self.key(a, seed)
@@ -125,19 +130,19 @@ class Runner:
   def _train(self, a, seed):
     import tf_keras as keras  # pylint: disable=g-import-not-at-top
     from nse_tf import nsenet  # pylint: disable=g-import-not-at-top
-    size = self.cfg["image_size"]
+    size, b = self.cfg["image_size"], self.budget
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     model = nsenet.build_nsenet(a, self.data.info.num_classes, (size, size, 3))
-    if FLAGS.weight_decay:      # L2 on conv/fc kernels only (SPEC §4), not BN or biases
-      model.add_loss(lambda: FLAGS.weight_decay * sum(
+    if b.weight_decay:      # L2 on conv/fc kernels only (SPEC §4), not BN or biases
+      model.add_loss(lambda: b.weight_decay * sum(
           keras.backend.sum(keras.backend.square(w)) for w in model.trainable_weights
           if "kernel" in w.name and len(w.shape) > 1))
-    sched = keras.optimizers.schedules.CosineDecay(FLAGS.lr, FLAGS.steps)
+    sched = keras.optimizers.schedules.CosineDecay(b.lr, b.steps)
     model.compile(keras.optimizers.SGD(sched, momentum=0.9, nesterov=True),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    model.fit(self.data.train(FLAGS.batch, seed=seed), epochs=1, steps_per_epoch=FLAGS.steps,
+    model.fit(self.data.train(b.batch, seed=seed), epochs=1, steps_per_epoch=b.steps,
               verbose=0)
     return float(model.evaluate(self.data.validation(500), verbose=0)[1])
 
@@ -159,8 +164,11 @@ def _read_json(out, name):
                          "or point --search_dir at another run") from None
 
 
-def main(_):
-  out = FLAGS.search_dir
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
+  del argv
+  if not fv.search_dir:
+    raise cli.UsageError("--search_dir is required (the --output_dir of a finished search)")
+  out = fv.search_dir
   cfg = _read_json(out, "config.json")
   state = _read_json(out, "state.json")
   if state.get("phase") != "done":
@@ -169,33 +177,33 @@ def main(_):
   macro = cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]]
   lo, hi = (float(v) for v in cfg["interval"])
   final = arch_lib.Architecture.load(os.path.join(out, "final_arch.json"))
-  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"))
+  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"), fv)
   table = cost.CostTable(cfg["space"], macro, cfg["cost_resolution"], cfg["scale"],
                          num_classes=runner.data.info.num_classes)
   rounds = len(state["history"])
-  fixed = FLAGS.fixed_cost if FLAGS.fixed_cost is not None else hi
+  fixed = fv.fixed_cost if fv.fixed_cost is not None else hi
   t_start = time.time()
   print(f"search {out}: {cfg['dataset']} at {cfg['image_size']}px, {cfg['space']}@{macro}, "
         f"K={cfg['max_ops']}, {rounds} rounds, interval ({lo:g}, {hi:g}) {table.unit}")
-  print(f"every network: {FLAGS.steps} steps of {FLAGS.batch}, SGD Nesterov lr {FLAGS.lr} "
-        f"cosine, weight decay {FLAGS.weight_decay}; top-1 on the "
+  print(f"every network: {fv.steps} steps of {fv.batch}, SGD Nesterov lr {fv.lr} "
+        f"cosine, weight decay {fv.weight_decay}; top-1 on the "
         f"{runner.data.info.num_validation} validation images (never used by the search)\n")
   summary = {"search_dir": os.path.abspath(out), "budget": {
-      "steps": FLAGS.steps, "batch": FLAGS.batch, "lr": FLAGS.lr,
-      "weight_decay": FLAGS.weight_decay, "seeds": FLAGS.seeds}}
+      "steps": fv.steps, "batch": fv.batch, "lr": fv.lr,
+      "weight_decay": fv.weight_decay, "seeds": fv.seeds}}
 
   # (b) NSE vs random.
   nse = final.with_scale(cfg["scale"])
-  nse_mean, nse_accs = runner.mean(nse, FLAGS.seeds)
-  print(f"(b) NSE vs random at equal cost, {FLAGS.seeds} seeds per network")
+  nse_mean, nse_accs = runner.mean(nse, fv.seeds)
+  print(f"(b) NSE vs random at equal cost, {fv.seeds} seeds per network")
   print(f"  NSE   {table.arch_cost(nse):6.1f}  {100 * nse_mean:6.2f} %  "
         f"({', '.join(f'{100 * x:.2f}' for x in nse_accs)})  {nse.to_compact()}")
-  rng = np.random.default_rng(FLAGS.seed)
+  rng = np.random.default_rng(fv.seed)
   rand_means, rand_groups, rand_keys = [], [], []
-  for _ in range(FLAGS.num_random):
+  for _ in range(fv.num_random):
     a = random_in_interval(cfg["space"], macro, table, lo, hi, cfg["max_ops"], rng)
     rand_keys.append(a.to_compact())
-    m, accs = runner.mean(a, FLAGS.seeds)
+    m, accs = runner.mean(a, fv.seeds)
     rand_means.append(m)
     rand_groups.append(accs)
     print(f"  rand  {table.arch_cost(a):6.1f}  {100 * m:6.2f} %  "
@@ -233,13 +241,13 @@ def main(_):
 
   # (a) Rank fidelity on the last round's candidates.
   rows = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
-  picked = spread_pick(rows, lo, hi, FLAGS.num_rank, np.random.default_rng(FLAGS.seed + 1))
+  picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
   sup, alone, costs = [], [], []
   print(f"(a) rank fidelity: {len(picked)} round-{rounds} candidates across the interval, "
-        f"{FLAGS.rank_seeds} seed(s) each")
+        f"{fv.rank_seeds} seed(s) each")
   for r in picked:
     a = arch_lib.Architecture.from_compact(r["arch"])
-    m, _ = runner.mean(a, FLAGS.rank_seeds)
+    m, _ = runner.mean(a, fv.rank_seeds)
     sup.append(r["accuracy"])
     alone.append(m)
     costs.append(r["cost"])
@@ -266,8 +274,8 @@ def main(_):
     entry = {"round": r, "arch": best["arch"], "cost": best["cost"],
              "supernet": best["accuracy"]}
     line = (f"  round {r}: {best['cost']:6.1f}  supernet {100 * best['accuracy']:6.2f} %")
-    if FLAGS.rounds:
-      m, accs = runner.mean(arch_lib.Architecture.from_compact(best["arch"]), FLAGS.seeds)
+    if fv.rounds:
+      m, accs = runner.mean(arch_lib.Architecture.from_compact(best["arch"]), fv.seeds)
       entry.update(standalone=accs, standalone_mean=m)
       line += f"  standalone {100 * m:6.2f} % ({', '.join(f'{100 * x:.2f}' for x in accs)})"
     print(line + f"  {best['arch']}", flush=True)
@@ -283,5 +291,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("search_dir")
-  cli.run(main)
+  cli.run(main, define_flags)

@@ -64,6 +64,7 @@ class FastFusion(keras.layers.Layer):
                 epsilon=self.epsilon)
 
 
+@keras.utils.register_keras_serializable(package="nse_tf")
 class BiFPN(keras.Model):
   """BiFPN over levels min_level..max_level, `num_cells` cells of `num_filters` channels."""
 
@@ -89,7 +90,7 @@ class BiFPN(keras.Model):
         max_level=max_level, num_filters=num_filters, num_cells=num_cells, fusion=fusion,
         use_separable_conv=use_separable_conv, activation=activation, use_sync_bn=use_sync_bn,
         norm_momentum=norm_momentum, norm_epsilon=norm_epsilon,
-        kernel_regularizer=kernel_regularizer)
+        kernel_regularizer=keras.regularizers.serialize(kernel_regularizer))
     bn_cls = (keras.layers.experimental.SyncBatchNormalization if use_sync_bn
               else keras.layers.BatchNormalization)
 
@@ -168,6 +169,7 @@ class BiFPN(keras.Model):
   def from_config(cls, config, custom_objects=None):
     config = dict(config)
     config["input_specs"] = {k: tf.TensorShape(v) for k, v in config["input_specs"].items()}
+    config["kernel_regularizer"] = keras.regularizers.get(config.get("kernel_regularizer"))
     return cls(**config)
 
 

@@ -94,6 +94,7 @@ def resolve_arch(arch: str = "", arch_json: str = "", init_from: str = "",
   return a.with_scale(scale) if scale else a
 
 
+@keras.utils.register_keras_serializable(package="nse_tf")
 class NSENetBackbone(keras.Model):
   """NSENet feature pyramid (levels min_level..5) with tf-models' `output_specs`."""
 
@@ -118,8 +119,10 @@ class NSENetBackbone(keras.Model):
     super().__init__(inputs=inputs, outputs=endpoints, **kwargs)
     self._network = network
     self._arch_json = arch.to_json(indent=None)
-    self._config_dict = dict(min_level=min_level, activation=activation, se=se,
-                             sync_bn=sync_bn, kernel_regularizer=kernel_regularizer)
+    self._config_dict = dict(input_specs=list(input_specs.shape), min_level=min_level,
+                             activation=activation, se=se, sync_bn=sync_bn,
+                             kernel_regularizer=keras.regularizers.serialize(
+                                 kernel_regularizer))
     self._output_specs = {l: endpoints[l].get_shape() for l in endpoints}
     if kernel_regularizer is not None:
       kernels = [w for w in network.trainable_weights if w.name.split("/")[-1].startswith(
@@ -143,6 +146,9 @@ class NSENetBackbone(keras.Model):
   def from_config(cls, config, custom_objects=None):
     config = dict(config)
     config["arch"] = arch_lib.Architecture.from_json(config["arch"])
+    if isinstance(config.get("input_specs"), (list, tuple)):
+      config["input_specs"] = keras.layers.InputSpec(shape=list(config["input_specs"]))
+    config["kernel_regularizer"] = keras.regularizers.get(config.get("kernel_regularizer"))
     return cls(**config)
 
   def load_retrain(self, model_dir: str) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sys
 from typing import Callable, Optional, Sequence
 
-from absl import app
+from absl import app, flags
 
 
 class UsageError(ValueError):
@@ -62,30 +63,84 @@ def disk_error(e: BaseException) -> Optional[str]:
     for text in _DISK_TEXTS:
       if text in message:
         first = message.strip().splitlines()[0] if message.strip() else text
+        first = re.sub(r"^\{\{[^}]*\}\}\s*", "", first)   # TF's "{{function_node …}}"
         if len(first) > 300:
           first = first[:300] + "…"
+        if text not in first:        # a long path pushed the reason past the cut
+          first = f"{text}: {first}"
         return f"{first}; {_hint(text.lower())}"
   return None
 
 
-def run(main: Callable[[Sequence[str]], int | None]) -> None:
-  """absl's app.run, with user errors printed as 'error: …' and exit status 2."""
+def call(main: Callable[..., int | None], argv: Sequence[str], *args) -> int:
+  """main(argv, *args) as the shell runs it: a user error or a refused write becomes one
+  'error: …' line on stderr and status 2; returns the exit status."""
+  try:
+    return main(argv, *args) or 0
+  except user_errors() as e:  # pylint: disable=catching-non-exception
+    message = disk_error(e) or str(e)
+  except Exception as e:  # pylint: disable=broad-except
+    message = disk_error(e)
+    if message is None:
+      raise
+  print(f"error: {message}", file=sys.stderr)
+  return 2
+
+
+def run(main: Callable[..., int | None],
+        define_flags: Optional[Callable[[flags.FlagValues], None]] = None) -> None:
+  """absl's app.run, with user errors printed as 'error: …' and exit status 2.
+
+  `define_flags(flag_values)` defines the command's flags (called here, not at import,
+  so that importing a command's module defines nothing); they are made the key flags
+  of the program, so that `--help` lists them also when the program is a console
+  script (whose main module is not the command's module).
+  """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if define_flags is not None:
+    scratch = flags.FlagValues()
+    define_flags(scratch)
+    define_flags(flags.FLAGS)
+    for name in scratch:
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
   def wrapped(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected positional arguments: {' '.join(argv[1:])}")
-    try:
-      return main(argv)
-    except user_errors() as e:  # pylint: disable=catching-non-exception
-      message = disk_error(e) or str(e)
-      print(f"error: {message}", file=sys.stderr)
-      sys.exit(2)
-    except Exception as e:  # pylint: disable=broad-except
-      message = disk_error(e)
-      if message is None:
-        raise
-      print(f"error: {message}", file=sys.stderr)
-      sys.exit(2)
+    code = call(main, argv)
+    if code:
+      sys.exit(code)
+    return 0
 
   app.run(wrapped)
+
+
+def parse(define_flags: Callable[[flags.FlagValues], None], argv: Sequence[str],
+          program: str = "nse") -> flags.FlagValues:
+  """The command's flags, on their own FlagValues, parsed from `argv` (no program name).
+
+  For running a command inside another program (tests, notebooks): nothing touches
+  absl's global FLAGS, so several commands can be used in one process.
+  """
+  flag_values = flags.FlagValues()
+  define_flags(flag_values)
+  rest = flag_values([program, *argv])
+  if len(rest) > 1:
+    raise UsageError(f"unexpected positional arguments: {' '.join(rest[1:])}")
+  return flag_values
+
+
+def invoke(define_flags: Callable[[flags.FlagValues], None],
+           main: Callable[..., int | None], argv: Sequence[str]) -> int:
+  """Runs a command in this process as its shell command would: the exit status.
+
+  Flags are parsed into their own FlagValues (see `parse`) and handed to
+  `main(argv, flag_values)`; a bad flag or a user error prints one 'error: …' line on
+  stderr (status 1 for flag syntax, as absl's, 2 otherwise).
+  """
+  try:
+    flag_values = parse(define_flags, argv)
+  except (flags.Error, UsageError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return call(main, [sys.argv[0]], flag_values)

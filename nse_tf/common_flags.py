@@ -1,60 +1,108 @@
-"""Flags shared by the search and round-training CLIs, and their conversion."""
+"""Flags shared by the commands (search, train_round, retrain), and their conversion.
+
+Nothing is defined at import: each command calls the `define_*_flags` it reads in its
+own `define_flags(flag_values)`, so its `--help` lists only what it uses and several
+commands can be parsed side by side in one process (`cli.parse`)."""
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Optional
+
 from absl import flags
 
-flags.DEFINE_string("output_dir", None, "Where the checkpoint, TensorBoard logs and "
-                    "round.json go. Re-running on the same directory resumes.")
-flags.DEFINE_string("dataset", "demo_digits", "demo_digits | demo_digits_hard | demo_shapes "
-                    "(embedded, no download) or any prepared tfds image-classification "
-                    "dataset.")
-flags.DEFINE_string("data_dir", None, "tfds data directory (prepared data).")
-flags.DEFINE_integer("image_size", 32, "Training resolution.")
-flags.DEFINE_integer("holdout_examples", None, "Held-out part of train for θ steps "
-                     "(default: 50,000 for ImageNet, 20 % for the demos).")
-flags.DEFINE_enum("space", "flops27", ["flops27", "flops72", "latency19"], "Op pool.")
-flags.DEFINE_enum("macro", None, ["flops", "latency", "tiny"],
-                  "Macro-architecture (default: the pool's own).")
-flags.DEFINE_float("scale", 1.0, "Channel scale of the supernet (narrow for CPU demos).")
-flags.DEFINE_integer("max_ops", 5, "K: ops per layer in the working set.")
-flags.DEFINE_integer("cost_resolution", 224, "Resolution the FLOPs table (and τ) refer to.")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
-                  "tf.distribute strategy.")
-flags.DEFINE_string("tpu", None, "TPU name/address for --strategy=tpu.")
-flags.DEFINE_integer("cpu_replicas", 0, "With --strategy=mirrored and no GPU: split the CPU "
-                     "into this many logical devices.")
-flags.DEFINE_integer("global_batch", 1024, "Global batch (split over replicas).")
-flags.DEFINE_float("epochs", 100.0, "Epochs of the round.")
-flags.DEFINE_integer("steps_per_epoch", None, "Default: train examples // global batch.")
-flags.DEFINE_float("lr", 0.4, "Peak learning rate (SGD Nesterov).")
-flags.DEFINE_float("warmup_epochs", 2.0, "Linear warm-up epochs.")
-flags.DEFINE_float("warmup_start_lr", 0.1, "Learning rate at step 0.")
-flags.DEFINE_float("weight_decay", 4e-5, "L2 on conv/fc kernels (not BN, biases, θ).")
-flags.DEFINE_bool("skip_off_ops", False, "Off ops get no momentum/decay update (the "
-                  "reference runs moved them; default False).")
-flags.DEFINE_enum("gate_sampling", "uniform", ["uniform", "theta"],
-                  "Weight-step gates: p = 0.5, or θ-based.")
-flags.DEFINE_integer("theta_every", 2, "A θ step every k-th weight step.")
-flags.DEFINE_float("theta_lr", 0.005, "Adam lr of θ (the paper text says 0.1; the reference "
-                   "runs used 0.005).")
-flags.DEFINE_float("alpha", 1e-5, "Regulariser weight α.")
-flags.DEFINE_float("beta", 2.0, "Regulariser exponent β.")
-flags.DEFINE_float("tau", 300.0, "Cost target τ (MFLOPs at --cost_resolution).")
-flags.DEFINE_float("prune_threshold", -2.0, "Prune ops whose θ falls below this.")
-flags.DEFINE_enum("mixed_precision", None, ["bfloat16", "float16"], "Mixed precision.")
-flags.DEFINE_bool("sync_bn", False,
-                  "Batch norm over the global batch (mirrored or tpu; see README).")
-flags.DEFINE_integer("checkpoint_every", 200, "Steps between checkpoints.")
-flags.DEFINE_integer("seed", 0, "Seed of queues, gates, data order and initialisation.")
-flags.DEFINE_bool("deterministic", True, "TensorFlow op determinism and one op at a time "
-                  "(inter-op parallelism 1; each op still uses every core), so that a run "
-                  "depends less on thread timing. Runs in separate processes can still "
-                  "differ in the last bits (see README, issue 14).")
-FLAGS = flags.FLAGS
+# Defaults of a search round's training flags: trainer.TrainConfig's (SPEC §4; a test
+# keeps the two equal; trainer imports TensorFlow, which --help should not wait for).
+ROUND_TRAINING_DEFAULTS = dict(global_batch=1024, epochs=100.0, lr=0.4, warmup_epochs=2.0,
+                               warmup_start_lr=0.1, weight_decay=4e-5, checkpoint_every=200)
 
 
-def setup_tensorflow():
+def define_data_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The dataset: --dataset, --data_dir, --image_size, --holdout_examples."""
+  flags.DEFINE_string("dataset", "demo_digits", "demo_digits | demo_digits_hard | demo_shapes "
+                      "(embedded, no download) or any prepared tfds image-classification "
+                      "dataset.", flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "tfds data directory (prepared data).", flag_values=fv)
+  flags.DEFINE_integer("image_size", 32, "Training resolution.", flag_values=fv)
+  flags.DEFINE_integer("holdout_examples", None, "Held-out part of train for θ steps "
+                       "(default: 50,000 for ImageNet, 20 % for the demos).", flag_values=fv)
+
+
+def define_strategy_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tf.distribute strategy: --strategy, --tpu, --cpu_replicas."""
+  flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker", "tpu"],
+                    "tf.distribute strategy.", flag_values=fv)
+  flags.DEFINE_string("tpu", None, "TPU name/address for --strategy=tpu.", flag_values=fv)
+  flags.DEFINE_integer("cpu_replicas", 0, "With --strategy=mirrored and no GPU: split the CPU "
+                       "into this many logical devices.", flag_values=fv)
+
+
+def define_training_flags(fv: flags.FlagValues = flags.FLAGS,
+                          defaults: Optional[Mapping[str, Any]] = None) -> None:
+  """Training of a round or a retrain: batch, schedule, precision, checkpoints, seed.
+
+  `defaults`: the command's own defaults by flag name, from its config dataclass (the
+  retrain's SPEC §6 recipe differs from a search round's), so that `--help` shows them.
+  """
+  d = dict(ROUND_TRAINING_DEFAULTS, **(defaults or {}))
+  flags.DEFINE_integer("global_batch", d["global_batch"], "Global batch (split over "
+                       "replicas).", flag_values=fv)
+  flags.DEFINE_float("epochs", d["epochs"], "Epochs of training.", flag_values=fv)
+  flags.DEFINE_integer("steps_per_epoch", None, "Default: train examples // global batch.",
+                       flag_values=fv)
+  flags.DEFINE_float("lr", d["lr"], "Peak learning rate (SGD Nesterov).", flag_values=fv)
+  flags.DEFINE_float("warmup_epochs", d["warmup_epochs"], "Linear warm-up epochs.",
+                     flag_values=fv)
+  flags.DEFINE_float("warmup_start_lr", d["warmup_start_lr"], "Learning rate at step 0.",
+                     flag_values=fv)
+  flags.DEFINE_float("weight_decay", d["weight_decay"], "L2 on conv/fc kernels (not BN, "
+                     "biases, θ).", flag_values=fv)
+  flags.DEFINE_enum("mixed_precision", None, ["bfloat16", "float16"], "Mixed precision.",
+                    flag_values=fv)
+  flags.DEFINE_bool("sync_bn", False, "Batch norm over the global batch (mirrored or tpu; "
+                    "see README).", flag_values=fv)
+  flags.DEFINE_integer("checkpoint_every", d["checkpoint_every"], "Steps between "
+                       "checkpoints.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of queues, gates, data order and initialisation.",
+                       flag_values=fv)
+  flags.DEFINE_bool("deterministic", True, "TensorFlow op determinism and one op at a time "
+                    "(inter-op parallelism 1; each op still uses every core), so that a run "
+                    "depends less on thread timing. Runs in separate processes can still "
+                    "differ in the last bits (see README, issue 14).", flag_values=fv)
+
+
+def define_supernet_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The supernet and its θ (the search and one-round training): space, K, τ, …."""
+  flags.DEFINE_string("output_dir", None, "Where the checkpoint, TensorBoard logs and "
+                      "round.json go. Re-running on the same directory resumes.", flag_values=fv)
+  flags.DEFINE_enum("space", "flops27", ["flops27", "flops72", "latency19"], "Op pool.", flag_values=fv)
+  flags.DEFINE_enum("macro", None, ["flops", "latency", "tiny"],
+                    "Macro-architecture (default: the pool's own).", flag_values=fv)
+  flags.DEFINE_float("scale", 1.0, "Channel scale of the supernet (narrow for CPU demos).", flag_values=fv)
+  flags.DEFINE_integer("max_ops", 5, "K: ops per layer in the working set.", flag_values=fv)
+  flags.DEFINE_integer("cost_resolution", 224, "Resolution the FLOPs table (and τ) refer to.", flag_values=fv)
+  flags.DEFINE_bool("skip_off_ops", False, "Off ops get no momentum/decay update (the "
+                    "reference runs moved them; default False).", flag_values=fv)
+  flags.DEFINE_enum("gate_sampling", "uniform", ["uniform", "theta"],
+                    "Weight-step gates: p = 0.5, or θ-based.", flag_values=fv)
+  flags.DEFINE_integer("theta_every", 2, "A θ step every k-th weight step.", flag_values=fv)
+  flags.DEFINE_float("theta_lr", 0.005, "Adam lr of θ (the paper text says 0.1; the reference "
+                     "runs used 0.005).", flag_values=fv)
+  flags.DEFINE_float("alpha", 1e-5, "Regulariser weight α.", flag_values=fv)
+  flags.DEFINE_float("beta", 2.0, "Regulariser exponent β.", flag_values=fv)
+  flags.DEFINE_float("tau", 300.0, "Cost target τ (MFLOPs at --cost_resolution).", flag_values=fv)
+  flags.DEFINE_float("prune_threshold", -2.0, "Prune ops whose θ falls below this.", flag_values=fv)
+
+
+def define_round_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Every flag of a supernet round (the search and nse_tf.train_round)."""
+  define_supernet_flags(fv)
+  define_data_flags(fv)
+  define_strategy_flags(fv)
+  define_training_flags(fv)
+
+
+
+def setup_tensorflow(deterministic: bool):
   """--deterministic, and TensorFlow's INFO chatter off. Call before TensorFlow runs an op.
 
   Op determinism alone is not enough on CPU: TensorFlow's AddN (which sums the
@@ -72,7 +120,7 @@ def setup_tensorflow():
   from absl import logging  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel("WARNING")
   logging.set_verbosity(logging.WARNING)   # checkpoint saver chatter; progress is printed
-  if FLAGS.deterministic:
+  if deterministic:
     tf.config.experimental.enable_op_determinism()
     try:
       tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -82,18 +130,18 @@ def setup_tensorflow():
                         "count could be set to 1; results may differ between runs")
 
 
-def train_config():
-  """trainer.TrainConfig from the flags (validated; bad values raise UsageError)."""
+def train_config(fv: flags.FlagValues):
+  """trainer.TrainConfig from a round's flags (validated; bad values raise UsageError)."""
   from nse_tf import trainer  # pylint: disable=g-import-not-at-top
   cfg = trainer.TrainConfig(
-      global_batch=FLAGS.global_batch, epochs=FLAGS.epochs,
-      steps_per_epoch=FLAGS.steps_per_epoch, lr=FLAGS.lr, warmup_epochs=FLAGS.warmup_epochs,
-      warmup_start_lr=FLAGS.warmup_start_lr, weight_decay=FLAGS.weight_decay,
-      skip_off_ops=FLAGS.skip_off_ops, gate_sampling=FLAGS.gate_sampling,
-      theta_every=FLAGS.theta_every, theta_lr=FLAGS.theta_lr, alpha=FLAGS.alpha,
-      beta=FLAGS.beta, tau=FLAGS.tau, prune_threshold=FLAGS.prune_threshold,
-      mixed_precision=FLAGS.mixed_precision, sync_bn=FLAGS.sync_bn,
-      checkpoint_every=FLAGS.checkpoint_every, seed=FLAGS.seed)
+      global_batch=fv.global_batch, epochs=fv.epochs,
+      steps_per_epoch=fv.steps_per_epoch, lr=fv.lr, warmup_epochs=fv.warmup_epochs,
+      warmup_start_lr=fv.warmup_start_lr, weight_decay=fv.weight_decay,
+      skip_off_ops=fv.skip_off_ops, gate_sampling=fv.gate_sampling,
+      theta_every=fv.theta_every, theta_lr=fv.theta_lr, alpha=fv.alpha,
+      beta=fv.beta, tau=fv.tau, prune_threshold=fv.prune_threshold,
+      mixed_precision=fv.mixed_precision, sync_bn=fv.sync_bn,
+      checkpoint_every=fv.checkpoint_every, seed=fv.seed)
   cfg.validate()
   return cfg
 

@@ -71,6 +71,12 @@ class DatasetInfo:
   num_holdout: int
   num_validation: int
   image_size: int
+  # Readable class names where known (tfds ClassLabel names, the demos' own); else ids.
+  class_names: Tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if not self.class_names:
+      object.__setattr__(self, "class_names", tuple(str(i) for i in range(self.num_classes)))
 
 
 # ---------------------------------------------------------------------------- demo data
@@ -611,7 +617,8 @@ def _get_demo(dataset, image_size, holdout_examples, min_crop_scale, flip) -> Im
   n_hold = _resolve_holdout(dataset, len(train_labels), holdout_examples)
   info = DatasetInfo(name=dataset, num_classes=10, num_train=len(train_labels) - n_hold,
                      num_holdout=n_hold, num_validation=len(val_labels),
-                     image_size=int(image_size))
+                     image_size=int(image_size),
+                     class_names=SHAPE_CLASSES if dataset == "demo_shapes" else ())
   # The train arrays are stored in a fixed random order, so the first n_hold are a
   # random (and always the same) sample.
   return ImageData(
@@ -644,9 +651,12 @@ def _get_tfds(dataset, data_dir, image_size, holdout_examples, min_crop_scale, f
   num_val = splits[val_split].num_examples if val_split else 0
   shape = features[image_key].shape
   native = max(shape[:2]) if None not in shape[:2] else None
-  data_info = DatasetInfo(name=dataset, num_classes=features[label_key].num_classes,
+  labels = features[label_key]
+  names = tuple(labels.names or ())
+  data_info = DatasetInfo(name=dataset, num_classes=labels.num_classes,
                           num_train=num_train_split - n_hold, num_holdout=n_hold,
-                          num_validation=num_val, image_size=int(image_size))
+                          num_validation=num_val, image_size=int(image_size),
+                          class_names=names if len(names) == labels.num_classes else ())
 
   def source(split, n):
     return _TfdsSource(builder, split, n, image_key, label_key)

@@ -43,22 +43,27 @@ from typing import Any, Dict, Optional
 from absl import flags
 
 from nse_tf import cli
-# --model_dir (a finished retrain) and --data_dir (tfds data, for calibration and
-# verification images of tfds datasets) are retrain's and common_flags' flags.
 from nse_tf import retrain
 
-flags.DEFINE_string("export_dir", None, "Base directory of the exported versions "
-                    "(TF Serving's --model_base_path).")
-flags.DEFINE_integer("version", None, "Version sub-directory (default: the next free "
-                     "integer, 1 first). An existing version is never overwritten.")
-flags.DEFINE_integer("top_k", 5, "Classes returned per image (capped at the class count).")
-flags.DEFINE_integer("max_pixels", 40_000_000, "Encoded images with more pixels are "
-                     "refused (flagged invalid) before decoding, to bound server memory.")
-flags.DEFINE_bool("tflite", False, "Also write float and int8 TFLite models.")
-flags.DEFINE_integer("calibration_examples", 200, "Training images for int8 calibration.")
-flags.DEFINE_integer("verify_examples", 200, "Validation images on which the exported "
-                     "models are compared with the Keras model (0: no check).")
-FLAGS = flags.FLAGS
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Export's flags (nothing of the search's or the retrain's)."""
+  flags.DEFINE_string("model_dir", None, "A finished retrain (python -m nse_tf.retrain "
+                      "--model_dir=…): its arch.json, model_config.json and final/ weights.",
+                      flag_values=fv)
+  flags.DEFINE_string("data_dir", None, "tfds data directory (prepared data), for the "
+                      "calibration and verification images of a tfds dataset.", flag_values=fv)
+  flags.DEFINE_string("export_dir", None, "Base directory of the exported versions "
+                      "(TF Serving's --model_base_path).", flag_values=fv)
+  flags.DEFINE_integer("version", None, "Version sub-directory (default: the next free "
+                       "integer, 1 first). An existing version is never overwritten.", flag_values=fv)
+  flags.DEFINE_integer("top_k", 5, "Classes returned per image (capped at the class count).", flag_values=fv)
+  flags.DEFINE_integer("max_pixels", 40_000_000, "Encoded images with more pixels are "
+                       "refused (flagged invalid) before decoding, to bound server memory.", flag_values=fv)
+  flags.DEFINE_bool("tflite", False, "Also write float and int8 TFLite models.", flag_values=fv)
+  flags.DEFINE_integer("calibration_examples", 200, "Training images for int8 calibration.", flag_values=fv)
+  flags.DEFINE_integer("verify_examples", 200, "Validation images on which the exported "
+                       "models are compared with the Keras model (0: no check).", flag_values=fv)
+
 
 SUPPORTED = "JPEG, PNG, GIF or BMP"
 
@@ -407,48 +412,48 @@ def verify(model, config, saved_model_path: str, images, labels,
 
 # ------------------------------------------------------------------------- CLI
 
-def main(_):
-  if not FLAGS.model_dir or not FLAGS.export_dir:
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
+  if not fv.model_dir or not fv.export_dir:
     raise cli.UsageError("--model_dir (a finished retrain) and --export_dir are required")
-  if FLAGS.top_k < 1 or FLAGS.max_pixels < 1:
+  if fv.top_k < 1 or fv.max_pixels < 1:
     raise cli.UsageError("--top_k and --max_pixels must be >= 1")
   from nse_tf import common_flags, run_lock  # pylint: disable=g-import-not-at-top
   # A path under a regular file, a read-only or a full directory: one line, before the
   # model is even loaded. One exporter at a time: two would pick the same next version.
-  common_flags.check_output_dir(FLAGS.export_dir, "--export_dir")
-  run_lock.acquire(FLAGS.export_dir, "export")
+  common_flags.check_output_dir(fv.export_dir, "--export_dir")
+  run_lock.acquire(fv.export_dir, "export")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel("ERROR")
   logging.set_verbosity(logging.WARNING)   # SavedModel / converter chatter
-  model = retrain.load_trained_model(FLAGS.model_dir)
-  with open(os.path.join(FLAGS.model_dir, "model_config.json"), encoding="utf-8") as f:
+  model = retrain.load_trained_model(fv.model_dir)
+  with open(os.path.join(fv.model_dir, "model_config.json"), encoding="utf-8") as f:
     config = json.load(f)
   path = export_saved_model(
-      model, config, FLAGS.export_dir, FLAGS.version, FLAGS.top_k, FLAGS.max_pixels,
-      extra_files={n: os.path.join(FLAGS.model_dir, n)
+      model, config, fv.export_dir, fv.version, fv.top_k, fv.max_pixels,
+      extra_files={n: os.path.join(fv.model_dir, n)
                    for n in ("arch.json", "model_config.json", "metrics.json")})
   print(f"wrote SavedModel {path} (signatures serving_default: encoded images, "
         "serving_images: float pixels)")
   size = int(config["image_size"])
-  need_data = FLAGS.tflite or FLAGS.verify_examples > 0
-  d = _data(config, FLAGS.data_dir) if need_data else None
+  need_data = fv.tflite or fv.verify_examples > 0
+  d = _data(config, fv.data_dir) if need_data else None
   tflite_models = {}
-  if FLAGS.tflite:
-    out = os.path.join(FLAGS.export_dir, "tflite")
+  if fv.tflite:
+    out = os.path.join(fv.export_dir, "tflite")
     os.makedirs(out, exist_ok=True)
     tflite_models["float"] = tflite_float(model, size)
-    calib, _ = take_images(d.train(min(64, FLAGS.calibration_examples), seed=0, repeat=False,
-                                   augment=False), FLAGS.calibration_examples)
+    calib, _ = take_images(d.train(min(64, fv.calibration_examples), seed=0, repeat=False,
+                                   augment=False), fv.calibration_examples)
     tflite_models["int8"] = tflite_int8(model, size, calib)
     for name, content in tflite_models.items():
       _write_bytes_atomic(os.path.join(out, f"model_{name}.tflite"), content)
       print(f"wrote {os.path.join(out, f'model_{name}.tflite')} ({len(content) / 1e6:.2f} MB)")
-  if FLAGS.verify_examples > 0:
-    images, labels = take_images(d.validation(64), FLAGS.verify_examples)
+  if fv.verify_examples > 0:
+    images, labels = take_images(d.validation(64), fv.verify_examples)
     report = verify(model, config, path, images, labels, tflite_models)
-    atomic_write_text(os.path.join(FLAGS.export_dir, "verification.json"),
+    atomic_write_text(os.path.join(fv.export_dir, "verification.json"),
                       json.dumps(report, indent=1) + "\n")
     print(f"checked on {report['examples']} validation images: Keras top-1 "
           f"{100 * report['keras_top1']:.2f} %; SavedModel vs Keras max |Δlogit| "
@@ -461,7 +466,7 @@ def main(_):
 
 
 def run():
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

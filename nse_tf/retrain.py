@@ -41,34 +41,42 @@ from nse_tf import cli
 from nse_tf import common_flags
 from nse_tf import run_lock
 
-flags.DEFINE_string("arch", None, "A released network (NSENet-27, NSENet, NSENet-GPU) or a "
-                    "compact architecture string.")
-flags.DEFINE_string("arch_json", None, "An Architecture JSON file (e.g. a search's "
-                    "final_arch.json).")
-flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and the trained model go. "
-                    "Re-running on the same directory resumes.")
-flags.DEFINE_enum("recipe", "paper", ["paper", "efficientnet"],
-                  "paper: ReLU, no SE, no augmentation beyond crop/flip. efficientnet: swish, "
-                  "SE, AutoAugment, dropout 0.2, stochastic depth 0.2, label smoothing 0.1.")
-flags.DEFINE_enum("activation", None, ["relu", "swish"], "Default: the recipe's.")
-flags.DEFINE_bool("se", None, "Squeeze-and-excitation in every op. Default: the recipe's.")
-flags.DEFINE_float("dropout", None, "Dropout before the fc. Default: the recipe's.")
-flags.DEFINE_float("drop_path", None, "Stochastic depth rate of the last layer. Default: the "
-                   "recipe's.")
-flags.DEFINE_float("label_smoothing", None, "Label smoothing. Default: the recipe's.")
-flags.DEFINE_enum("augment", None, ["none", "randaugment", "autoaugment"],
-                  "tf-models augmentation policy on top of crop/flip. Default: the recipe's.")
-flags.DEFINE_integer("randaug_layers", 2, "RandAugment: ops per image (N).")
-flags.DEFINE_float("randaug_magnitude", 9.0, "RandAugment: magnitude (M).")
-flags.DEFINE_float("ema_decay", 0.9999, "Exponential moving average of the weights, evaluated "
-                   "and deployed; 0 turns it off.")
-flags.DEFINE_float("eval_every", 10.0, "Evaluate on the validation split every this many "
-                   "epochs (0: only at the end).")
-flags.DEFINE_integer("eval_batch", 256, "Global batch of evaluation.")
-flags.DEFINE_integer("log_every", 50, "Steps between TensorBoard summaries.")
-flags.DEFINE_bool("progress", True, "Progress bars.")
-flags.DEFINE_bool("overwrite", False, "Delete this retrain's outputs in --model_dir first.")
-FLAGS = flags.FLAGS
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """Retrain's flags: its own, the dataset, the strategy and the training schedule."""
+  common_flags.define_data_flags(fv)
+  common_flags.define_strategy_flags(fv)
+  common_flags.define_training_flags(fv, defaults={
+      f.name: f.default for f in dataclasses.fields(RetrainConfig)
+      if f.name in common_flags.ROUND_TRAINING_DEFAULTS})
+  flags.DEFINE_string("arch", None, "A released network (NSENet-27, NSENet, NSENet-GPU) or a "
+                      "compact architecture string.", flag_values=fv)
+  flags.DEFINE_string("arch_json", None, "An Architecture JSON file (e.g. a search's "
+                      "final_arch.json).", flag_values=fv)
+  flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and the trained model go. "
+                      "Re-running on the same directory resumes.", flag_values=fv)
+  flags.DEFINE_enum("recipe", "paper", ["paper", "efficientnet"],
+                    "paper: ReLU, no SE, no augmentation beyond crop/flip. efficientnet: swish, "
+                    "SE, AutoAugment, dropout 0.2, stochastic depth 0.2, label smoothing 0.1.", flag_values=fv)
+  flags.DEFINE_enum("activation", None, ["relu", "swish"], "Default: the recipe's.", flag_values=fv)
+  flags.DEFINE_bool("se", None, "Squeeze-and-excitation in every op. Default: the recipe's.", flag_values=fv)
+  flags.DEFINE_float("dropout", None, "Dropout before the fc. Default: the recipe's.", flag_values=fv)
+  flags.DEFINE_float("drop_path", None, "Stochastic depth rate of the last layer. Default: the "
+                     "recipe's.", flag_values=fv)
+  flags.DEFINE_float("label_smoothing", None, "Label smoothing. Default: the recipe's.", flag_values=fv)
+  flags.DEFINE_enum("augment", None, ["none", "randaugment", "autoaugment"],
+                    "tf-models augmentation policy on top of crop/flip. Default: the recipe's.", flag_values=fv)
+  flags.DEFINE_integer("randaug_layers", 2, "RandAugment: ops per image (N).", flag_values=fv)
+  flags.DEFINE_float("randaug_magnitude", 9.0, "RandAugment: magnitude (M).", flag_values=fv)
+  flags.DEFINE_float("ema_decay", 0.9999, "Exponential moving average of the weights, evaluated "
+                     "and deployed; 0 turns it off.", flag_values=fv)
+  flags.DEFINE_float("eval_every", 10.0, "Evaluate on the validation split every this many "
+                     "epochs (0: only at the end).", flag_values=fv)
+  flags.DEFINE_integer("eval_batch", 256, "Global batch of evaluation.", flag_values=fv)
+  flags.DEFINE_integer("log_every", 50, "Steps between TensorBoard summaries.", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Progress bars.", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Delete this retrain's outputs in --model_dir first.", flag_values=fv)
+
 
 RECIPES: Dict[str, Dict[str, Any]] = {
     "paper": dict(activation="relu", se=False, dropout=0.0, drop_path=0.0,
@@ -77,9 +85,6 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                          label_smoothing=0.1, augment="autoaugment"),
 }
 
-# Shared (common_flags) flags whose search default is not the retrain default (SPEC §6).
-_RETRAIN_DEFAULTS = dict(global_batch=2048, epochs=350.0, lr=0.8, warmup_epochs=5.0,
-                         warmup_start_lr=0.0, checkpoint_every=1000)
 # Settings a resume may change without changing the result.
 _RESUME_FREE = {"progress", "checkpoint_every", "log_every", "data_dir", "strategy", "tpu",
                 "cpu_replicas", "eval_every", "eval_batch"}
@@ -157,7 +162,7 @@ def model_config(arch, cfg: RetrainConfig, info) -> Dict[str, Any]:
       "dropout": float(cfg.dropout),
       "drop_path": float(cfg.drop_path),
       "dataset": info.name,
-      "class_names": class_names(info.name, info.num_classes),
+      "class_names": list(info.class_names),
       # Test-time preprocessing of the data pipelines (nse_tf.data), for serving.
       "preprocessing": {"mean_rgb": list(data_lib.IMAGENET_MEAN_RGB),
                         "stddev_rgb": list(data_lib.IMAGENET_STDDEV_RGB),
@@ -165,23 +170,6 @@ def model_config(arch, cfg: RetrainConfig, info) -> Dict[str, Any]:
                         "resize": "bilinear"},
       "arch_name": arch.metadata.get("name"),
   }
-
-
-def class_names(dataset: str, num_classes: int) -> List[str]:
-  """Readable class names where they are known locally; else the class ids as strings."""
-  from nse_tf import data as data_lib  # pylint: disable=g-import-not-at-top
-  if dataset == "demo_shapes":
-    return list(data_lib.SHAPE_CLASSES)
-  if dataset in ("demo_digits", "demo_digits_hard"):
-    return [str(i) for i in range(10)]
-  try:
-    builder = data_lib._builder(dataset, FLAGS.data_dir if FLAGS.is_parsed() else None)  # pylint: disable=protected-access
-    names = list(builder.info.features[builder.info.supervised_keys[1]].names)
-    if len(names) == num_classes:
-      return names
-  except Exception:  # pylint: disable=broad-except
-    pass
-  return [str(i) for i in range(num_classes)]
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -540,31 +528,29 @@ class Retrainer:
 
 # ------------------------------------------------------------------------- CLI
 
-def _value(name: str, recipe: Dict[str, Any]):
-  """A flag's value, else the recipe's / retrain's default for flags not given."""
-  flag = FLAGS[name]
+def _value(fv: flags.FlagValues, name: str, recipe: Dict[str, Any]):
+  """A flag's value, else the recipe's for the recipe's flags not given."""
+  flag = fv[name]
   if name in recipe and flag.value is None:
     return recipe[name]
-  if name in _RETRAIN_DEFAULTS and not flag.present:
-    return _RETRAIN_DEFAULTS[name]
   return flag.value
 
 
-def retrain_config() -> RetrainConfig:
-  recipe = RECIPES[FLAGS.recipe]
+def retrain_config(fv: flags.FlagValues) -> RetrainConfig:
+  recipe = RECIPES[fv.recipe]
   cfg = RetrainConfig(
-      global_batch=_value("global_batch", recipe), epochs=_value("epochs", recipe),
-      steps_per_epoch=FLAGS.steps_per_epoch, lr=_value("lr", recipe),
-      warmup_epochs=_value("warmup_epochs", recipe),
-      warmup_start_lr=_value("warmup_start_lr", recipe), weight_decay=FLAGS.weight_decay,
-      label_smoothing=_value("label_smoothing", recipe), ema_decay=FLAGS.ema_decay,
-      activation=_value("activation", recipe), se=_value("se", recipe),
-      dropout=_value("dropout", recipe), drop_path=_value("drop_path", recipe),
-      augment=_value("augment", recipe), randaug_layers=FLAGS.randaug_layers,
-      randaug_magnitude=FLAGS.randaug_magnitude, mixed_precision=FLAGS.mixed_precision,
-      sync_bn=FLAGS.sync_bn, checkpoint_every=_value("checkpoint_every", recipe),
-      eval_every=FLAGS.eval_every, eval_batch=FLAGS.eval_batch, log_every=FLAGS.log_every,
-      seed=FLAGS.seed, progress=FLAGS.progress)
+      global_batch=fv.global_batch, epochs=fv.epochs,
+      steps_per_epoch=fv.steps_per_epoch, lr=fv.lr,
+      warmup_epochs=fv.warmup_epochs,
+      warmup_start_lr=fv.warmup_start_lr, weight_decay=fv.weight_decay,
+      label_smoothing=_value(fv, "label_smoothing", recipe), ema_decay=fv.ema_decay,
+      activation=_value(fv, "activation", recipe), se=_value(fv, "se", recipe),
+      dropout=_value(fv, "dropout", recipe), drop_path=_value(fv, "drop_path", recipe),
+      augment=_value(fv, "augment", recipe), randaug_layers=fv.randaug_layers,
+      randaug_magnitude=fv.randaug_magnitude, mixed_precision=fv.mixed_precision,
+      sync_bn=fv.sync_bn, checkpoint_every=fv.checkpoint_every,
+      eval_every=fv.eval_every, eval_batch=fv.eval_batch, log_every=fv.log_every,
+      seed=fv.seed, progress=fv.progress)
   cfg.validate()
   return cfg
 
@@ -577,10 +563,10 @@ def _remove_outputs(model_dir: str):
       shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
 
 
-def _refuse_other_retrain(model_dir: str, arch, resolved: Dict[str, Any]):
+def _refuse_other_retrain(model_dir: str, arch, resolved: Dict[str, Any], overwrite: bool):
   """Refuses a resume with another architecture or configuration (read-only)."""
   from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
-  if FLAGS.overwrite:
+  if overwrite:
     return
   arch_path = os.path.join(model_dir, "arch.json")
   if os.path.exists(arch_path):
@@ -599,33 +585,33 @@ def _refuse_other_retrain(model_dir: str, arch, resolved: Dict[str, Any]):
                            f"({details}); use the same flags to resume, or --overwrite")
 
 
-def main(_):
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
   from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
   from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
-  if not FLAGS.model_dir:
+  if not fv.model_dir:
     raise cli.UsageError("--model_dir is required (where the checkpoints and the trained "
                          "model go)")
-  arch = arch_lib.resolve(FLAGS.arch, FLAGS.arch_json)
-  cfg = retrain_config()
-  common_flags.check_output_dir(FLAGS.model_dir, "--model_dir")
-  run_lock.acquire(FLAGS.model_dir, "retrain")
-  holdout = FLAGS.holdout_examples if FLAGS["holdout_examples"].present else 0
-  resolved = dict(dataclasses.asdict(cfg), dataset=FLAGS.dataset, image_size=FLAGS.image_size,
+  arch = arch_lib.resolve(fv.arch, fv.arch_json)
+  cfg = retrain_config(fv)
+  common_flags.check_output_dir(fv.model_dir, "--model_dir")
+  run_lock.acquire(fv.model_dir, "retrain")
+  holdout = fv.holdout_examples if fv["holdout_examples"].present else 0
+  resolved = dict(dataclasses.asdict(cfg), dataset=fv.dataset, image_size=fv.image_size,
                   holdout_examples=holdout, arch=arch.to_compact())
-  _refuse_other_retrain(FLAGS.model_dir, arch, resolved)
+  _refuse_other_retrain(fv.model_dir, arch, resolved, fv.overwrite)
   from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
-  common_flags.setup_tensorflow()
-  strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
-  d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
+  common_flags.setup_tensorflow(fv.deterministic)
+  strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
+  d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,
                     holdout_examples=holdout)
-  out = FLAGS.model_dir
+  out = fv.model_dir
   metrics_path = os.path.join(out, "metrics.json")
-  if (not FLAGS.overwrite and os.path.exists(metrics_path)
+  if (not fv.overwrite and os.path.exists(metrics_path)
       and os.path.exists(os.path.join(out, "final"))):
     print(f"{out} is a finished retrain:")
     print(json.dumps(_read_json(metrics_path), indent=1))
     return 0
-  if FLAGS.overwrite:
+  if fv.overwrite:
     _remove_outputs(out)
   start = time.time()
   # Built (and its settings checked) before the first write: a refused start leaves
@@ -636,13 +622,13 @@ def main(_):
   arch.save(os.path.join(out, "arch.json"))
   atomic_write_text(os.path.join(out, "model_config.json"),
                     json.dumps(r.model_config, indent=1) + "\n")
-  c = cost.arch_cost(arch, resolution=FLAGS.image_size, num_classes=d.info.num_classes,
+  c = cost.arch_cost(arch, resolution=fv.image_size, num_classes=d.info.num_classes,
                      se=cfg.se)
   print(f"retraining {arch.metadata.get('name') or arch.to_compact()} on {d.info.name} "
-        f"({d.info.num_train} images) at {FLAGS.image_size}x{FLAGS.image_size}: "
+        f"({d.info.num_train} images) at {fv.image_size}x{fv.image_size}: "
         f"{c.macs / 1e6:.2f} MFLOPs, {c.params / 1e6:.3f} M params; "
         f"{r.total_steps} steps of {cfg.global_batch} on "
-        f"{strategy.num_replicas_in_sync} replica(s); recipe {FLAGS.recipe}")
+        f"{strategy.num_replicas_in_sync} replica(s); recipe {fv.recipe}")
   if r.restored:
     print(f"resuming at step {int(r.step.numpy())} of {r.total_steps}")
   history = r.train()
@@ -655,10 +641,10 @@ def main(_):
       "params": int(r.model.count_params()),
       "mflops": round(c.macs / 1e6, 3), "mflops_at_224": round(
           cost.arch_cost(arch, 224, num_classes=d.info.num_classes, se=cfg.se).macs / 1e6, 3),
-      "image_size": FLAGS.image_size, "dataset": d.info.name, "steps": r.total_steps,
+      "image_size": fv.image_size, "dataset": d.info.name, "steps": r.total_steps,
       "epochs": cfg.epochs, "train_seconds_this_run": round(time.time() - start, 1),
       "last_train_loss": history[-1]["loss"] if history else None,
-      "arch": arch.to_compact(), "recipe": FLAGS.recipe,
+      "arch": arch.to_compact(), "recipe": fv.recipe,
   }
   if r.ema is not None:
     raw = r.evaluate(use_ema=False)
@@ -667,13 +653,13 @@ def main(_):
   print(f"\nvalidation top-1 {100 * metrics['top1']:.2f} %, top-{metrics['top5_k']} "
         f"{100 * metrics['top5']:.2f} % on {metrics['validation_examples']} images "
         f"({metrics['weights']} weights); {metrics['params']} params, "
-        f"{metrics['mflops']} MFLOPs at {FLAGS.image_size}x{FLAGS.image_size}")
+        f"{metrics['mflops']} MFLOPs at {fv.image_size}x{fv.image_size}")
   print(f"wrote {metrics_path} and {os.path.join(out, 'final')}/")
   return 0
 
 
 def run():
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

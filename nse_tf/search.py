@@ -29,46 +29,50 @@ from nse_tf import cli
 from nse_tf import common_flags
 from nse_tf import run_lock
 
-flags.DEFINE_integer("rounds", None, "Rounds (default ⌊(N − 1)/(K − 1)⌋; 3 with --init_from).")
-flags.DEFINE_integer("num_samples", 2000, "D: unique architectures sampled per round in the "
-                     "cost interval.")
-flags.DEFINE_integer("num_edge", 100, "D_e: unique edge architectures just below the interval.")
-flags.DEFINE_list("interval", ["300", "350"], "Cost interval lo,hi of the sampled candidates "
-                  "(MFLOPs at --cost_resolution).")
-flags.DEFINE_float("edge_lo", 290.0, "Edge band (edge_lo, lo].")
-flags.DEFINE_integer("max_draws", 200000, "Give up sampling the interval after this many draws.")
-flags.DEFINE_integer("bn_recal_batches", 50, "Training batches for BN recalibration of each "
-                     "candidate.")
-flags.DEFINE_integer("eval_examples", None, "Evaluate candidates on at most this many held-out "
-                     "examples (default: the whole held-out split).")
-flags.DEFINE_integer("eval_batch", 256, "Batch of candidate evaluation.")
-flags.DEFINE_string("select", "knee", "Final pick from the last front: knee | max_acc | "
-                    "min_cost | closest:COST.")
-flags.DEFINE_float("final_target", None, "Solve the channel scale of the final network for "
-                   "this many MFLOPs at --cost_resolution.")
-flags.DEFINE_float("final_scale", None, "Channel scale of the final network (default: the "
-                   "search's).")
-flags.DEFINE_string("init_from", None, "Output dir of a finished flops27 search: continue it in "
-                    "the flops72 space (second space).")
-flags.DEFINE_bool("overwrite", False, "Delete this search's outputs in --output_dir and start "
-                  "over.")
-flags.DEFINE_bool("progress", True, "Progress bars.")
-flags.DEFINE_enum("constraint", "flops", ["flops", "latency"], "What --tau, --interval and "
-                  "--edge_lo constrain: MFLOPs (analytic) or latency in ms from --latency_lut.")
-flags.DEFINE_string("latency_lut", None, "Latency table JSON (tools/build_latency_lut.py, "
-                    "measured on the target device). Default with --constraint=latency: "
-                    "OUTPUT_DIR/latency_lut.json, built on the spot on this machine when missing "
-                    "(with the --lut_* settings) and reused on resume.")
-flags.DEFINE_bool("relative_targets", False, "Read --tau, --interval and --edge_lo as fractions "
-                  "of the cost of the network that holds every layer's most expensive single op "
-                  "on the chosen table, so one flagfile fits any device's table.")
-flags.DEFINE_enum("lut_backend", "tf", ["tf", "tflite"], "Backend of a table built on the spot.")
-flags.DEFINE_integer("lut_batch_size", 1, "Batch of a table built on the spot.")
-flags.DEFINE_integer("lut_threads", 1, "Threads of a table built on the spot.")
-flags.DEFINE_enum("lut_clock", "wall", ["wall", "cpu"], "Clock of a table built on the spot "
-                  "(cpu: CPU time, robust on a shared machine).")
-flags.DEFINE_integer("lut_repeats", 30, "Timed calls per entry of a table built on the spot.")
-FLAGS = flags.FLAGS
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The search's flags: a round's (common_flags) and the rounds, sampling, selection."""
+  common_flags.define_round_flags(fv)
+  flags.DEFINE_integer("rounds", None, "Rounds (default ⌊(N − 1)/(K − 1)⌋; 3 with --init_from).", flag_values=fv)
+  flags.DEFINE_integer("num_samples", 2000, "D: unique architectures sampled per round in the "
+                       "cost interval.", flag_values=fv)
+  flags.DEFINE_integer("num_edge", 100, "D_e: unique edge architectures just below the interval.", flag_values=fv)
+  flags.DEFINE_list("interval", ["300", "350"], "Cost interval lo,hi of the sampled candidates "
+                    "(MFLOPs at --cost_resolution).", flag_values=fv)
+  flags.DEFINE_float("edge_lo", 290.0, "Edge band (edge_lo, lo].", flag_values=fv)
+  flags.DEFINE_integer("max_draws", 200000, "Give up sampling the interval after this many draws.", flag_values=fv)
+  flags.DEFINE_integer("bn_recal_batches", 50, "Training batches for BN recalibration of each "
+                       "candidate.", flag_values=fv)
+  flags.DEFINE_integer("eval_examples", None, "Evaluate candidates on at most this many held-out "
+                       "examples (default: the whole held-out split).", flag_values=fv)
+  flags.DEFINE_integer("eval_batch", 256, "Batch of candidate evaluation.", flag_values=fv)
+  flags.DEFINE_string("select", "knee", "Final pick from the last front: knee | max_acc | "
+                      "min_cost | closest:COST.", flag_values=fv)
+  flags.DEFINE_float("final_target", None, "Solve the channel scale of the final network for "
+                     "this many MFLOPs at --cost_resolution.", flag_values=fv)
+  flags.DEFINE_float("final_scale", None, "Channel scale of the final network (default: the "
+                     "search's).", flag_values=fv)
+  flags.DEFINE_string("init_from", None, "Output dir of a finished flops27 search: continue it in "
+                      "the flops72 space (second space).", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Delete this search's outputs in --output_dir and start "
+                    "over.", flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Progress bars.", flag_values=fv)
+  flags.DEFINE_enum("constraint", "flops", ["flops", "latency"], "What --tau, --interval and "
+                    "--edge_lo constrain: MFLOPs (analytic) or latency in ms from --latency_lut.", flag_values=fv)
+  flags.DEFINE_string("latency_lut", None, "Latency table JSON (tools/build_latency_lut.py, "
+                      "measured on the target device). Default with --constraint=latency: "
+                      "OUTPUT_DIR/latency_lut.json, built on the spot on this machine when missing "
+                      "(with the --lut_* settings) and reused on resume.", flag_values=fv)
+  flags.DEFINE_bool("relative_targets", False, "Read --tau, --interval and --edge_lo as fractions "
+                    "of the cost of the network that holds every layer's most expensive single op "
+                    "on the chosen table, so one flagfile fits any device's table.", flag_values=fv)
+  flags.DEFINE_enum("lut_backend", "tf", ["tf", "tflite"], "Backend of a table built on the spot.", flag_values=fv)
+  flags.DEFINE_integer("lut_batch_size", 1, "Batch of a table built on the spot.", flag_values=fv)
+  flags.DEFINE_integer("lut_threads", 1, "Threads of a table built on the spot.", flag_values=fv)
+  flags.DEFINE_enum("lut_clock", "wall", ["wall", "cpu"], "Clock of a table built on the spot "
+                    "(cpu: CPU time, robust on a shared machine).", flag_values=fv)
+  flags.DEFINE_integer("lut_repeats", 30, "Timed calls per entry of a table built on the spot.", flag_values=fv)
+
 
 # Flags that do not change the result: a resume may change them.
 _RESUME_FREE = {"output_dir", "overwrite", "progress", "checkpoint_every", "data_dir",
@@ -76,17 +80,16 @@ _RESUME_FREE = {"output_dir", "overwrite", "progress", "checkpoint_every", "data
 _OUTPUTS = ("config.json", "state.json", "final_arch.json", "space_evolution.png", "tb")
 
 
-def resolved_flags():
-  names = set()
-  # As `python -m nse_tf.search` this module's flags belong to '__main__'.
-  for module in ("nse_tf.common_flags", "nse_tf.search", "__main__"):
-    names |= {f.name for f in FLAGS.get_flags_for_module(module)}
-  return {n: FLAGS[n].value for n in sorted(names)}
+def resolved_flags(fv: flags.FlagValues):
+  """Every flag of the search and its value (config.json)."""
+  scratch = flags.FlagValues()
+  define_flags(scratch)
+  return {n: fv[n].value for n in sorted(scratch)}
 
 
-def _refuse_other_search(out: str, config: dict):
+def _refuse_other_search(out: str, config: dict, overwrite: bool):
   """Refuses a directory that holds another search (read-only; --overwrite skips it)."""
-  if FLAGS.overwrite:
+  if overwrite:
     return
   from nse_tf import evolution  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(out, "state.json")):
@@ -108,9 +111,9 @@ def _refuse_other_search(out: str, config: dict):
     raise cli.UsageError(f"{out} has a state.json but no config.json; use --overwrite")
 
 
-def _prepare_output_dir(out: str, config: dict):
+def _prepare_output_dir(out: str, config: dict, overwrite: bool):
   """--overwrite's deletions, then config.json: the first writes, after every check."""
-  if FLAGS.overwrite:
+  if overwrite:
     for name in os.listdir(out):
       if name in _OUTPUTS or name.startswith("round_"):
         p = os.path.join(out, name)
@@ -120,66 +123,66 @@ def _prepare_output_dir(out: str, config: dict):
                     json.dumps(config, indent=1, sort_keys=True) + "\n")
 
 
-def search_config():
+def search_config(fv: flags.FlagValues):
   from nse_tf import evolution  # pylint: disable=g-import-not-at-top
   try:
-    lo, hi = (float(v) for v in FLAGS.interval)
+    lo, hi = (float(v) for v in fv.interval)
   except ValueError:
-    raise cli.UsageError(f"--interval must be two numbers lo,hi; got {','.join(FLAGS.interval)}")
+    raise cli.UsageError(f"--interval must be two numbers lo,hi; got {','.join(fv.interval)}")
   cfg = evolution.SearchConfig(
-      space=FLAGS.space, macro=FLAGS.macro, max_ops=FLAGS.max_ops, rounds=FLAGS.rounds,
-      scale=FLAGS.scale, image_size=FLAGS.image_size, cost_resolution=FLAGS.cost_resolution,
-      num_samples=FLAGS.num_samples, num_edge=FLAGS.num_edge, interval=(lo, hi),
-      edge_lo=FLAGS.edge_lo, max_draws=FLAGS.max_draws,
-      bn_recal_batches=FLAGS.bn_recal_batches, eval_examples=FLAGS.eval_examples,
-      eval_batch=FLAGS.eval_batch, select=FLAGS.select, final_target=FLAGS.final_target,
-      final_scale=FLAGS.final_scale, init_from=FLAGS.init_from, seed=FLAGS.seed,
-      constraint=FLAGS.constraint, latency_lut=latency_lut_path())
+      space=fv.space, macro=fv.macro, max_ops=fv.max_ops, rounds=fv.rounds,
+      scale=fv.scale, image_size=fv.image_size, cost_resolution=fv.cost_resolution,
+      num_samples=fv.num_samples, num_edge=fv.num_edge, interval=(lo, hi),
+      edge_lo=fv.edge_lo, max_draws=fv.max_draws,
+      bn_recal_batches=fv.bn_recal_batches, eval_examples=fv.eval_examples,
+      eval_batch=fv.eval_batch, select=fv.select, final_target=fv.final_target,
+      final_scale=fv.final_scale, init_from=fv.init_from, seed=fv.seed,
+      constraint=fv.constraint, latency_lut=latency_lut_path(fv))
   cfg.validate()
   return cfg
 
 
-def latency_lut_path():
-  if FLAGS.constraint != "latency":
-    return FLAGS.latency_lut
-  if FLAGS.latency_lut and not os.path.isfile(FLAGS.latency_lut):
+def latency_lut_path(fv: flags.FlagValues):
+  if fv.constraint != "latency":
+    return fv.latency_lut
+  if fv.latency_lut and not os.path.isfile(fv.latency_lut):
     raise cli.UsageError(
-        f"--latency_lut={FLAGS.latency_lut}: no such file; measure one on the target device "
-        f"with python tools/build_latency_lut.py --output={FLAGS.latency_lut} (or leave "
+        f"--latency_lut={fv.latency_lut}: no such file; measure one on the target device "
+        f"with python tools/build_latency_lut.py --output={fv.latency_lut} (or leave "
         "--latency_lut out to build OUTPUT_DIR/latency_lut.json on this machine)")
-  return FLAGS.latency_lut or os.path.join(FLAGS.output_dir, "latency_lut.json")
+  return fv.latency_lut or os.path.join(fv.output_dir, "latency_lut.json")
 
 
-def ensure_latency_table(cfg, num_classes: int):
+def ensure_latency_table(cfg, num_classes: int, fv: flags.FlagValues):
   """Builds (or completes) the default table on the spot; an explicit one must exist."""
   from nse_tf import evolution, latency  # pylint: disable=g-import-not-at-top
   try:
     evolution.make_cost_table(cfg, num_classes)
     return
   except evolution.SearchError as e:
-    if FLAGS.latency_lut:    # the user's own table: never measured over here
+    if fv.latency_lut:    # the user's own table: never measured over here
       raise cli.UsageError(str(e)) from None
   print(f"building the latency table {cfg.latency_lut} on this machine "
-        f"({FLAGS.lut_backend}, batch {FLAGS.lut_batch_size}, {FLAGS.lut_threads} thread(s))",
+        f"({fv.lut_backend}, batch {fv.lut_batch_size}, {fv.lut_threads} thread(s))",
         flush=True)
   try:
     latency.build_in_subprocess(
         cfg.latency_lut, space=cfg.space, macro=cfg.resolved_macro(),
         resolution=cfg.cost_resolution, scale=cfg.scale, num_classes=num_classes,
-        batch_size=FLAGS.lut_batch_size, backend=FLAGS.lut_backend, threads=FLAGS.lut_threads,
-        repeats=FLAGS.lut_repeats, max_branches=max(cfg.max_ops + 1, 2), clock=FLAGS.lut_clock,
-        progress=FLAGS.progress)
+        batch_size=fv.lut_batch_size, backend=fv.lut_backend, threads=fv.lut_threads,
+        repeats=fv.lut_repeats, max_branches=max(cfg.max_ops + 1, 2), clock=fv.lut_clock,
+        progress=fv.progress)
   except latency.LatencyError as e:
     raise cli.UsageError(str(e)) from None
 
 
-def resolve_targets(cfg, train_cfg, num_classes: int):
+def resolve_targets(cfg, train_cfg, num_classes: int, relative: bool):
   """--relative_targets: τ, interval and edge band in the table's own unit."""
   import dataclasses  # pylint: disable=g-import-not-at-top
   from nse_tf import evolution  # pylint: disable=g-import-not-at-top
   table = evolution.make_cost_table(cfg, num_classes)
   ref = evolution.reference_cost(table)
-  if FLAGS.relative_targets:
+  if relative:
     lo, hi = cfg.interval
     cfg = dataclasses.replace(cfg, interval=(lo * ref, hi * ref), edge_lo=cfg.edge_lo * ref)
     train_cfg = dataclasses.replace(train_cfg, tau=train_cfg.tau * ref)
@@ -189,52 +192,53 @@ def resolve_targets(cfg, train_cfg, num_classes: int):
   return cfg, train_cfg
 
 
-def main(_):
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
   """Every check that needs no training runs before the first write (config.json).
 
   A start that fails on a bad flag, an unprepared dataset, a missing latency table or
   an unreachable interval then leaves the directory as it was, and the corrected
   command starts (or resumes) without being refused as "another configuration".
   """
-  common_flags.check_output_dir(FLAGS.output_dir)
-  run_lock.acquire(FLAGS.output_dir, "search")
-  cfg = search_config()
-  train_cfg = common_flags.train_config()
-  config = resolved_flags()
-  _refuse_other_search(FLAGS.output_dir, config)
+  common_flags.check_output_dir(fv.output_dir)
+  run_lock.acquire(fv.output_dir, "search")
+  cfg = search_config(fv)
+  train_cfg = common_flags.train_config(fv)
+  config = resolved_flags(fv)
+  _refuse_other_search(fv.output_dir, config, fv.overwrite)
   from nse_tf import data, distribute, evolution, spaces  # pylint: disable=g-import-not-at-top
   from nse_tf import trainer  # pylint: disable=g-import-not-at-top
-  common_flags.setup_tensorflow()
-  strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
+  trainer.check_strategy_name(train_cfg, fv.strategy)
+  common_flags.setup_tensorflow(fv.deterministic)
+  strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
   trainer.check_strategy(train_cfg, strategy)
-  d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
-                    holdout_examples=FLAGS.holdout_examples)
+  d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,
+                    holdout_examples=fv.holdout_examples)
   if cfg.constraint == "latency":
-    ensure_latency_table(cfg, d.info.num_classes)
-  if cfg.constraint == "latency" or FLAGS.relative_targets:
-    cfg, train_cfg = resolve_targets(cfg, train_cfg, d.info.num_classes)
-  state = evolution.initial_state(cfg, FLAGS.output_dir, fresh=FLAGS.overwrite)
+    ensure_latency_table(cfg, d.info.num_classes, fv)
+  if cfg.constraint == "latency" or fv.relative_targets:
+    cfg, train_cfg = resolve_targets(cfg, train_cfg, d.info.num_classes, fv.relative_targets)
+  state = evolution.initial_state(cfg, fv.output_dir, fresh=fv.overwrite)
   if state.phase == "train":
     table = evolution.make_cost_table(cfg, d.info.num_classes)
     evolution.check_reachable(cfg, table, state.working_sets,
                               spaces.layer_kinds(cfg.resolved_macro()), state.round)
-  _prepare_output_dir(FLAGS.output_dir, config)
-  search = evolution.Search(cfg, train_cfg, d, strategy, FLAGS.output_dir,
-                            progress=FLAGS.progress, state=state)
+  _prepare_output_dir(fv.output_dir, config, fv.overwrite)
+  search = evolution.Search(cfg, train_cfg, d, strategy, fv.output_dir,
+                            progress=fv.progress, state=state)
   final = search.run()
   if "latency_ms" in final.metadata:
     print(f"\npredicted latency of the final architecture: {final.metadata['latency_ms']} ms "
           f"(interval {cfg.interval[0]:.4g}-{cfg.interval[1]:.4g}); measure it with "
-          f"python tools/check_latency_lut.py --search_dir={FLAGS.output_dir}")
+          f"python tools/check_latency_lut.py --search_dir={fv.output_dir}")
   print(f"\nfinal architecture ({cfg.select}): {final.metadata.get('cost_mflops')} MFLOPs, "
         f"held-out accuracy {100 * final.metadata.get('accuracy', 0):.2f} % in the supernet")
   print(final.to_text())
-  print(f"wrote {os.path.join(FLAGS.output_dir, 'final_arch.json')}")
+  print(f"wrote {os.path.join(fv.output_dir, 'final_arch.json')}")
   return 0
 
 
 def run():
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ from nse_tf import cli
 from nse_tf import common_flags
 from nse_tf import run_lock
 
-FLAGS = flags.FLAGS
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """A round's flags (common_flags); nothing of its own."""
+  common_flags.define_round_flags(fv)
 
 
 def initial_working_sets(pool_size: int, num_layers: int, max_ops: int, seed: int):
@@ -35,31 +38,31 @@ def initial_working_sets(pool_size: int, num_layers: int, max_ops: int, seed: in
   return queues, [sorted(q[:max_ops]) for q in queues]
 
 
-def main(_):
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
   from nse_tf import cost, data, distribute, spaces, trainer  # pylint: disable=g-import-not-at-top
-  if FLAGS.max_ops < 1:
-    raise cli.UsageError(f"--max_ops must be >= 1, got {FLAGS.max_ops}")
-  common_flags.check_output_dir(FLAGS.output_dir)
-  run_lock.acquire(FLAGS.output_dir, "train_round")
-  macro = FLAGS.macro or spaces.DEFAULT_MACRO[FLAGS.space]
-  pool = spaces.get_pool(FLAGS.space)
+  if fv.max_ops < 1:
+    raise cli.UsageError(f"--max_ops must be >= 1, got {fv.max_ops}")
+  common_flags.check_output_dir(fv.output_dir)
+  run_lock.acquire(fv.output_dir, "train_round")
+  macro = fv.macro or spaces.DEFAULT_MACRO[fv.space]
+  pool = spaces.get_pool(fv.space)
   kinds = spaces.layer_kinds(macro)
-  _, working_sets = initial_working_sets(len(pool), len(kinds), FLAGS.max_ops, FLAGS.seed)
-  common_flags.setup_tensorflow()
-  strategy = distribute.get_strategy(FLAGS.strategy, FLAGS.tpu, FLAGS.cpu_replicas)
-  d = data.get_data(FLAGS.dataset, data_dir=FLAGS.data_dir, image_size=FLAGS.image_size,
-                    holdout_examples=FLAGS.holdout_examples)
-  table = cost.CostTable(FLAGS.space, macro, resolution=FLAGS.cost_resolution,
-                         scale=FLAGS.scale, num_classes=d.info.num_classes)
-  cfg = common_flags.train_config()
-  print(f"round 1 on {d.info.name}: {len(kinds)} layers x K={FLAGS.max_ops} of {FLAGS.space}, "
-        f"{strategy.num_replicas_in_sync} replica(s), global batch {FLAGS.global_batch}")
+  _, working_sets = initial_working_sets(len(pool), len(kinds), fv.max_ops, fv.seed)
+  common_flags.setup_tensorflow(fv.deterministic)
+  strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
+  d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,
+                    holdout_examples=fv.holdout_examples)
+  table = cost.CostTable(fv.space, macro, resolution=fv.cost_resolution,
+                         scale=fv.scale, num_classes=d.info.num_classes)
+  cfg = common_flags.train_config(fv)
+  print(f"round 1 on {d.info.name}: {len(kinds)} layers x K={fv.max_ops} of {fv.space}, "
+        f"{strategy.num_replicas_in_sync} replica(s), global batch {fv.global_batch}")
   start = time.time()
-  t = trainer.RoundTrainer(cfg, strategy, d, table, space=FLAGS.space, macro=macro,
+  t = trainer.RoundTrainer(cfg, strategy, d, table, space=fv.space, macro=macro,
                            working_sets=working_sets, num_classes=d.info.num_classes,
-                           resolution=FLAGS.image_size, scale=FLAGS.scale,
-                           model_dir=os.path.join(FLAGS.output_dir, "ckpt"),
-                           tb_dir=os.path.join(FLAGS.output_dir, "tb"))
+                           resolution=fv.image_size, scale=fv.scale,
+                           model_dir=os.path.join(fv.output_dir, "ckpt"),
+                           tb_dir=os.path.join(fv.output_dir, "tb"))
   if t.restored:
     print(f"resuming at step {int(t.step.numpy())} of {t.total_steps}")
   result = t.train()
@@ -71,21 +74,21 @@ def main(_):
         "pruned": [e for e in result.pruned if e["layer"] == l],
         "alive": {op: round(float(pi), 4) for op, pi, a in zip(mbl.op_names, p, alive) if a},
     })
-  summary = {"dataset": d.info.name, "space": FLAGS.space, "macro": macro,
+  summary = {"dataset": d.info.name, "space": fv.space, "macro": macro,
              "steps": result.steps, "seconds": round(time.time() - start, 1),
              "last": result.history[-1] if result.history else {}, "layers": layers}
   from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
-  atomic_write_text(os.path.join(FLAGS.output_dir, "round.json"), json.dumps(summary, indent=1))
+  atomic_write_text(os.path.join(fv.output_dir, "round.json"), json.dumps(summary, indent=1))
   print(f"\n{result.steps} steps; {len(result.pruned)} ops pruned; survivors per layer:")
   for entry in layers:
     ops = ", ".join(f"{op} p={p:.2f}" for op, p in entry["alive"].items()) or "- (identity)"
     print(f"  L{entry['layer']:02d} {entry['kind']}: {ops}")
-  print(f"wrote {os.path.join(FLAGS.output_dir, 'round.json')}")
+  print(f"wrote {os.path.join(fv.output_dir, 'round.json')}")
   return 0
 
 
 def run():
-  cli.run(main)
+  cli.run(main, define_flags)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@ from absl import flags  # noqa: E402
 # absl would otherwise try to parse pytest's command line ("Unknown command line flag").
 flags.FLAGS(["pytest"], known_only=True)
 
+# Two logical CPUs for the MirroredStrategy tests, set before TensorFlow initialises its
+# devices (TensorFlow's own mirrored_strategy_with_two_cpus pattern): they run in this
+# process. Everything else runs on the default device, /cpu:0, as before.
+import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
+
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
 
 
 import resource  # noqa: E402
@@ -18,6 +26,46 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def mirrored_two_cpus():
+  """One MirroredStrategy over the two logical CPUs, shared by every test that needs one.
+
+  A second instance in the same process hands out the same collective instance keys as
+  the first, and TensorFlow's collective executor refuses a key it has seen with another
+  dtype ("Collective instance 100 expected … data_type 1 but got … data_type 2").
+  """
+  from nse_tf import distribute  # pylint: disable=g-import-not-at-top
+  return distribute.get_strategy("mirrored", num_cpu_replicas=2)
+
+
+@pytest.fixture(autouse=True)
+def _global_state_restored():
+  """Every test leaves TensorFlow's, Keras', NumPy's and absl's global settings as it found
+  them (op determinism, seeds, mixed-precision policy, log verbosity), so that no test
+  depends on which ran before it."""
+  import random  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+  determinism = tf_config.is_op_determinism_enabled()
+  policy = keras.mixed_precision.global_policy().name
+  seed, _ = tf.compat.v1.get_seed(None)
+  py_state, np_state = random.getstate(), np.random.get_state()
+  verbosity, tf_level = logging.get_verbosity(), tf.get_logger().level
+  yield
+  if tf_config.is_op_determinism_enabled() != determinism:
+    (tf_config.enable_op_determinism if determinism else tf_config.disable_op_determinism)()
+  keras.mixed_precision.set_global_policy(policy)
+  if tf.compat.v1.get_seed(None)[0] != seed:
+    tf.random.set_seed(seed)
+  random.setstate(py_state)
+  np.random.set_state(np_state)
+  logging.set_verbosity(verbosity)
+  tf.get_logger().setLevel(tf_level)
 
 
 @pytest.fixture

@@ -24,11 +24,11 @@ from nse_tf import spaces
 
 RELEASED = ("NSENet-27", "NSENet", "NSENet-GPU")
 TOLERANCE = 0.005          # relative, analytic vs profiler
-# 20 per space by default (the fewest with which these seeds build every op of every
-# pool, checked below): each is a real Keras build and trace, about 2-3 s on two shared
-# CPU cores. NSE_TF_ARCHS_PER_SPACE changes it (e.g. 300 for a thorough local run, 5 for
-# a quick one; `-m "not slow"` skips the test).
-ARCHS_PER_SPACE = int(os.environ.get("NSE_TF_ARCHS_PER_SPACE", "20"))
+# Random multi-op architectures per space, on top of the few that hold every op of the
+# pool twice (_covering_architectures): each is a real Keras build and trace, about 2-3 s
+# on two shared CPU cores. NSE_TF_ARCHS_PER_SPACE changes it (e.g. 300 for a thorough
+# local run).
+ARCHS_PER_SPACE = int(os.environ.get("NSE_TF_ARCHS_PER_SPACE", "3"))
 SIZES = (64, 65, 72, 224)  # 65: odd everywhere; 72: 36 -> 18 -> 9 -> 5 -> 3
 NUM_CLASSES = 10
 
@@ -175,19 +175,34 @@ def test_released_224_values():
 
 
 def _max_ops(i):
-  # Mostly at most one op per layer (quick to build, and every op still lands at many
-  # positions); every 5th architecture holds up to 2 or 3 ops per layer.
-  return (2, 1, 1, 1, 1, 3, 1, 1, 1, 1)[i % 10]
+  return (2, 3)[i % 2]
+
+
+def _covering_architectures(space):
+  """One op per layer, every op of the pool twice, at two different layers.
+
+  The pool, listed twice, is cut into architectures of one op per layer; as the pool's
+  size is not a multiple of the layer count, the second listing puts each op at another
+  layer (another resolution, channel count, and for some a stride).
+  """
+  macro = spaces.DEFAULT_MACRO[space]
+  n, layers = len(spaces.get_pool(space)), spaces.num_layers(macro)
+  assert n % layers, (space, n, layers)
+  seq = list(range(n)) * 2
+  count = -(-len(seq) // layers)
+  return [arch_lib.Architecture.from_indices(
+      space, [[seq[(k * layers + l) % len(seq)]] for l in range(layers)], macro=macro)
+          for k in range(count)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("space", ["flops27", "flops72", "latency19"])
 def test_random_architectures_analytic_equals_profiler(space, one_trace):
-  archs = []
+  archs = _covering_architectures(space)
   for i in range(ARCHS_PER_SPACE):
     archs += cost.random_architectures(space, 1, seed=1000 * i + len(space),
                                        max_ops=_max_ops(i))
-  assert len({a.key() for a in archs}) == ARCHS_PER_SPACE
+  assert len({a.key() for a in archs}) == len(archs)
   used = set()
   worst = 0.0
   start = time.perf_counter()
@@ -199,8 +214,7 @@ def test_random_architectures_analytic_equals_profiler(space, one_trace):
   print(f"\n{space}: {len(archs)} models, worst deviation {100 * worst:.4f} %, "
         f"{elapsed / len(archs):.2f} s per model, {len(used)}/{len(spaces.POOLS[space])} "
         "ops used")
-  if ARCHS_PER_SPACE >= 20:  # every op of the pool was built and counted at least once
-    assert used == set(spaces.POOLS[space])
+  assert used == set(spaces.POOLS[space])       # every op of the pool built and counted
 
 
 @pytest.mark.parametrize("space", sorted(spaces.POOLS))
@@ -336,20 +350,12 @@ def test_cost_table_interface():
   assert lt.macro == "latency" and len(lt.macs) == 21
 
 
-def test_cost_table_speed_report():
-  """Not a timing assertion: prints how many architectures per second the table costs."""
+def test_cost_table_by_indices_equals_by_names():
+  """The search's fast path (pool indices) and the by-name path agree (speed: benchmarks/)."""
   table = cost.CostTable("flops72")
-  archs = cost.random_architectures("flops72", 2000, seed=11, max_ops=5)
-  idx = [a.indices() for a in archs]
-  start = time.perf_counter()
-  total = sum(table.indices_cost(i) for i in idx)
-  dt = time.perf_counter() - start
-  start = time.perf_counter()
-  total2 = sum(table.arch_cost(a) for a in archs)
-  dt2 = time.perf_counter() - start
-  assert total == pytest.approx(total2)
-  print(f"\nCostTable: {len(idx) / max(dt, 1e-9):,.0f} archs/s by indices, "
-        f"{len(archs) / max(dt2, 1e-9):,.0f} archs/s by names")
+  archs = cost.random_architectures("flops72", 300, seed=11, max_ops=5)
+  assert [table.indices_cost(a.indices()) for a in archs] == pytest.approx(
+      [table.arch_cost(a) for a in archs])
 
 
 # --------------------------------------------------------------- keras.applications

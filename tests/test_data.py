@@ -3,9 +3,6 @@ determinism, iterator checkpoints, the held-out split and distribution."""
 
 import hashlib
 import os
-import subprocess
-import sys
-import textwrap
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,7 +15,6 @@ import tensorflow_datasets as tfds  # noqa: E402
 
 from nse_tf import data  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEAN = np.array(data.IMAGENET_MEAN_RGB, np.float32)
 STD = np.array(data.IMAGENET_STDDEV_RGB, np.float32)
 
@@ -283,32 +279,19 @@ def test_tfds_iterator_checkpoint(tiny_tfds_dir, tmp_path):
 
 # ------------------------------------------------------------------ distribution
 
-def test_distribute_datasets_from_function_mirrored_two_cpus():
-  script = textwrap.dedent("""
-      import os
-      os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-      os.environ["CUDA_VISIBLE_DEVICES"] = ""
-      import tensorflow as tf
-      cpu = tf.config.list_physical_devices("CPU")[0]
-      tf.config.set_logical_device_configuration(
-          cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-      from nse_tf import data
-      strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-      d = data.get_data("demo_digits", image_size=16, holdout_examples=50)
-      ds = strategy.distribute_datasets_from_function(d.dataset_fn("train", 8, seed=1))
-      x, y = next(iter(ds))
-      xs = strategy.experimental_local_results(x)
-      assert len(xs) == 2 and all(t.shape == (4, 16, 16, 3) for t in xs), [t.shape for t in xs]
-      n = 0
-      for x, y in strategy.distribute_datasets_from_function(
-          d.dataset_fn("holdout", 8, repeat=False, shuffle=False)):
-        n += sum(int(t.shape[0]) for t in strategy.experimental_local_results(y))
-      assert n == 50, n
-      print("OK")
-      """)
-  result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
-  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+def test_distribute_datasets_from_function_mirrored_two_cpus(mirrored_two_cpus):
+  strategy = mirrored_two_cpus
+  assert strategy.num_replicas_in_sync == 2
+  d = data.get_data("demo_digits", image_size=16, holdout_examples=50)
+  ds = strategy.distribute_datasets_from_function(d.dataset_fn("train", 8, seed=1))
+  x, _ = next(iter(ds))
+  xs = strategy.experimental_local_results(x)
+  assert len(xs) == 2 and all(t.shape == (4, 16, 16, 3) for t in xs), [t.shape for t in xs]
+  n = 0
+  for _, y in strategy.distribute_datasets_from_function(
+      d.dataset_fn("holdout", 8, repeat=False, shuffle=False)):
+    n += sum(int(t.shape[0]) for t in strategy.experimental_local_results(y))
+  assert n == 50, n
 
 
 def test_tfds_sharded_holdout_partitions(tiny_tfds_dir):

@@ -204,6 +204,32 @@ def test_nsenet_backbone_matches_build_nsenet():
   assert want["5"].shape[-1] == bb.output_specs["5"][-1]
 
 
+def test_backbone_and_bifpn_serialize_deserialize():
+  """tf-models' backbone-test pattern: get_config -> from_config gives the same network."""
+  from detection import bifpn  # pylint: disable=import-outside-toplevel
+  reg = keras.regularizers.L2(4e-5)
+  bb = nsenet_backbone.NSENetBackbone(tiny_arch(), keras.layers.InputSpec(
+      shape=[None, SIZE, SIZE, 3]), min_level=3, kernel_regularizer=reg)
+  config = bb.get_config()
+  assert config["input_specs"] == [None, SIZE, SIZE, 3] and config["min_level"] == 3
+  again = nsenet_backbone.NSENetBackbone.from_config(config)
+  assert again.get_config() == config
+  assert {k: v.as_list() for k, v in again.output_specs.items()} == {
+      k: v.as_list() for k, v in bb.output_specs.items()}
+  assert again.count_params() == bb.count_params() and len(again.losses) == len(bb.losses)
+  fpn = bifpn.BiFPN(bb.output_specs, min_level=3, max_level=6, num_filters=16, num_cells=1,
+                    kernel_regularizer=reg)
+  config = fpn.get_config()
+  again = bifpn.BiFPN.from_config(config)
+  assert again.get_config() == config and again.count_params() == fpn.count_params()
+  # Registered: Keras' own (de)serialisation finds both classes by name.
+  for obj in (bb, fpn):
+    name = keras.utils.get_registered_name(type(obj))
+    assert name.startswith("nse_tf>")
+    rebuilt = keras.utils.deserialize_keras_object(keras.utils.serialize_keras_object(obj))
+    assert type(rebuilt) is type(obj) and rebuilt.get_config() == obj.get_config()
+
+
 def test_fast_fusion_is_normalised():
   from detection import bifpn  # pylint: disable=import-outside-toplevel
   fuse = bifpn.FastFusion(2)
@@ -238,6 +264,7 @@ def test_detector_flops_split_and_head_analytic(task_and_model):
 
 # ---------------------------------------------------------------- task: train, eval
 
+@pytest.mark.slow
 def test_one_train_step_and_one_eval_step_with_coco_evaluator(task_and_model):
   params, task, model = task_and_model
   optimizer = task.create_optimizer(params.trainer.optimizer_config, params.runtime)
@@ -305,6 +332,7 @@ def test_init_from_retrain_run(tmp_path, task_and_model):
 
 # ---------------------------------------------------------------- export
 
+@pytest.mark.slow
 def test_export_round_trip(tmp_path, data):
   from detection import export_saved_model  # pylint: disable=import-outside-toplevel
   from official.vision.serving import detection as serving  # pylint: disable=import-outside-toplevel
@@ -379,21 +407,29 @@ def test_synthetic_coco_layout_and_determinism(data, tmp_path):
 
 # ---------------------------------------------------------------- the driver
 
-def test_train_driver_reports_missing_data_in_one_line(tmp_path):
-  """tf-models' flags pass through; a user error is one `error:` line, exit 2."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+def test_train_driver_reports_missing_data_in_one_line(tmp_path, capsys):
+  """tf-models' flags pass through; a user error is one `error: ` line, exit 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  from detection import train  # pylint: disable=g-import-not-at-top
+  from nse_tf import cli  # pylint: disable=g-import-not-at-top
+  if "experiment" not in flags.FLAGS:   # tf-models defines its flags on absl's global FLAGS
+    train.define_flags()
   cases = [(f"task.train_data.input_path={tmp_path / 'none'}/train*", "matches no files"),
            ("task.model.num_classes: [", "not valid YAML"),                 # malformed YAML
            ("task.model.num_classes=abc", "task.model.num_classes='abc' (expected int)"),
            ("trainer.train_steps=1.5", "trainer.train_steps=1.5 (expected int)")]
   for override, needle in cases:
-    proc = subprocess.run(
-        [sys.executable, "detection/train.py", "--experiment=efficientdet_d0_nsenet_coco",
-         "--mode=train", f"--model_dir={tmp_path / 'run'}", f"--params_override={override}"],
-        cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
-    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    with flagsaver.flagsaver():
+      flags.FLAGS(["train.py", "--experiment=efficientdet_d0_nsenet_coco", "--mode=train",
+                   f"--model_dir={tmp_path / 'run'}", f"--params_override={override}"])
+      try:
+        code = cli.call(train.main, ["train.py"])
+      finally:
+        gin.clear_config()             # main parses (and locks) gin's global config
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], err[-2000:]
     assert not (tmp_path / "run").exists()      # nothing written before the checks

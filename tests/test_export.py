@@ -180,6 +180,7 @@ _FRESH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_fresh_process_without_the_project_and_saved_model_cli(trained, exported, tmp_path):
   _, model, _, d, images, _ = trained
   path = exported[1]
@@ -212,6 +213,7 @@ def test_fresh_process_without_the_project_and_saved_model_cli(trained, exported
   assert "not a JPEG, PNG, GIF or BMP image" in bad_out and "[[-1" in bad_out, bad_out
 
 
+@pytest.mark.slow
 def test_tflite_float_and_int8(trained, tmp_path):
   _, model, _, d, images, _ = trained
   calib, _ = export.take_images(d.train(50, repeat=False, augment=False), 50)

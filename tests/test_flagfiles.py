@@ -6,12 +6,11 @@ after a whole round of training.
 """
 
 import os
-import re
 
 import numpy as np
 import pytest
 
-from nse_tf import cost, evolution, spaces
+from nse_tf import cli, cost, evolution, search, spaces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEARCH_FLAGFILES = ["demo.cfg", "proxy.cfg", "proxy_second_space.cfg", "flops.cfg",
@@ -21,46 +20,10 @@ SEARCH_FLAGFILES = ["demo.cfg", "proxy.cfg", "proxy_second_space.cfg", "flops.cf
 THETA0_REACHABLE = ["demo.cfg", "proxy.cfg"]
 
 
-def _search_flag_types():
-  """{flag name: DEFINE kind} of the search CLI, read from its source.
-
-  Importing nse_tf.search would define its flags in this process, where another test
-  module's CLI flags may already hold the same names.
-  """
-  kinds = {}
-  for module in ("common_flags.py", "search.py"):
-    with open(os.path.join(ROOT, "nse_tf", module), encoding="utf-8") as f:
-      for kind, name in re.findall(r'flags\.DEFINE_(\w+)\(\s*"(\w+)"', f.read()):
-        kinds[name] = kind
-  return kinds
-
-
-def parse_flagfile(name, _kinds=None):
-  """{flag: value} of a search flagfile (nested --flagfile expanded, later lines win)."""
-  kinds = _kinds or _search_flag_types()
-  values = {}
-  with open(os.path.join(ROOT, "flags", name), encoding="utf-8") as f:
-    lines = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
-  for line in lines:
-    assert line.startswith("--"), f"{name}: {line!r}"
-    key, _, raw = line[2:].partition("=")
-    if key == "flagfile":
-      values.update(parse_flagfile(os.path.relpath(os.path.join(ROOT, raw), os.path.join(
-          ROOT, "flags")), kinds))
-      continue
-    assert key in kinds, f"{name}: unknown flag --{key}"
-    kind = kinds[key]
-    if kind == "integer":
-      values[key] = int(raw)
-    elif kind == "float":
-      values[key] = float(raw)
-    elif kind == "bool":
-      values[key] = raw.lower() in ("true", "1", "")
-    elif kind == "list":
-      values[key] = raw.split(",")
-    else:
-      values[key] = raw
-  return values
+def parse_flagfile(name):
+  """{flag: value} of a search flagfile, parsed by the search command's own flags."""
+  fv = cli.parse(search.define_flags, [f"--flagfile={os.path.join(ROOT, 'flags', name)}"])
+  return {flag: fv[flag].value for flag in fv if fv[flag].present}
 
 
 def config_from(values):

@@ -7,14 +7,12 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
-from absl.testing import flagsaver
 
 from nse_tf import arch as arch_lib
+from nse_tf import cli
 from nse_tf import data as data_lib
 from nse_tf import retrain
 
-FLAGS = flags.FLAGS
 TINY = "flops27@tiny*0.25:0|3|-|6|0|9+21"
 ARGS = ["--dataset=demo_digits", "--image_size=32", "--global_batch=32", "--steps_per_epoch=4",
         "--epochs=2", "--lr=0.1", "--warmup_epochs=0.5", "--ema_decay=0.9", "--eval_every=1",
@@ -22,9 +20,7 @@ ARGS = ["--dataset=demo_digits", "--image_size=32", "--global_batch=32", "--step
 
 
 def _main(*args):
-  with flagsaver.flagsaver():
-    FLAGS(["retrain", *args])
-    return retrain.main([])
+  return retrain.main([], cli.parse(retrain.define_flags, args))
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +78,11 @@ def test_resume_refuses_other_settings_and_bad_input(finished, tmp_path):
 
 
 def test_recipes_and_defaults():
-  with flagsaver.flagsaver():
-    FLAGS(["retrain", "--recipe=efficientnet", "--dropout=0.3"])
-    cfg = retrain.retrain_config()
+  cfg = retrain.retrain_config(cli.parse(retrain.define_flags,
+                                         ["--recipe=efficientnet", "--dropout=0.3"]))
   assert (cfg.activation, cfg.se, cfg.dropout, cfg.drop_path, cfg.augment,
           cfg.label_smoothing) == ("swish", True, 0.3, 0.2, "autoaugment", 0.1)
-  with flagsaver.flagsaver():
-    FLAGS(["retrain"])
-    cfg = retrain.retrain_config()
+  cfg = retrain.retrain_config(cli.parse(retrain.define_flags, []))
   # SPEC §6 when nothing is given, although the search's shared flags default otherwise.
   assert (cfg.global_batch, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.ema_decay,
           cfg.activation, cfg.se) == (2048, 350.0, 0.8, 4e-5, 0.9999, "relu", False)
@@ -112,6 +105,7 @@ def _checkpoint_values(model_dir):
           if "train_iter" not in name and "save_counter" not in name and "best" not in name}
 
 
+@pytest.mark.slow
 def test_interrupted_retrain_resumes_on_the_same_trajectory(finished, tmp_path):
   """Stopped at step 3 (checkpointed as a kill would find it) and resumed, a retrain ends
   with exactly the weights, optimizer state and EMA of the uninterrupted CLI run."""

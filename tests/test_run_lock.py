@@ -9,7 +9,7 @@ import sys
 import pytest
 from absl import logging
 
-from nse_tf import run_lock
+from nse_tf import cli, run_lock, search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -57,19 +57,18 @@ def test_second_writer_is_refused_and_a_killed_holder_is_taken_over(tmp_path, mo
   assert not notes
 
 
-def test_search_cli_refuses_a_locked_output_dir_before_writing(tmp_path):
+def test_search_cli_refuses_a_locked_output_dir_before_writing(tmp_path, capsys):
   """The second search is refused in one line and writes nothing (no config.json)."""
   out = tmp_path / "busy"
   p = _holder(out)
   try:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "nse_tf.search", "--flagfile=flags/demo.cfg",
-                           f"--output_dir={out}"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and f"pid {p.pid}" in lines[-1], proc.stderr
-    assert "Traceback" not in proc.stderr
+    code = cli.invoke(search.define_flags, search.main,
+                      ["--flagfile=flags/demo.cfg", f"--output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: ") and f"pid {p.pid}" in lines[-1], err
+    assert not run_lock.held(str(out))
     assert sorted(os.listdir(out)) == [".lock"]
   finally:
     p.kill()

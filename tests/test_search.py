@@ -12,20 +12,19 @@ import numpy as np
 import pytest
 
 from nse_tf import arch as arch_lib
-from nse_tf import cost, evolution, spaces
+from nse_tf import cli, cost, evolution, search, spaces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A reduced demo: the real search on the tiny macro, a handful of steps and candidates.
+# A reduced demo: the real search on the tiny macro, 2 rounds of 60 steps, a handful of
+# candidates. 60 steps (not 6) so that a float difference in any step reaches the
+# candidates' accuracies: with 6 steps, runs agreed on every output while their weights
+# differed in the last bits. The same run is the reference of the kill-and-resume and
+# of the run beside a CPU hog.
 SMOKE = ["--flagfile=flags/demo.cfg", "--max_ops=2", "--rounds=2", "--epochs=1",
-         "--steps_per_epoch=6", "--num_samples=10", "--num_edge=3", "--bn_recal_batches=2",
+         "--steps_per_epoch=60", "--num_samples=10", "--num_edge=3", "--bn_recal_batches=2",
          "--eval_examples=96", "--eval_batch=48", "--interval=150,1000", "--edge_lo=0",
-         "--checkpoint_every=2", "--progress=false", "--global_batch=32"]
-# 2 rounds of 60 steps: enough for a float difference in any step to reach the
-# candidates' accuracies (6 steps are not: runs agree on every output while their
-# weights differ in the last bits).
-LONG = [a for a in SMOKE if not a.startswith(("--steps_per_epoch", "--checkpoint_every"))] + [
-    "--steps_per_epoch=60", "--checkpoint_every=20"]
+         "--checkpoint_every=20", "--progress=false", "--global_batch=32"]
 COMPARED = ("final_arch.json", "round_01/front.json", "round_02/front.json",
             "round_01/candidates.csv", "round_02/candidates.csv")
 
@@ -43,11 +42,18 @@ def _run(args, out_dir, timeout=900):
   return p.returncode, out, err
 
 
-def _tb_losses(out_dir):
+def _invoke(args, out_dir, capsys):
+  """The search command in this process (its own flags): (status, stdout, stderr)."""
+  code = cli.invoke(search.define_flags, search.main, [*args, f"--output_dir={out_dir}"])
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def _tb_losses(out_dir, rounds=("round_01", "round_02")):
   """round/loss per (round, step) from the TensorBoard logs, as exact float32 bits."""
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   losses = {}
-  for r in ("round_01", "round_02"):
+  for r in rounds:
     acc = event_accumulator.EventAccumulator(str(out_dir / "tb" / r),
                                              size_guidance={"tensors": 0})
     acc.Reload()
@@ -234,18 +240,29 @@ def test_smoke_search_writes_every_output(smoke_run):
     assert 0 < h["accuracy_se"] < 0.06         # 96 evaluated examples
 
 
+def _benchmark(name):
+  """A script of benchmarks/ as a module (they are not a package)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 @pytest.mark.slow
-def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path):
+def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path, capsys):
   out, _, _ = smoke_run
   run = tmp_path / "run"
   import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(out, run)
-  args = [sys.executable, "benchmarks/search_quality.py", f"--search_dir={run}", "--steps=3",
-          "--batch=16", "--num_rank=3", "--num_random=2", "--seeds=1", "--norounds"]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0, p.stderr[-3000:]
-  assert "Kendall" in p.stdout and "random:" in p.stdout
+  bench = _benchmark("search_quality")
+  args = [f"--search_dir={run}", "--steps=3", "--batch=16", "--num_rank=3", "--num_random=2",
+          "--seeds=1", "--norounds"]
+  code = cli.invoke(bench.define_flags, bench.main, args)
+  stdout, err = capsys.readouterr()
+  assert code == 0, err[-3000:]
+  assert "Kendall" in stdout and "random:" in stdout
   summary = json.loads((run / "search_quality.json").read_text())
   assert len(summary["rank_fidelity"]["points"]) == 3
   assert len(summary["nse_vs_random"]["random"]) == 2
@@ -254,9 +271,11 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path)
   assert 3 <= trained <= 6
   assert len((run / "search_quality_runs.jsonl").read_text().splitlines()) == trained
   # Every trained network is cached: a second run trains nothing.
-  p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert p.returncode == 0 and json.loads(
-      (run / "search_quality.json").read_text())["networks_trained"] == 0
+  assert cli.invoke(bench.define_flags, bench.main, args) == 0
+  assert json.loads((run / "search_quality.json").read_text())["networks_trained"] == 0
+  # A directory that is not a finished search: one error line.
+  assert cli.invoke(bench.define_flags, bench.main, [f"--search_dir={tmp_path}"]) == 2
+  assert "no config.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -264,20 +283,23 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path)
     "issue 14, open: one inter-op thread removed the AddN summation-order race, but "
     "another run-to-run difference remains (four 20-step demo runs beside each other "
     "gave three different step-20 losses); with 2 ops per layer it passed both times here"))
-def test_same_command_same_result_beside_a_cpu_hog(tmp_path):
-  """Two processes, one sharing the CPU with a busy loop, write byte-identical outputs."""
-  ref, out = tmp_path / "alone", tmp_path / "beside_hog"
-  code, _, stderr = _run(LONG, str(ref))
-  assert code == 0, stderr[-4000:]
+def test_same_command_same_result_beside_a_cpu_hog(smoke_run, tmp_path):
+  """Two processes, one sharing the CPU with a busy loop, write byte-identical outputs.
+
+  The run beside the hog stops after round 1 (--rounds=1): round 1 of a 1-round and of
+  a 2-round search compute the same (only space.json's "added next" differs).
+  """
+  ref, _, _ = smoke_run
+  out = tmp_path / "beside_hog"
   hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
   try:
-    code, _, stderr = _run(LONG, str(out))
+    code, _, stderr = _run(SMOKE + ["--rounds=1"], str(out))
   finally:
     hog.kill()
     hog.wait()
   assert code == 0, stderr[-4000:]
-  assert _tb_losses(out) == _tb_losses(ref)
-  for name in COMPARED:
+  assert _tb_losses(out, ["round_01"]) == _tb_losses(ref, ["round_01"])
+  for name in ("round_01/candidates.csv", "round_01/front.json"):
     assert (out / name).read_text() == (ref / name).read_text(), name
 
 
@@ -307,19 +329,21 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
   assert code == 0, stderr[-4000:]
   for name in COMPARED:
     assert (out / name).read_text() == (ref / name).read_text(), name
+  # Every logged loss too (steps re-run after the kill are logged again: the same bits).
+  assert _tb_losses(out) == _tb_losses(ref)
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_configuration(smoke_run):
+def test_resume_refuses_a_changed_configuration(smoke_run, capsys):
   ref, _, _ = smoke_run
   before = (ref / "final_arch.json").read_text()
-  code, _, err = _run(SMOKE + ["--tau=123"], str(ref))
+  code, _, err = _invoke(SMOKE + ["--tau=123"], ref, capsys)
   assert code != 0
   assert "tau: 250.0 -> 123.0" in err and "--overwrite" in err and "Traceback" not in err
   assert (ref / "final_arch.json").read_text() == before
 
 
-def test_bad_inputs_give_one_clear_line(tmp_path):
+def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
   cases = [
       (["--flagfile=flags/demo.cfg", "--bogus_flag=1"], "bogus_flag"),
       (["--flagfile=flags/nope.cfg"], "nope.cfg"),
@@ -337,20 +361,20 @@ def test_bad_inputs_give_one_clear_line(tmp_path):
   cases.append((["--flagfile=flags/demo.cfg", "--strategy=multi_worker", "--sync_bn"],
                 "sync_bn is not supported under --strategy=multi_worker"))
   for args, needle in cases:
-    code, _, err = _run(args, str(tmp_path / "o"), timeout=120)
+    code, _, err = _invoke(args, tmp_path / "o", capsys)
     assert code != 0, args
     assert needle in err, (args, err[-2000:])
     assert "Traceback" not in err, (args, err[-2000:])
     assert not (tmp_path / "o" / "config.json").exists(), args
-  code, _, err = _run(["--flagfile=flags/demo.cfg"], "/proc/nse_no_such_dir", timeout=120)
+  code, _, err = _invoke(["--flagfile=flags/demo.cfg"], "/proc/nse_no_such_dir", capsys)
   assert code != 0 and "cannot write to --output_dir" in err
   corrupt = tmp_path / "corrupt"
   args = ["--flagfile=flags/demo.cfg", "--space=flops72", f"--init_from={tmp_path}/none"]
-  code, _, err = _run(args, str(corrupt), timeout=120)
+  code, _, err = _invoke(args, corrupt, capsys)
   assert code != 0 and "no state.json there" in err
   assert not (corrupt / "config.json").exists()
   (corrupt / "state.json").write_text("{oops")
-  code, _, err = _run(args, str(corrupt), timeout=120)
+  code, _, err = _invoke(args, corrupt, capsys)
   assert code != 0 and "corrupt" in err and "Traceback" not in err
   assert (corrupt / "state.json").read_text() == "{oops"      # nothing overwritten
 
@@ -401,10 +425,10 @@ def test_second_space_continues_a_finished_flops27_search(tmp_path):
 # ------------------------------------------------------------------ latency constraint
 
 
-def test_latency_search_with_a_missing_table_is_one_error_line(tmp_path):
+def test_latency_search_with_a_missing_table_is_one_error_line(tmp_path, capsys):
   out = tmp_path / "run"
-  code, _, err = _run(["--flagfile=flags/latency_demo.cfg",
-                       f"--latency_lut={tmp_path / 'nope.json'}"], str(out), timeout=120)
+  code, _, err = _invoke(["--flagfile=flags/latency_demo.cfg",
+                          f"--latency_lut={tmp_path / 'nope.json'}"], out, capsys)
   assert code == 2
   last = err.strip().splitlines()[-1]
   assert last.startswith("error: --latency_lut=") and "tools/build_latency_lut.py" in last

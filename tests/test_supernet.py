@@ -125,6 +125,7 @@ def test_theta_gradient_prefers_the_useful_op_and_prunes_the_useless_one():
   assert alive[0].tolist() == [True, False]
 
 
+@pytest.mark.slow
 def test_regulariser_moves_expected_cost_toward_tau():
   table = cost.CostTable("flops27", "tiny", resolution=32)
   ws = [[0, 3, 21]] * spaces.num_layers("tiny")

@@ -84,6 +84,7 @@ def test_count_flops_json_compact_and_per_layer(tmp_path):
   assert _mflops(proc.stdout) == pytest.approx(cost.arch_cost(a, 65, 10).macs / 1e6, abs=0.005)
 
 
+@pytest.mark.slow
 def test_count_flops_verify():
   proc = run_tool("count_flops.py", "--arch=NSENet-27", "--input_size=64", "--num_classes=10",
                   "--verify")
@@ -124,12 +125,14 @@ def test_count_flops_corrupt_json(tmp_path, text, pattern):
   assert_one_error_line(run_tool("count_flops.py", f"--arch_json={path}"), pattern)
 
 
+@pytest.mark.slow
 def test_count_flops_unknown_keras_app():
   proc = run_tool("count_flops.py", "--keras_app=NoSuchNet")
   # TensorFlow is imported on this path and may log to stderr; still one error line.
   assert_one_error_line(proc, "unknown --keras_app 'NoSuchNet'", only_line=False)
 
 
+@pytest.mark.slow
 def test_count_flops_detector():
   proc = run_tool("count_flops.py", "--detector=efficientdet_d0_mobilenetv2_coco",
                   "--input_size=128")

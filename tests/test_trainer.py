@@ -1,10 +1,7 @@
 """Round training: resume equivalence, strategies, schedules, config errors."""
 
-import json
 import os
-import subprocess
-import sys
-import textwrap
+import shutil
 
 import numpy as np
 import pytest
@@ -31,11 +28,12 @@ def _trainer(model_dir, **overrides):
 @pytest.mark.slow
 def test_killed_round_resumes_on_the_same_trajectory(tmp_path):
   tf.config.experimental.enable_op_determinism()
-  straight = _trainer(str(tmp_path / "a")).train()
-  first = _trainer(str(tmp_path / "b"))
-  first.train(stop_at=3)
-  first.save()
-  del first
+  uninterrupted = _trainer(str(tmp_path / "a"))
+  uninterrupted.train(stop_at=3)
+  uninterrupted.save()
+  # What a kill at step 3 leaves on disk: the checkpoint of step 3, nothing later.
+  shutil.copytree(tmp_path / "a", tmp_path / "b")
+  straight = uninterrupted.train()
   resumed = _trainer(str(tmp_path / "b"))
   assert resumed.restored and int(resumed.step.numpy()) == 3
   result = resumed.train()
@@ -232,56 +230,57 @@ def test_sync_bn_across_machines_is_refused_with_the_fix():
                          macro="tiny", working_sets=WS, num_classes=10, resolution=32)
 
 
-_MIRRORED_SCRIPT = textwrap.dedent("""
-    import json, os, sys
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import numpy as np, tensorflow as tf, tf_keras as keras
-    from nse_tf import cost, data, distribute, trainer
-    # float64: in float32 one device's gradients on these 16 images are up to 14 %% off
-    # its float64 ones on a few variables (2 x 8 under mirrored: within 3e-5; one device
-    # on 8 images: 2e-5). The cause is ReLU's switch point under rounding: the 16 images
-    # are 8 duplicated, some pre-activations lie within float32 rounding of 0, and
-    # another summation order flips their side of the kink (gone with swish or 1e-3
-    # noise on the copies). So float32 cannot tell a sync-BN bug from that. In float64
-    # both strategies must agree to rounding; theta stays float32.
-    keras.mixed_precision.set_global_policy("float64")
-    mirrored = distribute.get_strategy("mirrored", num_cpu_replicas=2)
-    assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
-    real = data.get_data("demo_digits", image_size=32)
-    images, labels = next(iter(real.validation(16)))
+def _mirrored_vs_default(working_sets, mirrored):
+  """The same 4 steps on one device (16 images) and on 2 mirrored replicas (8 each).
 
-    class FixedBatch:
-      # The same global batch of 16 images every step: one device gets all 16, each of
-      # the two mirrored replicas 8 of them. With synchronized batch norm (moments of
-      # the global batch) and the loss divided by the global batch, the updates match.
-      info = real.info
-      def dataset_fn(self, split, global_batch, seed=0):
-        def fn(ctx):
-          per = ctx.get_per_replica_batch_size(global_batch)
-          parts = [(images[i:i + per], labels[i:i + per]) for i in range(0, 16, per)]
-          ds = tf.data.Dataset.from_tensors(parts[0])
-          for part in parts[1:]:
-            ds = ds.concatenate(tf.data.Dataset.from_tensors(part))
-          return ds.repeat()
-        return fn
+  float64: in float32 one device's gradients on these 16 images are up to 14 % off its
+  float64 ones on a few variables (2 x 8 under mirrored: within 3e-5; one device on 8
+  images: 2e-5). The cause is ReLU's switch point under rounding: the 16 images are 8
+  duplicated, some pre-activations lie within float32 rounding of 0, and another
+  summation order flips their side of the kink (gone with swish or 1e-3 noise on the
+  copies). So float32 cannot tell a sync-BN bug from that. In float64 both strategies
+  must agree to rounding; θ stays float32. (The test harness restores the policy.)
+  """
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
+  keras.mixed_precision.set_global_policy("float64")
+  assert mirrored.num_replicas_in_sync == 2, mirrored.num_replicas_in_sync
+  real = data.get_data("demo_digits", image_size=32)
+  images, labels = next(iter(real.validation(16)))
 
-    table = cost.CostTable("flops27", "tiny", resolution=32)
-    WS = %r
-    out = {}
-    for name, strategy in (("default", tf.distribute.get_strategy()), ("mirrored", mirrored)):
-      cfg = trainer.TrainConfig(global_batch=16, epochs=1, steps_per_epoch=4, warmup_epochs=0,
-                                lr=0.1, tau=2.0, alpha=0.05, theta_lr=0.05, prune_threshold=-50,
-                                progress=False, seed=5, sync_bn=True)
-      t = trainer.RoundTrainer(cfg, strategy, FixedBatch(), table, space="flops27",
-                               macro="tiny", working_sets=WS, num_classes=10, resolution=32)
-      r = t.train()
-      bn = t.model.stem_bn.moving_variance
-      out[name] = {"thetas": [x.tolist() for x in r.thetas],
-                   "weights": [v.numpy().ravel()[:50].tolist() for v in t.model.weight_variables],
-                   "moving_variance": [float(x) for x in tf.convert_to_tensor(bn).numpy()],
-                   "loss": r.history[-1]["loss"], "cost": r.history[-1]["cost"]}
-    print("RESULT" + json.dumps(out))
-""")
+  class FixedBatch:
+    # The same global batch of 16 images every step: one device gets all 16, each of
+    # the two mirrored replicas 8 of them. With synchronized batch norm (moments of
+    # the global batch) and the loss divided by the global batch, the updates match.
+    info = real.info
+
+    def dataset_fn(self, split, global_batch, seed=0):
+      del split, seed
+
+      def fn(ctx):
+        per = ctx.get_per_replica_batch_size(global_batch)
+        parts = [(images[i:i + per], labels[i:i + per]) for i in range(0, 16, per)]
+        ds = tf.data.Dataset.from_tensors(parts[0])
+        for part in parts[1:]:
+          ds = ds.concatenate(tf.data.Dataset.from_tensors(part))
+        return ds.repeat()
+      return fn
+
+  table = cost.CostTable("flops27", "tiny", resolution=32)
+  out = {}
+  for name, strategy in (("default", tf.distribute.get_strategy()), ("mirrored", mirrored)):
+    cfg = trainer.TrainConfig(global_batch=16, epochs=1, steps_per_epoch=4, warmup_epochs=0,
+                              lr=0.1, tau=2.0, alpha=0.05, theta_lr=0.05, prune_threshold=-50,
+                              progress=False, seed=5, sync_bn=True)
+    t = trainer.RoundTrainer(cfg, strategy, FixedBatch(), table, space="flops27",
+                             macro="tiny", working_sets=working_sets, num_classes=10,
+                             resolution=32)
+    r = t.train()
+    bn = t.model.stem_bn.moving_variance
+    out[name] = {"thetas": r.thetas,
+                 "weights": [v.numpy().ravel()[:50] for v in t.model.weight_variables],
+                 "moving_variance": tf.convert_to_tensor(bn).numpy(),
+                 "loss": r.history[-1]["loss"], "cost": r.history[-1]["cost"]}
+  return out
 
 
 # Two ops in an N and an R layer (ssc ops among them: two batch norms in a row), one
@@ -290,13 +289,8 @@ MIRRORED_WS = [[0, 21], [3], [12], [6, 25], [1], [13]]
 
 
 @pytest.mark.slow
-def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn():
-  env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT % (MIRRORED_WS,)],
-                        capture_output=True, text=True, env=env, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
-  res = json.loads(line[len("RESULT"):])
+def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn(mirrored_two_cpus):
+  res = _mirrored_vs_default(MIRRORED_WS, mirrored_two_cpus)
   a, b = res["default"], res["mirrored"]
   assert abs(a["loss"] - b["loss"]) < 1e-6                # logits are cast to float32
   assert abs(a["cost"] - b["cost"]) < 1e-5

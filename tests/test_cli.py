@@ -1,0 +1,97 @@
+"""The commands' flags: each lists what it reads and nothing else; defaults match the configs."""
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from nse_tf import cli, common_flags, evolution, export, retrain, search, train_round, trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMANDS = {"search": search, "train_round": train_round, "retrain": retrain, "export": export}
+
+
+def _names(module):
+  return set(cli.parse(module.define_flags, []))
+
+
+def _listed(text):
+  return set(re.findall(r"^  --(?:\[no\])?(\w+):", text, re.M))
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_help_lists_the_commands_flags_and_helpfull_no_other_commands(name):
+  own = _names(COMMANDS[name])
+  others = set().union(*(_names(m) for n, m in COMMANDS.items() if n != name)) - own
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  run = dict(cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  # (absl's help exits with status 1.)
+  short = subprocess.run([sys.executable, "-m", f"nse_tf.{name}", "--help"], **run)
+  assert "Traceback" not in short.stderr and _listed(short.stdout) == own, short.stderr
+  full = subprocess.run([sys.executable, "-m", f"nse_tf.{name}", "--helpfull"], **run)
+  assert "Traceback" not in full.stderr, full.stderr
+  assert own <= _listed(full.stdout) and not _listed(full.stdout) & others
+
+
+def test_retrain_and_export_define_nothing_of_the_search():
+  assert not {"tau", "alpha", "theta_lr", "output_dir", "max_ops", "space"} & _names(retrain)
+  assert _names(export) == {"model_dir", "export_dir", "data_dir", "version", "top_k",
+                            "max_pixels", "tflite", "calibration_examples", "verify_examples"}
+
+
+def test_several_commands_parse_side_by_side_in_one_process():
+  s = cli.parse(search.define_flags, ["--eval_batch=7"])
+  r = cli.parse(retrain.define_flags, ["--eval_batch=9"])
+  assert (s.eval_batch, r.eval_batch) == (7, 9)
+  with pytest.raises(Exception, match="tau"):
+    cli.parse(retrain.define_flags, ["--tau=3"])
+
+
+def _check_defaults(flag_values, config_cls, exempt=()):
+  checked = 0
+  for f in dataclasses.fields(config_cls):
+    if f.name in flag_values and f.name not in exempt:
+      assert flag_values[f.name].default == f.default, (config_cls.__name__, f.name)
+      checked += 1
+  return checked
+
+
+def test_flag_defaults_are_the_config_dataclasses_defaults():
+  fv = cli.parse(search.define_flags, [])
+  assert _check_defaults(fv, trainer.TrainConfig) >= 15
+  assert common_flags.ROUND_TRAINING_DEFAULTS == {
+      k: getattr(trainer.TrainConfig, k) for k in common_flags.ROUND_TRAINING_DEFAULTS}
+  # image_size: the CLI's default is the demo's 32x32, the library's the paper's 224;
+  # interval: a list flag "lo,hi" for a (lo, hi) tuple, compared below.
+  assert _check_defaults(fv, evolution.SearchConfig, exempt=("image_size", "interval")) >= 15
+  assert tuple(map(float, fv["interval"].default)) == evolution.SearchConfig.interval
+  fr = cli.parse(retrain.define_flags, [])
+  # The recipe's flags default to None: "the recipe's value" (test_retrain checks those).
+  recipe = set(retrain.RECIPES["paper"])
+  assert _check_defaults(fr, retrain.RetrainConfig, exempt=recipe) >= 15
+  cfg = retrain.retrain_config(fr)
+  assert cfg == retrain.RetrainConfig()        # nothing given: exactly the dataclass
+
+
+def test_train_round_cli_in_process_refuses_bad_input(tmp_path, capsys):
+  code = cli.invoke(train_round.define_flags, train_round.main,
+                    [f"--output_dir={tmp_path}", "--max_ops=0"])
+  assert code == 2 and "--max_ops must be >= 1" in capsys.readouterr().err
+  code = cli.invoke(train_round.define_flags, train_round.main, ["--bogus=1"])
+  assert code == 1 and "bogus" in capsys.readouterr().err
+
+
+def test_disk_error_keeps_the_reason_when_the_path_is_long():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  path = "/tmp/" + "deep/" * 80 + "ckpt-20_temp/part-00000-of-00001.data-00000-of-00001"
+  e = tf.errors.ResourceExhaustedError(
+      None, None, "{{function_node __wrapped__SaveV2_dtypes_335_device_/job:localhost/"
+      f"replica:0/task:0/device:CPU:0}}}} {path}; No space left on device [Op:SaveV2]")
+  line = cli.disk_error(e)
+  assert line.startswith("No space left on device: /tmp/deep/") and "function_node" not in line
+  assert "run the same command again" in line and len(line) < 500
+  short = tf.errors.ResourceExhaustedError(None, None, "/x/ckpt; No space left on device")
+  assert cli.disk_error(short).startswith("/x/ckpt; No space left on device; free some space")
