@@ -45,10 +45,10 @@ from official.vision.configs import common
 from official.vision.configs import decoders
 from official.vision.configs import retinanet
 
-from nse_tf import cli
+from nse_tf import errors
 
 
-class DetectionConfigError(cli.UsageError):
+class DetectionConfigError(errors.UsageError):
   """A detection config value that cannot work; the message says what to change."""
 
 

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from nse_tf import arch as arch_lib
 from nse_tf import cli
+from nse_tf import errors
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring")
 SPLITS = (("train", "train2017"), ("val", "val2017"))
@@ -41,7 +42,7 @@ MANIFEST = "synthetic_coco.json"
 FORMAT_VERSION = 1
 
 
-class SyntheticDataError(cli.UsageError):
+class SyntheticDataError(errors.UsageError):
   """Bad generator settings or an output directory holding something else."""
 
 

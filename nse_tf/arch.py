@@ -32,6 +32,7 @@ import os
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from nse_tf import errors
 from nse_tf import spaces
 from nse_tf.spaces import SpaceError
 
@@ -40,7 +41,7 @@ SCHEMA_VERSION = 1
 RELEASED_FILE = "released_archs.json"
 
 
-class ArchitectureError(ValueError):
+class ArchitectureError(errors.NSEError):
   """An architecture that does not fit its space or macro; names layer and value."""
 
 

@@ -10,26 +10,16 @@ from typing import Callable, Optional, Sequence
 
 from absl import app, flags
 
-
-class UsageError(ValueError):
-  """A bad flag value or combination, reported without a traceback."""
+from nse_tf.errors import NSEError, UsageError  # noqa: F401  (UsageError: cli.UsageError)
 
 
 def user_errors():
-  """Exception types that are the user's input, not a bug: printed as one line."""
-  from nse_tf.arch import ArchitectureError  # pylint: disable=g-import-not-at-top
-  from nse_tf.spaces import SpaceError  # pylint: disable=g-import-not-at-top
-  # FloatingPointError: a diverged run (NaN loss), reported with the flag to change.
-  errors = [UsageError, ArchitectureError, SpaceError, FileNotFoundError, PermissionError,
-            FloatingPointError]
-  # Only from modules already loaded: they import TensorFlow.
-  for module, name in (("nse_tf.data", "DataError"), ("nse_tf.trainer", "ConfigError"),
-                       ("nse_tf.evolution", "SearchError"),
-                       ("nse_tf.distribute", "StrategyError")):
-    mod = sys.modules.get(module)
-    if mod is not None and hasattr(mod, name):
-      errors.append(getattr(mod, name))
-  return tuple(errors)
+  """Exception types that are the user's input, not a bug: printed as one line.
+
+  Every library error derives from `errors.NSEError`; FloatingPointError is a diverged
+  run (NaN loss), reported with the flag to change.
+  """
+  return (NSEError, FileNotFoundError, PermissionError, FloatingPointError)
 
 
 _DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,

@@ -40,6 +40,8 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from nse_tf import errors
+
 DEMO_DATASETS = ("demo_digits", "demo_shapes", "demo_digits_hard")
 
 IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -59,7 +61,7 @@ _STREAM_SHUFFLE = 1
 _STREAM_AUGMENT = 2
 
 
-class DataError(ValueError):
+class DataError(errors.NSEError):
   """A dataset is unknown, unprepared, or cannot serve the requested pipeline."""
 
 

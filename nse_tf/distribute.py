@@ -11,10 +11,12 @@ from typing import Optional
 
 import tensorflow as tf
 
+from nse_tf import errors
+
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
 
 
-class StrategyError(ValueError):
+class StrategyError(errors.NSEError):
   pass
 
 

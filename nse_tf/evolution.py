@@ -30,12 +30,13 @@ from nse_tf import pareto
 from nse_tf import spaces
 from nse_tf import stats
 from nse_tf.arch import Architecture, atomic_write_text, read_jsonl
+from nse_tf import errors
 
 STATE_VERSION = 1
 KIND_PRIORITY = {"sample": 0, "edge": 0, "prev_front": 1}   # ties go to new samples
 
 
-class SearchError(ValueError):
+class SearchError(errors.NSEError):
   """A search that cannot go on as configured (unreachable interval, bad state, ...)."""
 
 

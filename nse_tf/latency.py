@@ -71,6 +71,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 from nse_tf import spaces
 from nse_tf.arch import atomic_write_text
 from nse_tf.spaces import SpaceError
+from nse_tf import errors
 
 TABLE_VERSION = 1
 BACKENDS = ("tf", "tflite")
@@ -79,7 +80,7 @@ STATISTICS = ("median", "q25", "min", "mean")
 DEFAULT_MAX_BRANCHES = 7   # K = 6 ops plus the identity of a normal layer
 
 
-class LatencyError(ValueError):
+class LatencyError(errors.NSEError):
   """A latency table that does not fit the request (missing entries, other device, ...)."""
 
 

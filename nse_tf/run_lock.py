@@ -28,13 +28,13 @@ from typing import Dict, Optional
 
 from absl import logging
 
-from nse_tf import cli
+from nse_tf import errors
 
 LOCK_NAME = ".lock"
 _held: Dict[str, int] = {}   # realpath of the directory -> open descriptor holding the lock
 
 
-class RunLockError(cli.UsageError):
+class RunLockError(errors.NSEError):
   """The run directory is in use by another process (or cannot be locked)."""
 
 

@@ -15,11 +15,13 @@ import math
 import re
 from typing import Dict, List, Sequence, Tuple
 
+from nse_tf import errors
+
 OP_KINDS = ("dw", "ssc", "conv", "dual")
 LAYER_KINDS = ("N", "R", "E")
 
 
-class SpaceError(ValueError):
+class SpaceError(errors.NSEError):
   """An unknown op name, pool or macro, or an impossible layout."""
 
 

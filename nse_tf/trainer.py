@@ -32,9 +32,10 @@ from absl import logging
 
 from nse_tf import supernet as supernet_lib
 from nse_tf import sync_bn as sync_bn_lib
+from nse_tf import errors
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.NSEError):
   """A training configuration that cannot run; reported as one line by the CLIs."""
 
 

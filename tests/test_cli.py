@@ -95,3 +95,19 @@ def test_disk_error_keeps_the_reason_when_the_path_is_long():
   assert "run the same command again" in line and len(line) < 500
   short = tf.errors.ResourceExhaustedError(None, None, "/x/ckpt; No space left on device")
   assert cli.disk_error(short).startswith("/x/ckpt; No space left on device; free some space")
+
+
+def test_every_user_facing_error_is_one_type_the_commands_catch():
+  import importlib  # pylint: disable=g-import-not-at-top
+  from nse_tf import errors  # pylint: disable=g-import-not-at-top
+  found = []
+  for name in ("arch", "spaces", "data", "trainer", "evolution", "distribute", "latency",
+               "run_lock", "cli"):
+    module = importlib.import_module(f"nse_tf.{name}")
+    found += [obj for attr, obj in vars(module).items()
+              if attr.endswith("Error") and isinstance(obj, type)
+              and issubclass(obj, Exception) and obj.__module__.startswith("nse_tf")]
+  assert len(found) >= 10
+  for cls in found:
+    assert issubclass(cls, errors.NSEError), cls
+    assert issubclass(cls, cli.user_errors()), cls
