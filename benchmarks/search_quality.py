@@ -42,18 +42,22 @@ from nse_tf import cli, cost, spaces, stats
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The benchmark's flags."""
   flags.DEFINE_string("search_dir", None, "Output dir of a finished search.", flag_values=fv)
-  flags.DEFINE_integer("steps", 600, "Training steps per network (the same for all).", flag_values=fv)
+  flags.DEFINE_integer("steps", 600, "Training steps per network (the same for all).",
+                       flag_values=fv)
   flags.DEFINE_integer("batch", 64, "Batch size.", flag_values=fv)
-  flags.DEFINE_float("lr", 0.1, "Peak learning rate (SGD Nesterov 0.9, cosine to 0).", flag_values=fv)
+  flags.DEFINE_float("lr", 0.1, "Peak learning rate (SGD Nesterov 0.9, cosine to 0).",
+                     flag_values=fv)
   flags.DEFINE_float("weight_decay", 4e-5, "L2 on conv/fc kernels.", flag_values=fv)
   flags.DEFINE_integer("seeds", 2, "Training seeds per network in (b) and (c).", flag_values=fv)
   flags.DEFINE_integer("rank_seeds", 1, "Training seeds per network in (a).", flag_values=fv)
   flags.DEFINE_integer("num_rank", 12, "Architectures for the rank fidelity (a).", flag_values=fv)
   flags.DEFINE_integer("num_random", 10, "Random architectures in (b).", flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "Seed of the random architectures and of the (a) draw.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the random architectures and of the (a) draw.",
+                       flag_values=fv)
   flags.DEFINE_float("fixed_cost", None, "Cost bound of the per-round comparison (c) "
                      "(default: the interval's upper bound).", flag_values=fv)
-  flags.DEFINE_bool("rounds", True, "Train each round's best front architecture (c).", flag_values=fv)
+  flags.DEFINE_bool("rounds", True, "Train each round's best front architecture (c).",
+                    flag_values=fv)
 
 
 

@@ -88,10 +88,8 @@ def run(main: Callable[..., int | None],
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   if define_flags is not None:
-    scratch = flags.FlagValues()
-    define_flags(scratch)
     define_flags(flags.FLAGS)
-    for name in scratch:
+    for name in flag_names(define_flags):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
   def wrapped(argv):
@@ -103,6 +101,13 @@ def run(main: Callable[..., int | None],
     return 0
 
   app.run(wrapped)
+
+
+def flag_names(define_flags: Callable[[flags.FlagValues], None]) -> list:
+  """The names of the flags that `define_flags` defines (the command's own, sorted)."""
+  scratch = flags.FlagValues()
+  define_flags(scratch)
+  return sorted(scratch)
 
 
 def parse(define_flags: Callable[[flags.FlagValues], None], argv: Sequence[str],

@@ -74,12 +74,15 @@ def define_supernet_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The supernet and its θ (the search and one-round training): space, K, τ, …."""
   flags.DEFINE_string("output_dir", None, "Where the checkpoint, TensorBoard logs and "
                       "round.json go. Re-running on the same directory resumes.", flag_values=fv)
-  flags.DEFINE_enum("space", "flops27", ["flops27", "flops72", "latency19"], "Op pool.", flag_values=fv)
+  flags.DEFINE_enum("space", "flops27", ["flops27", "flops72", "latency19"], "Op pool.",
+                    flag_values=fv)
   flags.DEFINE_enum("macro", None, ["flops", "latency", "tiny"],
                     "Macro-architecture (default: the pool's own).", flag_values=fv)
-  flags.DEFINE_float("scale", 1.0, "Channel scale of the supernet (narrow for CPU demos).", flag_values=fv)
+  flags.DEFINE_float("scale", 1.0, "Channel scale of the supernet (narrow for CPU demos).",
+                     flag_values=fv)
   flags.DEFINE_integer("max_ops", 5, "K: ops per layer in the working set.", flag_values=fv)
-  flags.DEFINE_integer("cost_resolution", 224, "Resolution the FLOPs table (and τ) refer to.", flag_values=fv)
+  flags.DEFINE_integer("cost_resolution", 224, "Resolution the FLOPs table (and τ) refer to.",
+                       flag_values=fv)
   flags.DEFINE_bool("skip_off_ops", False, "Off ops get no momentum/decay update (the "
                     "reference runs moved them; default False).", flag_values=fv)
   flags.DEFINE_enum("gate_sampling", "uniform", ["uniform", "theta"],

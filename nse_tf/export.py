@@ -55,12 +55,16 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("export_dir", None, "Base directory of the exported versions "
                       "(TF Serving's --model_base_path).", flag_values=fv)
   flags.DEFINE_integer("version", None, "Version sub-directory (default: the next free "
-                       "integer, 1 first). An existing version is never overwritten.", flag_values=fv)
-  flags.DEFINE_integer("top_k", 5, "Classes returned per image (capped at the class count).", flag_values=fv)
+                       "integer, 1 first). An existing version is never overwritten.",
+                       flag_values=fv)
+  flags.DEFINE_integer("top_k", 5, "Classes returned per image (capped at the class count).",
+                       flag_values=fv)
   flags.DEFINE_integer("max_pixels", 40_000_000, "Encoded images with more pixels are "
-                       "refused (flagged invalid) before decoding, to bound server memory.", flag_values=fv)
+                       "refused (flagged invalid) before decoding, to bound server memory.",
+                       flag_values=fv)
   flags.DEFINE_bool("tflite", False, "Also write float and int8 TFLite models.", flag_values=fv)
-  flags.DEFINE_integer("calibration_examples", 200, "Training images for int8 calibration.", flag_values=fv)
+  flags.DEFINE_integer("calibration_examples", 200, "Training images for int8 calibration.",
+                       flag_values=fv)
   flags.DEFINE_integer("verify_examples", 200, "Validation images on which the exported "
                        "models are compared with the Keras model (0: no check).", flag_values=fv)
 

@@ -57,15 +57,20 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "Re-running on the same directory resumes.", flag_values=fv)
   flags.DEFINE_enum("recipe", "paper", ["paper", "efficientnet"],
                     "paper: ReLU, no SE, no augmentation beyond crop/flip. efficientnet: swish, "
-                    "SE, AutoAugment, dropout 0.2, stochastic depth 0.2, label smoothing 0.1.", flag_values=fv)
+                    "SE, AutoAugment, dropout 0.2, stochastic depth 0.2, label smoothing 0.1.",
+                    flag_values=fv)
   flags.DEFINE_enum("activation", None, ["relu", "swish"], "Default: the recipe's.", flag_values=fv)
-  flags.DEFINE_bool("se", None, "Squeeze-and-excitation in every op. Default: the recipe's.", flag_values=fv)
-  flags.DEFINE_float("dropout", None, "Dropout before the fc. Default: the recipe's.", flag_values=fv)
+  flags.DEFINE_bool("se", None, "Squeeze-and-excitation in every op. Default: the recipe's.",
+                    flag_values=fv)
+  flags.DEFINE_float("dropout", None, "Dropout before the fc. Default: the recipe's.",
+                     flag_values=fv)
   flags.DEFINE_float("drop_path", None, "Stochastic depth rate of the last layer. Default: the "
                      "recipe's.", flag_values=fv)
-  flags.DEFINE_float("label_smoothing", None, "Label smoothing. Default: the recipe's.", flag_values=fv)
+  flags.DEFINE_float("label_smoothing", None, "Label smoothing. Default: the recipe's.",
+                     flag_values=fv)
   flags.DEFINE_enum("augment", None, ["none", "randaugment", "autoaugment"],
-                    "tf-models augmentation policy on top of crop/flip. Default: the recipe's.", flag_values=fv)
+                    "tf-models augmentation policy on top of crop/flip. Default: the recipe's.",
+                    flag_values=fv)
   flags.DEFINE_integer("randaug_layers", 2, "RandAugment: ops per image (N).", flag_values=fv)
   flags.DEFINE_float("randaug_magnitude", 9.0, "RandAugment: magnitude (M).", flag_values=fv)
   flags.DEFINE_float("ema_decay", 0.9999, "Exponential moving average of the weights, evaluated "
@@ -75,7 +80,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("eval_batch", 256, "Global batch of evaluation.", flag_values=fv)
   flags.DEFINE_integer("log_every", 50, "Steps between TensorBoard summaries.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Progress bars.", flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "Delete this retrain's outputs in --model_dir first.", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Delete this retrain's outputs in --model_dir first.",
+                    flag_values=fv)
 
 
 RECIPES: Dict[str, Dict[str, Any]] = {

@@ -33,14 +33,17 @@ from nse_tf import run_lock
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The search's flags: a round's (common_flags) and the rounds, sampling, selection."""
   common_flags.define_round_flags(fv)
-  flags.DEFINE_integer("rounds", None, "Rounds (default ⌊(N − 1)/(K − 1)⌋; 3 with --init_from).", flag_values=fv)
+  flags.DEFINE_integer("rounds", None, "Rounds (default ⌊(N − 1)/(K − 1)⌋; 3 with --init_from).",
+                       flag_values=fv)
   flags.DEFINE_integer("num_samples", 2000, "D: unique architectures sampled per round in the "
                        "cost interval.", flag_values=fv)
-  flags.DEFINE_integer("num_edge", 100, "D_e: unique edge architectures just below the interval.", flag_values=fv)
+  flags.DEFINE_integer("num_edge", 100, "D_e: unique edge architectures just below the interval.",
+                       flag_values=fv)
   flags.DEFINE_list("interval", ["300", "350"], "Cost interval lo,hi of the sampled candidates "
                     "(MFLOPs at --cost_resolution).", flag_values=fv)
   flags.DEFINE_float("edge_lo", 290.0, "Edge band (edge_lo, lo].", flag_values=fv)
-  flags.DEFINE_integer("max_draws", 200000, "Give up sampling the interval after this many draws.", flag_values=fv)
+  flags.DEFINE_integer("max_draws", 200000, "Give up sampling the interval after this many draws.",
+                       flag_values=fv)
   flags.DEFINE_integer("bn_recal_batches", 50, "Training batches for BN recalibration of each "
                        "candidate.", flag_values=fv)
   flags.DEFINE_integer("eval_examples", None, "Evaluate candidates on at most this many held-out "
@@ -58,7 +61,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "over.", flag_values=fv)
   flags.DEFINE_bool("progress", True, "Progress bars.", flag_values=fv)
   flags.DEFINE_enum("constraint", "flops", ["flops", "latency"], "What --tau, --interval and "
-                    "--edge_lo constrain: MFLOPs (analytic) or latency in ms from --latency_lut.", flag_values=fv)
+                    "--edge_lo constrain: MFLOPs (analytic) or latency in ms from --latency_lut.",
+                    flag_values=fv)
   flags.DEFINE_string("latency_lut", None, "Latency table JSON (tools/build_latency_lut.py, "
                       "measured on the target device). Default with --constraint=latency: "
                       "OUTPUT_DIR/latency_lut.json, built on the spot on this machine when missing "
@@ -66,12 +70,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_bool("relative_targets", False, "Read --tau, --interval and --edge_lo as fractions "
                     "of the cost of the network that holds every layer's most expensive single op "
                     "on the chosen table, so one flagfile fits any device's table.", flag_values=fv)
-  flags.DEFINE_enum("lut_backend", "tf", ["tf", "tflite"], "Backend of a table built on the spot.", flag_values=fv)
+  flags.DEFINE_enum("lut_backend", "tf", ["tf", "tflite"], "Backend of a table built on the spot.",
+                    flag_values=fv)
   flags.DEFINE_integer("lut_batch_size", 1, "Batch of a table built on the spot.", flag_values=fv)
   flags.DEFINE_integer("lut_threads", 1, "Threads of a table built on the spot.", flag_values=fv)
   flags.DEFINE_enum("lut_clock", "wall", ["wall", "cpu"], "Clock of a table built on the spot "
                     "(cpu: CPU time, robust on a shared machine).", flag_values=fv)
-  flags.DEFINE_integer("lut_repeats", 30, "Timed calls per entry of a table built on the spot.", flag_values=fv)
+  flags.DEFINE_integer("lut_repeats", 30, "Timed calls per entry of a table built on the spot.",
+                       flag_values=fv)
 
 
 # Flags that do not change the result: a resume may change them.
@@ -82,9 +88,7 @@ _OUTPUTS = ("config.json", "state.json", "final_arch.json", "space_evolution.png
 
 def resolved_flags(fv: flags.FlagValues):
   """Every flag of the search and its value (config.json)."""
-  scratch = flags.FlagValues()
-  define_flags(scratch)
-  return {n: fv[n].value for n in sorted(scratch)}
+  return {n: fv[n].value for n in cli.flag_names(define_flags)}
 
 
 def _refuse_other_search(out: str, config: dict, overwrite: bool):

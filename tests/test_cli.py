@@ -15,7 +15,7 @@ COMMANDS = {"search": search, "train_round": train_round, "retrain": retrain, "e
 
 
 def _names(module):
-  return set(cli.parse(module.define_flags, []))
+  return set(cli.flag_names(module.define_flags))
 
 
 def _listed(text):
