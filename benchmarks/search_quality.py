@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 
 from nse_tf import arch as arch_lib
-from nse_tf import cli, cost, spaces, stats
+from nse_tf import cli, cost, fileio, spaces, stats
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -109,7 +109,7 @@ class Runner:
                               image_size=cfg["image_size"],
                               holdout_examples=cfg.get("holdout_examples"))
     self.cache_path = cache_path
-    self.cache = {rec["key"]: rec for rec in arch_lib.read_jsonl(cache_path)}
+    self.cache = {rec["key"]: rec for rec in fileio.read_jsonl(cache_path)}
     self.trained = 0
     self.seconds = 0.0
 
@@ -287,7 +287,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   summary["rounds"] = per_round
   summary["networks_trained"] = runner.trained
   summary["seconds"] = round(time.time() - t_start, 1)
-  arch_lib.atomic_write_text(os.path.join(out, "search_quality.json"),
+  fileio.atomic_write_text(os.path.join(out, "search_quality.json"),
                              json.dumps(summary, indent=1))
   print(f"\n{runner.trained} networks trained in {runner.seconds / 60:.1f} min "
         f"({len(runner.cache) - runner.trained} from the cache); wall "

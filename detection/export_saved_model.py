@@ -23,7 +23,6 @@ interrupted export never leaves a half-written model.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from typing import Optional, Sequence
 
@@ -33,6 +32,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 from absl import flags
 
 from nse_tf import cli
+from nse_tf import fileio
 
 FLAGS = flags.FLAGS
 INPUT_TYPES = ("image_bytes", "image_tensor", "tf_example")
@@ -99,21 +99,11 @@ def export_detector(params, checkpoint_path: Optional[str], export_dir: str,
     raise cli.UsageError(f"--export_dir {export_dir!r} exists; pass --overwrite or choose "
                          "another folder")
   size = list(input_image_size or params.task.model.input_size[:2])
-  parent = os.path.dirname(os.path.abspath(export_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(export_dir))}.tmp{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
-    with _keras_traces(keras_traces):
-      export_saved_model_lib.export_inference_graph(
-          input_type=input_type, batch_size=batch_size, input_image_size=size, params=params,
-          checkpoint_path=checkpoint_path, export_dir=tmp,
-          export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
-    if os.path.exists(export_dir):
-      shutil.rmtree(export_dir)
-    os.replace(tmp, export_dir)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  with fileio.atomic_directory(export_dir, replace=True) as tmp, _keras_traces(keras_traces):
+    export_saved_model_lib.export_inference_graph(
+        input_type=input_type, batch_size=batch_size, input_image_size=size, params=params,
+        checkpoint_path=checkpoint_path, export_dir=tmp,
+        export_checkpoint_subdir="checkpoint", export_saved_model_subdir="saved_model")
   return os.path.join(export_dir, "saved_model"), checkpoint_path
 
 

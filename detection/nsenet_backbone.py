@@ -23,8 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Optional, Union
 
 from absl import logging
@@ -35,40 +33,17 @@ from official.vision.modeling.backbones import factory
 
 from nse_tf import arch as arch_lib
 from nse_tf import nsenet
+from nse_tf import retrain_run as retrain_run_lib
 
 from detection.efficientdet import DetectionConfigError
 
 MAX_LEVEL = 5
 
 
-def _read_json(path: str) -> dict:
-  try:
-    with tf.io.gfile.GFile(path, "r") as f:
-      return json.load(f)
-  except tf.errors.NotFoundError:
-    raise DetectionConfigError(f"retrain run file {path} not found: init_from must be a "
-                               "retrain model_dir with arch.json, model_config.json and "
-                               "final/") from None
-  except json.JSONDecodeError as e:
-    raise DetectionConfigError(f"bad JSON in {path}: {e}") from None
-
-
 def retrain_run(model_dir: str):
   """(Architecture, model_config dict, checkpoint path) of a retrain model_dir."""
-  if not tf.io.gfile.isdir(model_dir):
-    raise DetectionConfigError(f"init_from {model_dir!r} is not a directory (expected a "
-                               "retrain model_dir with arch.json, model_config.json, final/)")
-  arch_path = os.path.join(model_dir, "arch.json")
-  if not tf.io.gfile.exists(arch_path):
-    raise DetectionConfigError(f"{arch_path} not found: init_from must be a retrain model_dir")
-  arch = arch_lib.Architecture.load(arch_path)
-  config = _read_json(os.path.join(model_dir, "model_config.json"))
-  ckpt = tf.train.latest_checkpoint(os.path.join(model_dir, "final"))
-  if not ckpt:
-    raise DetectionConfigError(
-        f"no checkpoint in {os.path.join(model_dir, 'final')}: the retrain run has not "
-        "finished (its final/ checkpoint is written at the end)")
-  return arch, config, ckpt
+  run = retrain_run_lib.read(model_dir, error=DetectionConfigError)
+  return run.arch, run.config, run.checkpoint
 
 
 def resolve_arch(arch: str = "", arch_json: str = "", init_from: str = "",

@@ -32,7 +32,7 @@ if __name__ == "__main__" and __package__ in (None, ""):  # python detection/syn
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nse_tf import arch as arch_lib
+from nse_tf import fileio
 from nse_tf import cli
 from nse_tf import errors
 
@@ -225,7 +225,7 @@ def generate(output_dir: str, num_train: int = 512, num_val: int = 64, image_siz
                  "licenses": [{"id": 0, "name": "generated", "url": ""}],
                  "images": images, "annotations": annotations, "categories": categories}
     ann_path = os.path.join(staging, "annotations", f"instances_{folder}.json")
-    arch_lib.atomic_write_text(ann_path, json.dumps(instances))
+    fileio.atomic_write_text(ann_path, json.dumps(instances))
     # tf-models' own converter, exactly as create_coco_tf_record.py runs it.
     by_image: Dict[int, List[dict]] = {}
     for a in annotations:
@@ -253,7 +253,7 @@ def generate(output_dir: str, num_train: int = 512, num_val: int = 64, image_siz
       if name.startswith(split + "-") and not name.endswith(
           f"-of-{(train_shards if split == 'train' else 1):05d}.tfrecord"):
         os.remove(os.path.join(output_dir, "tfrecords", name))
-  arch_lib.atomic_write_text(where["manifest"], json.dumps(
+  fileio.atomic_write_text(where["manifest"], json.dumps(
       {"settings": settings, "counts": counts, "categories": categories}, indent=1))
   return where
 

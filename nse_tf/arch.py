@@ -28,11 +28,11 @@ import dataclasses
 import importlib.resources
 import json
 import math
-import os
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from nse_tf import errors
+from nse_tf import fileio
 from nse_tf import spaces
 from nse_tf.spaces import SpaceError
 
@@ -209,7 +209,7 @@ class Architecture:
     return cls.from_dict(d)
 
   def save(self, path: str) -> None:
-    atomic_write_text(path, self.to_json() + "\n")
+    fileio.atomic_write_text(path, self.to_json() + "\n")
 
   @classmethod
   def load(cls, path: str) -> "Architecture":
@@ -300,36 +300,6 @@ def _jsonable(obj):
   if hasattr(obj, "item") and callable(obj.item):
     return obj.item()
   return obj
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes through a temp file in the same folder, then renames (never half-written)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):  # never leave a half-written temp file behind
-      os.remove(tmp)
-    raise
-
-
-def read_jsonl(path: str) -> List[Any]:
-  """The records of an append-only JSON-lines log, up to a line cut short by a kill."""
-  records = []
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          break     # the last line of a killed writer: what follows is redone
-  return records
 
 
 # ------------------------------------------------------------------ released

@@ -24,12 +24,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from absl import logging
 
-from nse_tf import arch as arch_lib
 from nse_tf import cost as cost_lib
 from nse_tf import pareto
 from nse_tf import spaces
 from nse_tf import stats
-from nse_tf.arch import Architecture, atomic_write_text, read_jsonl
+from nse_tf.arch import Architecture
+from nse_tf import fileio
+from nse_tf.fileio import atomic_write_text, read_jsonl
 from nse_tf import errors
 
 STATE_VERSION = 1
@@ -121,13 +122,9 @@ class SearchState:
 
   @classmethod
   def load(cls, path: str) -> "SearchState":
-    try:
-      with open(path, encoding="utf-8") as f:
-        d = json.load(f)
-    except json.JSONDecodeError as e:
-      raise SearchError(f"{path} is corrupt ({e}); restore it from a backup or start over "
-                        "with --overwrite") from None
-    if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
+    d = fileio.load_json(path, SearchError,
+                         "restore it from a backup or start over with --overwrite")
+    if d.get("version") != STATE_VERSION:
       raise SearchError(f"{path}: not a search state of version {STATE_VERSION}; start over "
                         "with --overwrite")
     d.pop("version")
@@ -549,7 +546,6 @@ class Search:
   # ------------------------------------------------------------- evaluation
   def _evaluate(self, trainer, cands, log_path: str) -> Dict[int, float]:
     """Accuracy of every candidate on the held-out split (BN recalibrated first)."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     done: Dict[int, float] = {}
     self.halves: Dict[int, Tuple[float, float]] = {}
     keys = [self._key(c) for _, c in cands]
@@ -570,11 +566,9 @@ class Search:
       bar = keras.utils.Progbar(len(cands), stateful_metrics=["acc"])
       bar.update(len(done))
     # Rewrite the log without a possibly cut last line, then append.
-    with open(log_path + ".tmp", "w", encoding="utf-8") as f:
-      for i in sorted(done):
-        f.write(json.dumps({"i": i, "key": keys[i], "accuracy": done[i],
-                            "halves": self.halves.get(i)}) + "\n")
-    os.replace(log_path + ".tmp", log_path)
+    atomic_write_text(log_path, "".join(
+        json.dumps({"i": i, "key": keys[i], "accuracy": done[i],
+                    "halves": self.halves.get(i)}) + "\n" for i in sorted(done)))
     with open(log_path, "a", encoding="utf-8") as log:
       for n, i in enumerate(todo):
         acc = evaluator.accuracy(self._gates(trainer, cands[i][1]))

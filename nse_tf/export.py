@@ -43,7 +43,9 @@ from typing import Any, Dict, Optional
 from absl import flags
 
 from nse_tf import cli
+from nse_tf import fileio
 from nse_tf import retrain
+from nse_tf import retrain_run
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """Export's flags (nothing of the search's or the retrain's)."""
@@ -261,34 +263,14 @@ def export_saved_model(model, config: Dict[str, Any], export_dir: str,
   if os.path.exists(final):
     raise cli.UsageError(f"{final} already exists; TF Serving versions are immutable: "
                          "export another --version (or leave --version out for the next)")
-  tmp = os.path.join(export_dir, f".tmp-{version}-{os.getpid()}")
-  shutil.rmtree(tmp, ignore_errors=True)
-  try:
+  with fileio.atomic_directory(final) as tmp:
     ServingModule(model, config, top_k, max_pixels).save(tmp)
     extra = os.path.join(tmp, "assets.extra")
     os.makedirs(extra, exist_ok=True)
     for name, src in (extra_files or {}).items():
       if src and os.path.exists(src):
         shutil.copyfile(src, os.path.join(extra, name))
-    os.rename(tmp, final)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return final
-
-
-def _write_bytes_atomic(path: str, payload: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(payload)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _converter(model, size: int):
@@ -427,13 +409,11 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   common_flags.check_output_dir(fv.export_dir, "--export_dir")
   run_lock.acquire(fv.export_dir, "export")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel("ERROR")
   logging.set_verbosity(logging.WARNING)   # SavedModel / converter chatter
-  model = retrain.load_trained_model(fv.model_dir)
-  with open(os.path.join(fv.model_dir, "model_config.json"), encoding="utf-8") as f:
-    config = json.load(f)
+  run = retrain_run.read(fv.model_dir)
+  model, config = retrain.restore_model(run), run.config
   path = export_saved_model(
       model, config, fv.export_dir, fv.version, fv.top_k, fv.max_pixels,
       extra_files={n: os.path.join(fv.model_dir, n)
@@ -452,12 +432,12 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
                                    augment=False), fv.calibration_examples)
     tflite_models["int8"] = tflite_int8(model, size, calib)
     for name, content in tflite_models.items():
-      _write_bytes_atomic(os.path.join(out, f"model_{name}.tflite"), content)
+      fileio.atomic_write_bytes(os.path.join(out, f"model_{name}.tflite"), content)
       print(f"wrote {os.path.join(out, f'model_{name}.tflite')} ({len(content) / 1e6:.2f} MB)")
   if fv.verify_examples > 0:
     images, labels = take_images(d.validation(64), fv.verify_examples)
     report = verify(model, config, path, images, labels, tflite_models)
-    atomic_write_text(os.path.join(fv.export_dir, "verification.json"),
+    fileio.atomic_write_text(os.path.join(fv.export_dir, "verification.json"),
                       json.dumps(report, indent=1) + "\n")
     print(f"checked on {report['examples']} validation images: Keras top-1 "
           f"{100 * report['keras_top1']:.2f} %; SavedModel vs Keras max |Δlogit| "

@@ -69,7 +69,8 @@ import time
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from nse_tf import spaces
-from nse_tf.arch import atomic_write_text
+from nse_tf import fileio
+from nse_tf.fileio import atomic_write_text
 from nse_tf.spaces import SpaceError
 from nse_tf import errors
 
@@ -467,13 +468,9 @@ def load_json(path: str) -> Dict[str, Any]:
   if not os.path.exists(path):
     raise LatencyError(f"no latency table at {path}; build one on the target device with "
                        "python tools/build_latency_lut.py --output=" + path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except json.JSONDecodeError as e:
-    raise LatencyError(f"{path} is not a latency table ({e}); rebuild it with "
-                       "tools/build_latency_lut.py --overwrite") from None
-  if not isinstance(data, dict) or data.get("format") != "nse_tf.latency_table":
+  data = fileio.load_json(path, LatencyError, "it is not a latency table; rebuild it with "
+                          "tools/build_latency_lut.py --overwrite")
+  if data.get("format") != "nse_tf.latency_table":
     raise LatencyError(f"{path} is not a latency table (no 'format': 'nse_tf.latency_table')")
   if data.get("version") != TABLE_VERSION:
     raise LatencyError(f"{path}: latency table version {data.get('version')}, this code reads "
@@ -813,15 +810,7 @@ def plot_check(path: str, predicted: Sequence[float], measured: Sequence[float],
   ax.set_title(title, fontsize=9)
   ax.legend(loc="upper left", fontsize=8)
   fig.tight_layout()
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-  try:
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  fileio.atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
 
 
 def mape(predicted: Sequence[float], measured: Sequence[float]) -> float:

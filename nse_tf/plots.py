@@ -15,9 +15,9 @@ destination is left untouched. The destination directory must exist.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
+
+from nse_tf import fileio
 
 DPI = 120
 
@@ -41,32 +41,13 @@ def _new_figure(width: float, height: float):
   return fig
 
 
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
-
-
 def _save_atomic(fig, path) -> str:
   """Render `fig` as PNG to `path` via a temporary file in the same directory."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
-                             suffix=".tmp", dir=directory)
   try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png", dpi=DPI)
-    os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; give the usual file mode
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
+    return fileio.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI),
+                               binary=True, makedirs=False)
   finally:
     fig.clear()
-  return path
 
 
 def _pairs(points, what: str) -> Tuple[List[float], List[float]]:

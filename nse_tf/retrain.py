@@ -31,13 +31,15 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from typing import Any, Dict, List, Optional
 
 from absl import flags
 
 from nse_tf import cli
+from nse_tf import fileio
+from nse_tf import retrain_run
+from nse_tf import run_dir
 from nse_tf import common_flags
 from nse_tf import run_lock
 
@@ -96,7 +98,6 @@ _RESUME_FREE = {"progress", "checkpoint_every", "log_every", "data_dir", "strate
                 "cpu_replicas", "eval_every", "eval_batch"}
 _OUTPUTS = ("arch.json", "model_config.json", "retrain_config.json", "metrics.json", "ckpt",
             "final", "tb")
-MODEL_CONFIG_VERSION = 1
 
 
 @dataclasses.dataclass
@@ -160,7 +161,7 @@ def model_config(arch, cfg: RetrainConfig, info) -> Dict[str, Any]:
   """model_config.json: everything build_nsenet and a server need to rebuild the model."""
   from nse_tf import data as data_lib  # pylint: disable=g-import-not-at-top
   return {
-      "format_version": MODEL_CONFIG_VERSION,
+      "format_version": retrain_run.MODEL_CONFIG_VERSION,
       "num_classes": int(info.num_classes),
       "image_size": int(info.image_size),
       "activation": cfg.activation,
@@ -176,14 +177,6 @@ def model_config(arch, cfg: RetrainConfig, info) -> Dict[str, Any]:
                         "resize": "bilinear"},
       "arch_name": arch.metadata.get("name"),
   }
-
-
-def _read_json(path: str) -> Dict[str, Any]:
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
-    raise cli.UsageError(f"{path} is not valid JSON ({e}); delete it or use --overwrite") from None
 
 
 def build_model(arch, config: Dict[str, Any], training_options: bool = False,
@@ -202,33 +195,22 @@ def build_model(arch, config: Dict[str, Any], training_options: bool = False,
 def load_trained_model(model_dir: str):
   """Rebuilds the finished retrain in `model_dir` and restores its deployable weights.
 
-  Reads arch.json, model_config.json and the checkpoint under final/ (the EMA weights
-  when EMA was on). Stochastic depth is left out: it has no weights and is a no-op at
-  inference.
+  Reads the run directory (nse_tf.retrain_run: arch.json, model_config.json and the
+  checkpoint under final/, the EMA weights when EMA was on). Stochastic depth is left
+  out: it has no weights and is a no-op at inference.
 
   Raises:
     FileNotFoundError: model_dir is not a finished retrain (the message says what is
       missing and how to finish it).
   """
+  return restore_model(retrain_run.read(model_dir))
+
+
+def restore_model(run):
+  """The Keras classifier of a retrain_run.RetrainRun with its final/ weights."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
-  for name in ("arch.json", "model_config.json"):
-    if not os.path.exists(os.path.join(model_dir, name)):
-      raise FileNotFoundError(
-          f"{model_dir!r} has no {name}: it is not a retrain directory (train one with "
-          "python -m nse_tf.retrain --model_dir=...)")
-  latest = tf.train.latest_checkpoint(os.path.join(model_dir, "final"))
-  if latest is None:
-    raise FileNotFoundError(
-        f"{model_dir!r} has no final/ checkpoint: the retrain has not finished; re-run the "
-        "same python -m nse_tf.retrain command to resume and finish it")
-  arch = arch_lib.Architecture.load(os.path.join(model_dir, "arch.json"))
-  config = _read_json(os.path.join(model_dir, "model_config.json"))
-  missing = [k for k in ("num_classes", "image_size", "activation", "se") if k not in config]
-  if missing:
-    raise cli.UsageError(f"{model_dir}/model_config.json lacks {', '.join(missing)}")
-  model = build_model(arch, config)
-  status = tf.train.Checkpoint(model=model).read(latest)
+  model = build_model(run.arch, run.config)
+  status = tf.train.Checkpoint(model=model).read(run.checkpoint)
   status.assert_existing_objects_matched().expect_partial()   # (no save_counter is fine)
   return model
 
@@ -512,23 +494,16 @@ class Retrainer:
   def write_final(self) -> str:
     """Saves the deployable weights (EMA when on) to model_dir/final/, atomically."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    final = os.path.join(self.model_dir, "final")
-    tmp = os.path.join(self.model_dir, f".final.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = os.path.join(self.model_dir, retrain_run.FINAL)
     if self.ema is not None:
       self.ema.swap()
     try:
-      ckpt = tf.train.Checkpoint(model=self.model)
-      tf.train.CheckpointManager(ckpt, tmp, max_to_keep=1).save(checkpoint_number=1)
-    except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)   # no half-written copy left behind
-      raise
+      with fileio.atomic_directory(final, replace=True) as tmp:
+        ckpt = tf.train.Checkpoint(model=self.model)
+        tf.train.CheckpointManager(ckpt, tmp, max_to_keep=1).save(checkpoint_number=1)
     finally:
       if self.ema is not None:
         self.ema.swap()
-    if os.path.exists(final):
-      shutil.rmtree(final)
-    os.replace(tmp, final)
     return final
 
 
@@ -561,14 +536,6 @@ def retrain_config(fv: flags.FlagValues) -> RetrainConfig:
   return cfg
 
 
-def _remove_outputs(model_dir: str):
-  """--overwrite: this retrain's outputs go (after every check, before the first write)."""
-  for name in os.listdir(model_dir):
-    if name in _OUTPUTS:
-      p = os.path.join(model_dir, name)
-      shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-
-
 def _refuse_other_retrain(model_dir: str, arch, resolved: Dict[str, Any], overwrite: bool):
   """Refuses a resume with another architecture or configuration (read-only)."""
   from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
@@ -580,20 +547,13 @@ def _refuse_other_retrain(model_dir: str, arch, resolved: Dict[str, Any], overwr
     if old != arch:
       raise cli.UsageError(f"{model_dir} holds a retrain of another architecture "
                            f"({old.to_compact()}); use another --model_dir or --overwrite")
-  path = os.path.join(model_dir, "retrain_config.json")
-  if os.path.exists(path):
-    old = _read_json(path)
-    diff = sorted(k for k in set(old) | set(resolved)
-                  if k not in _RESUME_FREE and old.get(k) != resolved.get(k))
-    if diff:
-      details = ", ".join(f"{k}: {old.get(k)!r} -> {resolved.get(k)!r}" for k in diff)
-      raise cli.UsageError(f"{model_dir} holds a retrain with another configuration "
-                           f"({details}); use the same flags to resume, or --overwrite")
+  run_dir.refuse_changed_config(model_dir, "retrain_config.json", resolved, _RESUME_FREE,
+                                "retrain")
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
-  from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
+  from nse_tf.fileio import atomic_write_text  # pylint: disable=g-import-not-at-top
   if not fv.model_dir:
     raise cli.UsageError("--model_dir is required (where the checkpoints and the trained "
                          "model go)")
@@ -615,18 +575,18 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   if (not fv.overwrite and os.path.exists(metrics_path)
       and os.path.exists(os.path.join(out, "final"))):
     print(f"{out} is a finished retrain:")
-    print(json.dumps(_read_json(metrics_path), indent=1))
+    print(json.dumps(fileio.load_json(metrics_path, cli.UsageError, "delete it or use --overwrite"), indent=1))
     return 0
   if fv.overwrite:
-    _remove_outputs(out)
+    run_dir.remove_outputs(out, _OUTPUTS)
   start = time.time()
   # Built (and its settings checked) before the first write: a refused start leaves
   # nothing that would block the corrected command.
   r = Retrainer(arch, cfg, strategy, d, out)
   atomic_write_text(os.path.join(out, "retrain_config.json"),
                     json.dumps(resolved, indent=1, sort_keys=True) + "\n")
-  arch.save(os.path.join(out, "arch.json"))
-  atomic_write_text(os.path.join(out, "model_config.json"),
+  arch.save(os.path.join(out, retrain_run.ARCH))
+  atomic_write_text(os.path.join(out, retrain_run.MODEL_CONFIG),
                     json.dumps(r.model_config, indent=1) + "\n")
   c = cost.arch_cost(arch, resolution=fv.image_size, num_classes=d.info.num_classes,
                      se=cfg.se)

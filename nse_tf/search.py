@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 from absl import flags
 
 from nse_tf import cli
 from nse_tf import common_flags
+from nse_tf import fileio
+from nse_tf import run_dir
 from nse_tf import run_lock
 
 
@@ -98,19 +99,8 @@ def _refuse_other_search(out: str, config: dict, overwrite: bool):
   from nse_tf import evolution  # pylint: disable=g-import-not-at-top
   if os.path.exists(os.path.join(out, "state.json")):
     evolution.SearchState.load(os.path.join(out, "state.json"))  # corrupt: say so first
-  path = os.path.join(out, "config.json")
-  if os.path.exists(path):
-    try:
-      with open(path, encoding="utf-8") as f:
-        old = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise cli.UsageError(f"{path} is unreadable ({e}); use --overwrite to start over")
-    diff = sorted(k for k in set(old) | set(config)
-                  if k not in _RESUME_FREE and old.get(k) != config.get(k))
-    if diff:
-      details = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
-      raise cli.UsageError(f"{out} holds a search with another configuration ({details}); "
-                           "use the same flags to resume, or --overwrite to start over")
+  if os.path.exists(os.path.join(out, "config.json")):
+    run_dir.refuse_changed_config(out, "config.json", config, _RESUME_FREE, "search")
   elif os.path.exists(os.path.join(out, "state.json")):
     raise cli.UsageError(f"{out} has a state.json but no config.json; use --overwrite")
 
@@ -118,12 +108,8 @@ def _refuse_other_search(out: str, config: dict, overwrite: bool):
 def _prepare_output_dir(out: str, config: dict, overwrite: bool):
   """--overwrite's deletions, then config.json: the first writes, after every check."""
   if overwrite:
-    for name in os.listdir(out):
-      if name in _OUTPUTS or name.startswith("round_"):
-        p = os.path.join(out, name)
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-  from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
-  atomic_write_text(os.path.join(out, "config.json"),
+    run_dir.remove_outputs(out, _OUTPUTS, prefixes=("round_",))
+  fileio.atomic_write_text(os.path.join(out, "config.json"),
                     json.dumps(config, indent=1, sort_keys=True) + "\n")
 
 

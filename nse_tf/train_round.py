@@ -77,7 +77,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   summary = {"dataset": d.info.name, "space": fv.space, "macro": macro,
              "steps": result.steps, "seconds": round(time.time() - start, 1),
              "last": result.history[-1] if result.history else {}, "layers": layers}
-  from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
+  from nse_tf.fileio import atomic_write_text  # pylint: disable=g-import-not-at-top
   atomic_write_text(os.path.join(fv.output_dir, "round.json"), json.dumps(summary, indent=1))
   print(f"\n{result.steps} steps; {len(result.pruned)} ops pruned; survivors per layer:")
   for entry in layers:

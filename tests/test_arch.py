@@ -7,6 +7,7 @@ import pytest
 
 from nse_tf import arch as arch_lib
 from nse_tf import cost
+from nse_tf import fileio
 from nse_tf import spaces
 from nse_tf.arch import Architecture, ArchitectureError
 
@@ -357,7 +358,7 @@ def test_save_failure_while_writing_keeps_old_file(tmp_path, monkeypatch):
   def broken_fsync(fd):
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(arch_lib.os, "fsync", broken_fsync)
+  monkeypatch.setattr(fileio.os, "fsync", broken_fsync)
   with pytest.raises(OSError):
     arch_lib.load_released("NSENet").save(str(path))
   assert path.read_bytes() == before
@@ -378,6 +379,6 @@ def test_random_architectures_valid():
 
 def test_read_jsonl_stops_at_a_line_cut_by_a_kill(tmp_path):
   path = tmp_path / "log.jsonl"
-  assert arch_lib.read_jsonl(str(path)) == []
+  assert fileio.read_jsonl(str(path)) == []
   path.write_text('{"i": 0}\n{"i": 1}\n{"i": 2, "acc')
-  assert arch_lib.read_jsonl(str(path)) == [{"i": 0}, {"i": 1}]
+  assert fileio.read_jsonl(str(path)) == [{"i": 0}, {"i": 1}]

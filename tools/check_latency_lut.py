@@ -176,7 +176,7 @@ def main(_):
             "mape_percent": err, "kendall_tau": tau, "load_average": _load(),
             "archs": [{"arch": a.to_compact(), "predicted_ms": p, "measured": m}
                       for a, p, m in zip(archs, preds, measured)]}
-  from nse_tf.arch import atomic_write_text  # pylint: disable=g-import-not-at-top
+  from nse_tf.fileio import atomic_write_text  # pylint: disable=g-import-not-at-top
   atomic_write_text(os.path.join(FLAGS.output_dir, stem + ".json"),
                     json.dumps(report, indent=1) + "\n")
   png = os.path.join(FLAGS.output_dir, stem + ".png")
