@@ -23,7 +23,7 @@ import tf_keras as keras
 from absl import app, flags
 
 from nse_tf import arch as arch_lib
-from nse_tf import cost, nsenet, spaces, supernet, trainer
+from nse_tf import cost, nsenet, optim, spaces, supernet, trainer
 
 flags.DEFINE_list("resolutions", ["32", "224"], "Input resolutions to measure.")
 flags.DEFINE_list("batches", ["32", "8"], "Batch per resolution (same order).")
@@ -53,7 +53,7 @@ def _train_step(model, call, gated=False):
   # The search's own optimiser (SGD Nesterov 0.9, L2 4e-5 on kernels) for every
   # variant. `gated`: as in the search, the ops that were off get their momentum/decay
   # update deferred (or skipped with --skip_off_ops) instead of a zero-gradient update.
-  opt = trainer.SearchSGD(0.01, momentum=0.9, nesterov=True, l2=4e-5,
+  opt = optim.SearchSGD(0.01, momentum=0.9, nesterov=True, l2=4e-5,
                           skip_off_ops=FLAGS.skip_off_ops)
   opt.build(model.trainable_variables)
   if gated:

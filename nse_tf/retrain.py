@@ -268,7 +268,7 @@ class Retrainer:
   def __init__(self, arch, config: RetrainConfig, strategy, data, model_dir: str):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_keras as keras  # pylint: disable=g-import-not-at-top
-    from nse_tf import augment, trainer  # pylint: disable=g-import-not-at-top
+    from nse_tf import augment, loop  # pylint: disable=g-import-not-at-top
     config.validate()
     self.arch, self.cfg, self.strategy, self.data = arch, config, strategy, data
     self.model_dir = model_dir
@@ -280,42 +280,28 @@ class Retrainer:
     if data.info.num_train < config.global_batch:
       raise cli.UsageError(f"--global_batch {config.global_batch} is larger than the "
                            f"{data.info.num_train} training examples of {data.info.name}")
-    spe = config.steps_per_epoch or max(1, data.info.num_train // config.global_batch)
-    self.steps_per_epoch = spe
-    self.total_steps = max(1, int(round(config.epochs * spe)))
+    self.schedule = loop.Schedule.of(config, data.info.num_train)
+    spe = self.steps_per_epoch = self.schedule.steps_per_epoch
+    self.total_steps = self.schedule.total_steps
     self.eval_steps = int(round(config.eval_every * spe)) if config.eval_every else 0
-    warmup = int(round(config.warmup_epochs * spe))
     self.augment_fn = augment.batch_augmenter(config.augment, config.randaug_layers,
                                               config.randaug_magnitude)
 
     keras.utils.set_random_seed(config.seed)
-    policy_before = keras.mixed_precision.global_policy()
-    if config.mixed_precision:
-      keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
-    try:
-      with strategy.scope():
-        self.model = build_model(arch, self.model_config, training_options=True,
-                                 sync_bn=config.sync_bn)
-        self.lr_schedule = trainer.WarmupCosine(config.lr, self.total_steps, warmup,
-                                                config.warmup_start_lr)
-        opt = trainer.SearchSGD(self.lr_schedule, config.momentum, config.nesterov,
-                                l2=config.weight_decay)
-        if config.mixed_precision == "float16":
-          opt = keras.mixed_precision.LossScaleOptimizer(opt)
-        self.optimizer = opt
-        self.optimizer.build(self.model.trainable_variables)
-        self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        self.best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_top1")
-    finally:
-      keras.mixed_precision.set_global_policy(policy_before)
+    with loop.build_policy(config.mixed_precision), strategy.scope():
+      self.model = build_model(arch, self.model_config, training_options=True,
+                               sync_bn=config.sync_bn)
+      self.lr_schedule, self.optimizer, _ = loop.build_sgd(config, self.schedule)
+      self.optimizer.build(self.model.trainable_variables)
+      self.ema = EMA(self.model, config.ema_decay) if config.ema_decay > 0 else None
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+      self.best = tf.Variable(-1.0, dtype=tf.float32, trainable=False, name="best_top1")
 
     self.train_iter = self._iterator(0)
     state = dict(model=self.model, optimizer=self.optimizer, step=self.step, best=self.best)
     if self.ema is not None:
       state["ema"] = self.ema.module
-    self._iterator_in_checkpoint = isinstance(self.train_iter,
-                                              tf.__internal__.tracking.Trackable)
+    self._iterator_in_checkpoint = loop.iterators_checkpointable(self.train_iter)
     if self._iterator_in_checkpoint:
       state["train_iter"] = self.train_iter
     self.checkpoint = tf.train.Checkpoint(**state)
@@ -328,8 +314,8 @@ class Retrainer:
 
   # ------------------------------------------------------------ checkpoints
   def _restore(self) -> bool:
-    from nse_tf import trainer  # pylint: disable=g-import-not-at-top
-    latest = trainer.restore_newest_intact(
+    from nse_tf import loop  # pylint: disable=g-import-not-at-top
+    latest = loop.restore_newest_intact(
         self.checkpoint, self.manager,
         f"delete {self.manager.directory} to retrain from the start, or use --overwrite")
     if not latest:
@@ -339,28 +325,20 @@ class Retrainer:
     return True
 
   def save(self):
-    from nse_tf import trainer  # pylint: disable=g-import-not-at-top
-    trainer.save_checkpoint(self.manager, int(self.step.numpy()))
+    from nse_tf import loop  # pylint: disable=g-import-not-at-top
+    loop.save_checkpoint(self.manager, int(self.step.numpy()))
 
   def _iterator(self, skip_steps: int):
-    fn = self.data.dataset_fn("train", self.cfg.global_batch, seed=self.cfg.seed)
-    augment_fn = self.augment_fn
-
-    def dataset(ctx):
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      ds = fn(ctx)
-      if skip_steps:
-        ds = ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-      if augment_fn is not None:
-        ds = ds.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-      return ds
-
-    return iter(self.strategy.distribute_datasets_from_function(dataset))
+    from nse_tf import loop  # pylint: disable=g-import-not-at-top
+    return loop.distributed_iterator(
+        self.strategy, self.data.dataset_fn("train", self.cfg.global_batch, seed=self.cfg.seed),
+        skip_steps, self.augment_fn)
 
   # --------------------------------------------------------- compiled steps
   def _make_train_step(self):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_keras as keras  # pylint: disable=g-import-not-at-top
+    from nse_tf import loop  # pylint: disable=g-import-not-at-top
     model, opt, strategy, cfg, ema = self.model, self.optimizer, self.strategy, self.cfg, self.ema
     gb = float(cfg.global_batch)
     fp16 = cfg.mixed_precision == "float16"
@@ -373,11 +351,9 @@ class Retrainer:
         ce = keras.losses.categorical_crossentropy(onehot, logits, from_logits=True,
                                                    label_smoothing=cfg.label_smoothing)
         loss = tf.reduce_sum(ce) / gb
-        scaled = opt.get_scaled_loss(loss) if fp16 else loss
+        scaled = loop.scaled_loss(loss, opt, fp16)
       variables = model.trainable_variables
-      grads = tape.gradient(scaled, variables)
-      if fp16:
-        grads = opt.get_unscaled_gradients(grads)
+      grads = loop.gradients(tape, scaled, variables, opt, fp16)
       opt.apply_gradients(zip(grads, variables))
       correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
                                                tf.cast(labels, tf.int32)), tf.float32))
@@ -439,20 +415,14 @@ class Retrainer:
   def train(self, stop_at: Optional[int] = None) -> List[Dict[str, float]]:
     """Trains to the end (or up to step `stop_at`, for tests); returns the history."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tf_keras as keras  # pylint: disable=g-import-not-at-top
+    from nse_tf import loop  # pylint: disable=g-import-not-at-top
     cfg = self.cfg
     end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
     step = int(self.step.numpy())
     history: List[Dict[str, float]] = []
-    progbar = None
-    epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+    progress = loop.EpochProgress(self.schedule, ["loss", "acc", "lr"], cfg.progress)
     while step < end:
-      if cfg.progress and (progbar is None or step % self.steps_per_epoch == 0):
-        epoch = step // self.steps_per_epoch
-        print(f"epoch {epoch + 1}/{epochs}")
-        progbar = keras.utils.Progbar(min(self.steps_per_epoch,
-                                          self.total_steps - epoch * self.steps_per_epoch),
-                                      stateful_metrics=["loss", "acc", "lr"])
+      progress.start_step(step)
       loss, acc = self._train_step(self.train_iter, tf.constant(step, tf.int64))
       step += 1
       self.step.assign(step)
@@ -462,9 +432,7 @@ class Retrainer:
       if not math.isfinite(last["loss"]):
         raise FloatingPointError(f"loss is {last['loss']} at step {step}; lower --lr "
                                  "(the last checkpoint is kept)")
-      if progbar is not None:
-        progbar.update(step - (step - 1) // self.steps_per_epoch * self.steps_per_epoch,
-                       [(k, last[k]) for k in ("loss", "acc", "lr")])
+      progress.end_step(step, last)
       if step % cfg.log_every == 0 or step == end:
         with self.writer.as_default(step=step):
           for k in ("loss", "acc", "lr"):

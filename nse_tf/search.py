@@ -145,7 +145,7 @@ def latency_lut_path(fv: flags.FlagValues):
 
 def ensure_latency_table(cfg, num_classes: int, fv: flags.FlagValues):
   """Builds (or completes) the default table on the spot; an explicit one must exist."""
-  from nse_tf import evolution, latency  # pylint: disable=g-import-not-at-top
+  from nse_tf import evolution, latency, latency_measure  # pylint: disable=g-import-not-at-top
   try:
     evolution.make_cost_table(cfg, num_classes)
     return
@@ -156,7 +156,7 @@ def ensure_latency_table(cfg, num_classes: int, fv: flags.FlagValues):
         f"({fv.lut_backend}, batch {fv.lut_batch_size}, {fv.lut_threads} thread(s))",
         flush=True)
   try:
-    latency.build_in_subprocess(
+    latency_measure.build_in_subprocess(
         cfg.latency_lut, space=cfg.space, macro=cfg.resolved_macro(),
         resolution=cfg.cost_resolution, scale=cfg.scale, num_classes=num_classes,
         batch_size=fv.lut_batch_size, backend=fv.lut_backend, threads=fv.lut_threads,

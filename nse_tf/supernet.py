@@ -225,8 +225,8 @@ class Supernet(keras.Model):
     return [m.theta.numpy() for m in self.mbls]
 
   def bn_layers(self):
-    return [l for l in self._flatten_layers(include_self=False)
-            if isinstance(l, keras.layers.BatchNormalization)]
+    """Every BatchNormalization of the supernet (tf.Module's public recursive listing)."""
+    return [m for m in self.submodules if isinstance(m, keras.layers.BatchNormalization)]
 
 
 # ---------------------------------------------------------------------------

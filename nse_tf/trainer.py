@@ -17,12 +17,8 @@ same trajectory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import math
-import os
-import shutil
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -30,6 +26,7 @@ import tensorflow as tf
 import tf_keras as keras
 from absl import logging
 
+from nse_tf import loop
 from nse_tf import supernet as supernet_lib
 from nse_tf import sync_bn as sync_bn_lib
 from nse_tf import errors
@@ -79,272 +76,6 @@ class TrainConfig:
       raise ConfigError("global_batch and epochs must be positive")
     if self.beta <= 0:
       raise ConfigError(f"beta must be > 0, got {self.beta}")
-
-
-class CheckpointError(ConfigError):
-  """No checkpoint of a run directory can be read back."""
-
-
-def restore_newest_intact(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
-                          fix: str) -> Optional[str]:
-  """Restores the newest checkpoint that reads back whole; returns its path (None: none yet).
-
-  A checkpoint cut short (a full disk, a copy interrupted, a bad sector) must not end
-  a week-long run: the older one the manager keeps is tried next, with a warning
-  naming what was skipped. The unreadable files are left in place (the next save of
-  that step number overwrites them). When none can be read, CheckpointError says so
-  and `fix` says what to do.
-  """
-  paths = list(reversed(manager.checkpoints))
-  if not paths:
-    return None
-  skipped = []
-  for path in paths:
-    try:
-      checkpoint.restore(path).assert_existing_objects_matched()
-    except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError,
-            RuntimeError) as e:
-      reason = (str(getattr(e, "message", e)).strip().splitlines() or [type(e).__name__])[0]
-      skipped.append(f"{os.path.basename(path)} ({reason[:200]})")
-      logging.warning("checkpoint %s cannot be read back (%s); trying an older one", path,
-                      reason[:200])
-      continue
-    if skipped:
-      logging.warning("resumed from %s, the newest intact checkpoint; skipped: %s", path,
-                      "; ".join(skipped))
-    return path
-  raise CheckpointError(f"no checkpoint in {manager.directory} can be read back "
-                        f"({'; '.join(skipped)}); {fix}")
-
-
-def save_checkpoint(manager: tf.train.CheckpointManager, number: int) -> str:
-  """`manager.save`, leaving no temporary files behind when the write fails (full disk).
-
-  TensorFlow writes `ckpt-N_temp/` and then merges it into `ckpt-N.*`; a failure in
-  between would leave that folder (and unreferenced `ckpt-N.*` parts) behind.
-  """
-  try:
-    return manager.save(checkpoint_number=number)
-  except BaseException:
-    directory = manager.directory
-    prefix = os.path.join(directory, f"ckpt-{number}")
-    referenced = prefix in manager.checkpoints
-    for name in os.listdir(directory) if os.path.isdir(directory) else []:
-      path = os.path.join(directory, name)
-      litter = (name.startswith(f"ckpt-{number}_temp") or name.startswith("checkpoint.tmp")
-                or (not referenced and name.startswith(f"ckpt-{number}.")))
-      if litter:
-        try:
-          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        except OSError:
-          pass
-    raise
-
-
-@keras.utils.register_keras_serializable(package="nse_tf")
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-  """Linear warm-up from `start_lr` to `peak_lr`, then cosine decay to 0."""
-
-  def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int, start_lr: float):
-    self.peak_lr = float(peak_lr)
-    self.total_steps = int(total_steps)
-    self.warmup_steps = int(warmup_steps)
-    self.start_lr = float(start_lr)
-
-  def __call__(self, step):
-    step = tf.cast(step, tf.float32)
-    warm = tf.cast(max(self.warmup_steps, 1), tf.float32)
-    warm_lr = self.start_lr + (self.peak_lr - self.start_lr) * step / warm
-    decay_steps = tf.cast(max(self.total_steps - self.warmup_steps, 1), tf.float32)
-    progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
-    cos_lr = 0.5 * self.peak_lr * (1.0 + tf.cos(math.pi * progress))
-    return tf.where(step < self.warmup_steps, warm_lr, cos_lr)
-
-  def get_config(self):
-    return dict(peak_lr=self.peak_lr, total_steps=self.total_steps,
-                warmup_steps=self.warmup_steps, start_lr=self.start_lr)
-
-
-def decays(variable) -> bool:
-  """Weight decay applies to conv/fc kernels only (not BN, biases or θ)."""
-  name = variable.name
-  return "kernel" in name and "theta" not in name
-
-
-@keras.utils.register_keras_serializable(package="nse_tf")
-class SearchSGD(keras.optimizers.SGD):
-  """SGD with PyTorch's momentum/Nesterov semantics and coupled L2 weight decay.
-
-  v ← μv + (g + λw);  w ← w − lr·(g + λw + μv) with Nesterov, w ← w − lr·v without.
-
-  Supernet ops (`set_op_groups`, gates given while tracing with `gated`): in the
-  reference runs an op that was off in a step still had a zero gradient, so momentum
-  and weight decay kept moving its weights. With g = 0 that step is linear with
-  scalar coefficients, [w; v] ← A_t [w; v], A_t = [[1 − lr·λ(1 + μ), −lr·μ²], [λ, μ]]
-  (Nesterov; [[1 − lr·λ, −lr·μ], [λ, μ]] without), so rather than rewriting every off
-  op's weights each step the optimiser multiplies its 2×2 `pending` matrix (per op,
-  one for decayed kernels and one for BN/bias variables) and applies the product when
-  the op runs next (`catch_up`, before the forward pass) or when the round ends
-  (`catch_up()` for all). Same trajectory up to float rounding; each step then costs
-  the update of the active path only. `skip_off_ops=True` leaves off ops untouched.
-  """
-
-  def __init__(self, learning_rate=0.1, momentum=0.9, nesterov=True, l2=0.0,
-               skip_off_ops=False, name="SearchSGD", **kwargs):
-    skip_off_ops = bool(kwargs.pop("skip_zero_grad", skip_off_ops))  # older configs
-    super().__init__(learning_rate=learning_rate, momentum=momentum, nesterov=nesterov,
-                     name=name, **kwargs)
-    self.l2 = float(l2)
-    self.skip_off_ops = skip_off_ops
-    self._groups: Optional[List[List[tf.Variable]]] = None
-    self._gates = None
-
-  # ------------------------------------------------------------- plumbing
-  def set_op_groups(self, groups: Sequence[Sequence[tf.Variable]]):
-    """Registers the supernet's ops: `groups[i]` holds the variables of flat op i.
-
-    Call inside the strategy's scope, after `build`; creates the `pending` state
-    (checkpointed with the optimiser).
-    """
-    self._groups = [list(g) for g in groups]
-    self._op_of = {}
-    for i, group in enumerate(self._groups):
-      for v in group:
-        if self._var_key(v) not in self._index_dict:
-          raise ValueError(f"variable {v.name} of op {i} is not in the optimiser; build it "
-                           "with every weight variable first")
-        self._op_of[self._var_key(v)] = i
-    eye = np.broadcast_to(np.eye(2, dtype=np.float32), (len(self._groups), 2, 2, 2))
-    self._eye = tf.constant(eye)
-    self.pending = tf.Variable(eye, trainable=False, name="pending_off_steps")
-
-  @contextlib.contextmanager
-  def gated(self, gates):
-    """While tracing a step: `gates` (flat 0/1 per registered op) says which ops ran."""
-    if self._groups is None:
-      raise ValueError("SearchSGD.gated needs set_op_groups first")
-    self._gates = gates
-    try:
-      yield self
-    finally:
-      self._gates = None
-
-  def _decayed(self, variable) -> bool:
-    """Whether L2 applies to `variable` (class 0 of `pending`, else class 1)."""
-    return bool(self.l2) and decays(variable)
-
-  def _momentum(self, variable):
-    return self.momentums[self._index_dict[self._var_key(variable)]]
-
-  def _apply(self, gradient, variable):
-    lr = tf.cast(self.learning_rate, variable.dtype)
-    mu = tf.cast(self.momentum, variable.dtype)
-    g = gradient
-    if self._decayed(variable):
-      g = g + tf.cast(self.l2, variable.dtype) * variable
-    # One fused kernel (m ← μm + g; w ← w − lr·(g + μm) with Nesterov) instead of six
-    # element-wise ops with temporaries.
-    return tf.raw_ops.ResourceApplyMomentum(
-        var=variable.handle, accum=self._momentum(variable).handle, lr=lr, grad=g, momentum=mu,
-        use_locking=False, use_nesterov=self.nesterov)
-
-  def update_step(self, gradient, variable):
-    self._apply(gradient, variable)
-
-  def _off_step(self, lr):
-    """A_t for [kernel (decayed), BN/bias] variables: shape [2 classes, 2, 2]."""
-    mu = tf.cast(self.momentum, tf.float32)
-    lr = tf.cast(lr, tf.float32)
-    rows = []
-    for lam in (self.l2, 0.0):
-      lam = tf.constant(lam, tf.float32)
-      if self.nesterov:
-        a = [[1.0 - lr * lam * (1.0 + mu), -lr * mu * mu], [lam, mu]]
-      else:
-        a = [[1.0 - lr * lam, -lr * mu], [lam, mu]]
-      rows.append(tf.stack([tf.stack(r) for r in a]))
-    return tf.stack(rows)
-
-  # ------------------------------------------------------------- updates
-  def _distributed_apply_gradients_fn(self, distribution, grads_and_vars, **kwargs):
-    if self._gates is None:
-      return super()._distributed_apply_gradients_fn(distribution, grads_and_vars, **kwargs)
-    if self.use_ema:
-      raise ValueError("SearchSGD with op groups does not support use_ema")
-    gates = self._gates
-    lr = tf.identity(self.learning_rate)
-    by_op: List[List[Any]] = [[] for _ in self._groups]
-    for g, v in grads_and_vars:
-      op = self._op_of.get(self._var_key(v))
-      if op is None:
-        distribution.extended.update(v, lambda var, grad: self._apply(grad, var), args=(g,),
-                                     group=False)
-      else:
-        by_op[op].append((g, v))
-    for i, pairs in enumerate(by_op):
-      if not pairs:
-        continue
-      vs = [v for _, v in pairs]
-
-      def op_update(_, *grads, i=i, vs=vs):
-        def run():
-          for grad, var in zip(grads, vs):
-            self._apply(grad, var)
-          return tf.no_op()
-        return tf.cond(gates[i] > 0, run, tf.no_op)
-
-      # One cond per op (not per variable); `.handle` inside an update call picks
-      # each replica's copy of every variable of the group.
-      distribution.extended.update(vs[0], op_update, args=tuple(g for g, _ in pairs),
-                                   group=False)
-    if not self.skip_off_ops:
-      a = self._off_step(lr)
-      off = tf.reshape(tf.cast(gates, tf.float32) <= 0, [-1, 1, 1, 1])
-
-      def defer(p):
-        return p.assign(tf.where(off, tf.einsum("cij,ncjk->ncik", a, p), p))
-
-      distribution.extended.update(self.pending, defer, group=False)
-    return self.iterations.assign_add(1)
-
-  def catch_up(self, needed=None):
-    """Applies the deferred off-step updates of the ops flagged in `needed` (all if None).
-
-    Call in cross-replica context (e.g. at the start of a compiled step, before
-    `strategy.run`) or eagerly; the ops' pending matrices return to identity.
-    """
-    if self._groups is None or self.skip_off_ops:
-      return
-    strategy = self._distribution_strategy
-    with strategy.scope():
-      p = tf.convert_to_tensor(self.pending)
-      stale = tf.reduce_any(tf.not_equal(p, self._eye), axis=[1, 2, 3])
-      do = stale if needed is None else tf.logical_and(tf.cast(needed, tf.float32) > 0, stale)
-      for i, group in enumerate(self._groups):
-        if not group:
-          continue
-
-        def op_catch_up(_, i=i, group=group):
-          def run():
-            for v in group:
-              a = tf.cast(p[i, 0 if self._decayed(v) else 1], v.dtype)
-              m = self._momentum(v)
-              w0 = tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype)
-              m0 = tf.raw_ops.ReadVariableOp(resource=m.handle, dtype=m.dtype)
-              tf.raw_ops.AssignVariableOp(resource=v.handle, value=a[0, 0] * w0 + a[0, 1] * m0)
-              tf.raw_ops.AssignVariableOp(resource=m.handle, value=a[1, 0] * w0 + a[1, 1] * m0)
-            return tf.no_op()
-          return tf.cond(do[i], run, tf.no_op)
-
-        strategy.extended.update(group[0], op_catch_up, group=False)
-      reset = tf.reshape(do, [-1, 1, 1, 1])
-      strategy.extended.update(self.pending, lambda v: v.assign(tf.where(reset, self._eye, v)),
-                               group=False)
-
-  def get_config(self):
-    cfg = super().get_config()
-    cfg.update(l2=self.l2, skip_off_ops=self.skip_off_ops)
-    return cfg
 
 
 def check_strategy(config: TrainConfig, strategy) -> None:
@@ -421,42 +152,29 @@ class RoundTrainer:
     self.protected = ([list(map(bool, p)) for p in protected] if protected is not None else
                       [[False] * len(ws) for ws in self.working_sets])
     check_strategy(config, strategy)
-    spe = config.steps_per_epoch or max(1, data.info.num_train // config.global_batch)
-    self.steps_per_epoch = spe
-    self.total_steps = max(1, int(round(config.epochs * spe)))
-    warmup = int(round(config.warmup_epochs * spe))
+    self.schedule = loop.Schedule.of(config, data.info.num_train)
+    self.steps_per_epoch = self.schedule.steps_per_epoch
+    self.total_steps = self.schedule.total_steps
 
     keras.utils.set_random_seed(config.seed)
-    policy_before = keras.mixed_precision.global_policy()
-    if config.mixed_precision:
-      keras.mixed_precision.set_global_policy(f"mixed_{config.mixed_precision}")
-    try:
-      with strategy.scope():
-        self.model = supernet_lib.Supernet(
-            space, macro, self.working_sets, cost_table, num_classes, resolution, scale,
-            activation=activation, sync_bn=config.sync_bn)
-        self.model.build_all()
-        self.lr_schedule = WarmupCosine(config.lr, self.total_steps, warmup,
-                                        config.warmup_start_lr)
-        opt = SearchSGD(self.lr_schedule, config.momentum, config.nesterov,
-                        l2=config.weight_decay, skip_off_ops=config.skip_off_ops)
-        if config.mixed_precision == "float16":
-          opt = keras.mixed_precision.LossScaleOptimizer(opt)
-        self.weight_opt = opt
-        # The SGD itself (inside the loss-scale wrapper under float16).
-        self.sgd = opt.inner_optimizer if config.mixed_precision == "float16" else opt
-        self.theta_opt = keras.optimizers.Adam(config.theta_lr, beta_1=config.theta_beta1,
-                                               beta_2=config.theta_beta2, epsilon=1e-8)
-        self.weight_opt.build(self.model.weight_variables)
-        self.theta_opt.build(self.model.theta_variables)
-        self.sgd.set_op_groups(self.model.op_variable_groups())
-        self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
-        n = self.model.total_ops
-        self.alive_var = tf.Variable(np.ones(n, bool), trainable=False, name="alive")
-        self.rng_var = tf.Variable("", trainable=False, name="host_rng")
-        self.log_var = tf.Variable("[]", trainable=False, name="prune_log")
-    finally:
-      keras.mixed_precision.set_global_policy(policy_before)
+    with loop.build_policy(config.mixed_precision), strategy.scope():
+      self.model = supernet_lib.Supernet(
+          space, macro, self.working_sets, cost_table, num_classes, resolution, scale,
+          activation=activation, sync_bn=config.sync_bn)
+      self.model.build_all()
+      # self.sgd: the SearchSGD itself (inside the loss-scale wrapper under float16).
+      self.lr_schedule, self.weight_opt, self.sgd = loop.build_sgd(
+          config, self.schedule, skip_off_ops=config.skip_off_ops)
+      self.theta_opt = keras.optimizers.Adam(config.theta_lr, beta_1=config.theta_beta1,
+                                             beta_2=config.theta_beta2, epsilon=1e-8)
+      self.weight_opt.build(self.model.weight_variables)
+      self.theta_opt.build(self.model.theta_variables)
+      self.sgd.set_op_groups(self.model.op_variable_groups())
+      self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
+      n = self.model.total_ops
+      self.alive_var = tf.Variable(np.ones(n, bool), trainable=False, name="alive")
+      self.rng_var = tf.Variable("", trainable=False, name="host_rng")
+      self.log_var = tf.Variable("[]", trainable=False, name="prune_log")
 
     self.sampler = supernet_lib.GateSampler(self.kinds, [len(ws) for ws in self.working_sets],
                                             seed=config.seed)
@@ -467,9 +185,8 @@ class RoundTrainer:
                  prune_log=self.log_var)
     # Iterators are checkpointed where the strategy supports it; elsewhere (e.g.
     # MirroredStrategy) the deterministic pipelines are rebuilt and skipped forward.
-    self._iterators_in_checkpoint = all(
-        isinstance(it, tf.__internal__.tracking.Trackable)
-        for it in (self.train_iter, self.holdout_iter))
+    self._iterators_in_checkpoint = loop.iterators_checkpointable(self.train_iter,
+                                                                  self.holdout_iter)
     if self._iterators_in_checkpoint:
       state.update(train_iter=self.train_iter, holdout_iter=self.holdout_iter)
     self.checkpoint = tf.train.Checkpoint(**state)
@@ -489,7 +206,7 @@ class RoundTrainer:
   def _restore(self) -> bool:
     if not self.manager:
       return False
-    restored = restore_newest_intact(
+    restored = loop.restore_newest_intact(
         self.checkpoint, self.manager,
         f"delete {self.model_dir} to train this round again from its start (the search "
         "resumes there), or start over with --overwrite")
@@ -508,21 +225,14 @@ class RoundTrainer:
 
   def _iterator(self, split: str, seed: int, skip_steps: int):
     """Distributed iterator over `split`, `skip_steps` global batches already consumed."""
-    fn = self.data.dataset_fn(split, self.cfg.global_batch, seed=seed)
-
-    def skipped(ctx):
-      ds = fn(ctx)
-      if skip_steps:
-        ds = ds.skip(skip_steps * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
-      return ds
-
-    return iter(self.strategy.distribute_datasets_from_function(skipped))
+    return loop.distributed_iterator(
+        self.strategy, self.data.dataset_fn(split, self.cfg.global_batch, seed=seed), skip_steps)
 
   def save(self):
     if not self.manager:
       return
     self.rng_var.assign(self.sampler.state)
-    save_checkpoint(self.manager, int(self.step.numpy()))
+    loop.save_checkpoint(self.manager, int(self.step.numpy()))
 
   # -------------------------------------------------------------- host state
   def alive_masks(self) -> List[np.ndarray]:
@@ -545,11 +255,8 @@ class RoundTrainer:
         logits = model(images, gates=gates, training=True)
         ce = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
         loss = tf.reduce_sum(ce) / gb
-        scaled = opt.get_scaled_loss(loss) if fp16 else loss
-      grads = tape.gradient(scaled, wvars)
-      if fp16:
-        grads = opt.get_unscaled_gradients(grads)
-      grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, wvars)]
+        scaled = loop.scaled_loss(loss, opt, fp16)
+      grads = loop.gradients(tape, scaled, wvars, opt, fp16, zeros_for_none=True)
       opt.apply_gradients(zip(grads, wvars))
       correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
                                                tf.cast(labels, tf.int32)), tf.float32))
@@ -605,15 +312,10 @@ class RoundTrainer:
     alive = self.alive_masks()
     pruned = self.pruned
     step = int(self.step.numpy())
-    progbar = None
+    progress = loop.EpochProgress(self.schedule, ["loss", "acc", "cost", "alive"], cfg.progress)
     last: Dict[str, float] = {}
     while step < end:
-      if cfg.progress and (progbar is None or step % self.steps_per_epoch == 0):
-        epoch = step // self.steps_per_epoch
-        print(f"epoch {epoch + 1}/{math.ceil(self.total_steps / self.steps_per_epoch)}")
-        progbar = keras.utils.Progbar(min(self.steps_per_epoch,
-                                          self.total_steps - epoch * self.steps_per_epoch),
-                                      stateful_metrics=["loss", "acc", "cost", "alive"])
+      progress.start_step(step)
       thetas = self.model.thetas_numpy()
       probs = ([supernet_lib.keep_prob(t) for t in thetas]
                if cfg.gate_sampling == "theta" else None)
@@ -644,9 +346,7 @@ class RoundTrainer:
       self.history.append({"step": step, **last})
       if self.writer and (step % cfg.log_every == 0 or step == end):
         self._summaries(step, last)
-      if progbar is not None:
-        progbar.update(step - (step - 1) // self.steps_per_epoch * self.steps_per_epoch,
-                       [(k, v) for k, v in last.items() if k in ("loss", "acc", "cost", "alive")])
+      progress.end_step(step, last)
       if self.manager and (step % cfg.checkpoint_every == 0 or step == end):
         self.save()
     self._catch_up_all()   # the weights as if every off step had been applied

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nse_tf import arch as arch_lib
-from nse_tf import cost, evolution, latency, spaces
+from nse_tf import cost, evolution, latency, latency_check, latency_measure, spaces, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERHEAD = 0.05
@@ -173,10 +173,10 @@ def test_arch_from_another_macro_or_scale_is_refused():
 
 
 def test_mape_and_kendall_tau():
-  assert latency.mape([110, 90], [100, 100]) == pytest.approx(10.0)
-  assert latency.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-  assert latency.kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
-  assert latency.kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+  assert latency_check.mape([110, 90], [100, 100]) == pytest.approx(10.0)
+  assert stats.kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+  assert stats.kendall_tau([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+  assert stats.kendall_tau([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
   s = latency.summarize([1.0, 2.0, 3.0, 10.0])
   assert (s["count"], s["min"], s["median"], s["q25"]) == (4, 1.0, 2.5, 1.75)
 
@@ -239,25 +239,25 @@ def test_tiny_table_built_here_resumes_and_predicts(tmp_path, monkeypatch):
   kw = dict(space="latency19", macro="tiny", resolution=32, num_classes=10,
             ops=["dw_k3_e1", "conv_k3_e1"], max_branches=2, warmup=1, repeats=3,
             progress=False, chunk=64)
-  data = latency.build_table(path, **kw)
+  data = latency_measure.build_table(path, **kw)
   dev = data["device"]
   assert dev["backend"] == "tf" and dev["batch_size"] == 1 and dev["tensorflow"]
   assert set(dev) >= {"cpu", "threads", "statistic", "warmup", "repeats"}
   lay = latency.layout("latency19", "tiny", 32, num_classes=10, max_branches=2,
                        ops=kw["ops"])
   assert set(data["entries"]) == {e.key for e in lay.entries}
-  for stats in data["entries"].values():
-    assert stats["count"] == 3 and 0 < stats["min"] <= stats["median"]
+  for entry in data["entries"].values():
+    assert entry["count"] == 3 and 0 < entry["min"] <= entry["median"]
   # A rerun measures nothing more (resume); another device's file is refused.
   calls = []
-  monkeypatch.setattr(latency.Measurer, "measure_interleaved",
+  monkeypatch.setattr(latency_measure.Measurer, "measure_interleaved",
                       lambda self, runs: calls.append(len(runs)) or [])
-  latency.build_table(path, **kw)
+  latency_measure.build_table(path, **kw)
   assert calls == []
-  monkeypatch.setattr(latency, "device_description",
+  monkeypatch.setattr(latency_measure, "device_description",
                       lambda *a: dict(dev, cpu="another cpu"))
   with pytest.raises(latency.LatencyError, match="cpu"):
-    latency.build_table(path, **kw)
+    latency_measure.build_table(path, **kw)
   t = latency.LatencyTable.load(path, "latency19", "tiny", 32, num_classes=10, ops=kw["ops"])
   a = arch_lib.Architecture("latency19", "tiny", [["dw_k3_e1"]] * 6)
   assert t.arch_cost(a) > t.fixed_exact > 0
@@ -265,8 +265,8 @@ def test_tiny_table_built_here_resumes_and_predicts(tmp_path, monkeypatch):
 
 def test_tflite_backend_measures_a_block():
   spec = latency.layout("latency19", "tiny", 32, num_classes=10, ops=["dw_k3_e1"]).entries[-1]
-  m = latency.Measurer("tflite", threads=1, warmup=1, repeats=3)
-  stats = m.measure(latency.entry_model(spec, 1))
+  m = latency_measure.Measurer("tflite", threads=1, warmup=1, repeats=3)
+  stats = m.measure(latency_measure.entry_model(spec, 1))
   assert stats["count"] == 3 and stats["min"] > 0
 
 

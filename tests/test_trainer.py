@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nse_tf import cost, data, distribute, spaces, trainer
+from nse_tf import cost, data, distribute, loop, optim, spaces, trainer
 
 WS = [[0, 21], [3, 9], [0, 12], [6, 25], [1, 10], [3, 13]]   # tiny macro, 2 ops per layer
 
@@ -55,7 +55,7 @@ def test_killed_round_resumes_on_the_same_trajectory(tmp_path):
 
 
 def test_warmup_cosine_schedule():
-  s = trainer.WarmupCosine(0.4, total_steps=100, warmup_steps=10, start_lr=0.1)
+  s = optim.WarmupCosine(0.4, total_steps=100, warmup_steps=10, start_lr=0.1)
   assert float(s(0)) == pytest.approx(0.1)
   assert float(s(5)) == pytest.approx(0.25)
   assert float(s(10)) == pytest.approx(0.4)
@@ -66,7 +66,7 @@ def test_warmup_cosine_schedule():
 def test_search_sgd_matches_pytorch_nesterov_and_skips_bn_decay():
   kernel = tf.Variable([1.0, -2.0], name="conv/kernel")
   gamma = tf.Variable([1.0, 1.0], name="bn/gamma")
-  opt = trainer.SearchSGD(0.1, momentum=0.9, nesterov=True, l2=0.01)
+  opt = optim.SearchSGD(0.1, momentum=0.9, nesterov=True, l2=0.01)
   g = tf.constant([0.5, 0.5])
   w, v = np.array([1.0, -2.0]), np.zeros(2)
   for _ in range(3):
@@ -95,8 +95,8 @@ def _op_vars():
 def _run_sgd(skip_off_ops, deferred, gate_seq, grad_seq, final_catch_up=True):
   groups, shared = _op_vars()
   flat = [v for g in groups for v in g] + [shared]
-  sched = trainer.WarmupCosine(0.3, total_steps=len(gate_seq), warmup_steps=3, start_lr=0.05)
-  opt = trainer.SearchSGD(sched, momentum=0.9, nesterov=True, l2=0.05, skip_off_ops=skip_off_ops)
+  sched = optim.WarmupCosine(0.3, total_steps=len(gate_seq), warmup_steps=3, start_lr=0.05)
+  opt = optim.SearchSGD(sched, momentum=0.9, nesterov=True, l2=0.05, skip_off_ops=skip_off_ops)
   opt.build(flat)
   if deferred:
     opt.set_op_groups(groups)
@@ -168,7 +168,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, mo
     if name.startswith("ckpt-2.data"):
       with open(os.path.join(model_dir, name), "r+b") as f:
         f.truncate(10)
-  with pytest.raises(trainer.CheckpointError, match=r"no checkpoint in .* can be read back.*"
+  with pytest.raises(loop.CheckpointError, match=r"no checkpoint in .* can be read back.*"
                      r"ckpt-4.*ckpt-2.*delete .*ckpt"):
     _trainer(model_dir)
 
@@ -314,3 +314,20 @@ def test_mixed_precision_bfloat16_keeps_theta_and_cost_in_float32(tmp_path):
   assert any(np.any(th != 0) for th in result.thetas)      # θ moved
   import tf_keras as keras
   assert keras.mixed_precision.global_policy().name == "float32"  # restored
+
+
+def test_private_apis_we_build_on_are_still_there(monkeypatch):
+  """SearchSGD and the checkpointed iterators use non-public tf_keras/TF members (each
+  wrapped in one place); a tf_keras or TensorFlow upgrade that changes them fails here."""
+  optim.check_keras_internals()
+  v = tf.Variable([1.0, 2.0])
+  opt = optim.SearchSGD(0.1, l2=0.1)
+  opt.build([v])
+  assert opt._var_key(v) in opt._index_dict and len(opt.momentums) == 1
+  opt.set_op_groups([[v]])
+  assert loop.iterators_checkpointable(iter(tf.data.Dataset.range(3)))
+  assert not loop.iterators_checkpointable(iter([1, 2]))
+  import tf_keras as keras
+  monkeypatch.setattr(keras.optimizers.SGD, "_distributed_apply_gradients_fn", None)
+  with pytest.raises(optim.KerasInternalsError, match="install the tf_keras version"):
+    optim.SearchSGD(0.1)

@@ -66,17 +66,17 @@ def main(_):
   if FLAGS.batch_size < 1 or FLAGS.threads < 1 or FLAGS.repeats < 1 or FLAGS.warmup < 0:
     raise cli.UsageError("--batch_size, --threads and --repeats must be >= 1, --warmup >= 0")
   import os  # pylint: disable=g-import-not-at-top
-  from nse_tf import latency  # pylint: disable=g-import-not-at-top
+  from nse_tf import latency, latency_measure  # pylint: disable=g-import-not-at-top
   if os.path.exists(FLAGS.output) and not FLAGS.overwrite:
     try:
       latency.load_json(FLAGS.output)     # a foreign or corrupt file: say so before measuring
     except latency.LatencyError as e:
       raise cli.UsageError(str(e)) from None
   logging.set_verbosity(logging.WARNING)   # the TFLite converter's INFO chatter
-  latency.pin_threads(FLAGS.threads)    # before TensorFlow runs anything
+  latency_measure.pin_threads(FLAGS.threads)    # before TensorFlow runs anything
   t0 = time.time()
   try:
-    latency.build_table(
+    latency_measure.build_table(
         FLAGS.output, space=FLAGS.space, macro=FLAGS.macro, resolution=FLAGS.resolution,
         scale=FLAGS.scale, num_classes=FLAGS.num_classes, batch_size=FLAGS.batch_size,
         backend=FLAGS.backend, threads=FLAGS.threads, warmup=FLAGS.warmup,

@@ -63,6 +63,7 @@ def _default_lut(backend, macro, resolution, batch, threads, clock):
 
 
 def _check_search(latency, arch_lib):
+  from nse_tf import latency_measure  # pylint: disable=g-import-not-at-top
   cfg_path = os.path.join(FLAGS.search_dir, "config.json")
   arch_path = os.path.join(FLAGS.search_dir, "final_arch.json")
   for p in (cfg_path, arch_path):
@@ -78,23 +79,23 @@ def _check_search(latency, arch_lib):
   lo, hi = a.metadata["interval"]
   data = latency.load_json(lut)
   dev = data["device"]
-  latency.pin_threads(dev["threads"])
+  latency_measure.pin_threads(dev["threads"])
   table = latency.LatencyTable(data, a.space, a.macro, cfg["cost_resolution"], a.scale,
                                a.metadata["num_classes"], source=lut)
   # One network: time more calls than in the 30-network check, it costs little.
-  measurer = latency.Measurer(dev["backend"], dev["threads"], FLAGS.warmup,
-                              max(FLAGS.repeats, 200), clock=dev.get("clock", "wall"))
-  stats = latency.measure_network(a, measurer, cfg["cost_resolution"], dev["batch_size"],
-                                  a.metadata["num_classes"])
-  pred, meas = table.arch_cost(a), stats[table.statistic]
+  measurer = latency_measure.Measurer(dev["backend"], dev["threads"], FLAGS.warmup,
+                                      max(FLAGS.repeats, 200), clock=dev.get("clock", "wall"))
+  timed = latency_measure.measure_network(a, measurer, cfg["cost_resolution"],
+                                          dev["batch_size"], a.metadata["num_classes"])
+  pred, meas = table.arch_cost(a), timed[table.statistic]
   inside = lo < meas < hi
   print(f"final architecture of {FLAGS.search_dir} at {cfg['cost_resolution']}x"
         f"{cfg['cost_resolution']}, {dev['backend']}, batch {dev['batch_size']}, "
         f"{dev['threads']} thread(s):")
   print(f"  predicted {pred:.3f} ms, measured {meas:.3f} ms ({table.statistic} of "
-        f"{stats['count']} calls; min {stats['min']:.3f}, median {stats['median']:.3f}, mean "
-        f"{stats['mean']:.3f} ± "
-        f"{stats['std']:.3f}), error {100 * (pred - meas) / meas:+.1f} %")
+        f"{timed['count']} calls; min {timed['min']:.3f}, median {timed['median']:.3f}, mean "
+        f"{timed['mean']:.3f} ± "
+        f"{timed['std']:.3f}), error {100 * (pred - meas) / meas:+.1f} %")
   print(f"  requested interval ({lo:g}, {hi:g}) ms: measured latency is "
         f"{'INSIDE' if inside else 'OUTSIDE'} it; load average {_load()}")
   return 0
@@ -110,7 +111,7 @@ def _load():
 
 def main(_):
   from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
-  from nse_tf import latency  # pylint: disable=g-import-not-at-top
+  from nse_tf import latency, latency_check, latency_measure, stats  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)   # the TFLite converter's INFO chatter
   try:
     if FLAGS.search_dir:
@@ -119,9 +120,9 @@ def main(_):
       raise cli.UsageError(f"--num_archs must be >= 2 (Kendall's τ), got {FLAGS.num_archs}")
     lut = FLAGS.latency_lut or _default_lut(FLAGS.backend, FLAGS.macro, FLAGS.resolution,
                                             FLAGS.batch_size, FLAGS.threads, FLAGS.clock)
-    latency.pin_threads(FLAGS.threads)
+    latency_measure.pin_threads(FLAGS.threads)
     t0 = time.time()
-    latency.build_table(lut, space=FLAGS.space, macro=FLAGS.macro, resolution=FLAGS.resolution,
+    latency_measure.build_table(lut, space=FLAGS.space, macro=FLAGS.macro, resolution=FLAGS.resolution,
                         scale=FLAGS.scale, num_classes=FLAGS.num_classes,
                         batch_size=FLAGS.batch_size, backend=FLAGS.backend,
                         threads=FLAGS.threads, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
@@ -136,7 +137,7 @@ def main(_):
   archs = cost.random_architectures(FLAGS.space, FLAGS.num_archs, seed=FLAGS.seed,
                                     max_ops=FLAGS.max_ops, macro=FLAGS.macro, scale=FLAGS.scale)
   dev = table.device
-  measurer = latency.Measurer(FLAGS.backend, FLAGS.threads, FLAGS.warmup, FLAGS.repeats,
+  measurer = latency_measure.Measurer(FLAGS.backend, FLAGS.threads, FLAGS.warmup, FLAGS.repeats,
                               clock=FLAGS.clock)
   os.makedirs(FLAGS.output_dir, exist_ok=True)
   stem = (f"latency_check_{FLAGS.backend}_{FLAGS.macro}{FLAGS.resolution}_b{FLAGS.batch_size}"
@@ -153,7 +154,7 @@ def main(_):
   measured = []
   for start in range(0, len(archs), FLAGS.chunk):
     part = archs[start:start + FLAGS.chunk]
-    runs = [measurer.compile(latency.network_model(a, FLAGS.resolution, FLAGS.batch_size,
+    runs = [measurer.compile(latency_measure.network_model(a, FLAGS.resolution, FLAGS.batch_size,
                                                    FLAGS.num_classes)) for a in part]
     measured += measurer.measure_interleaved(runs)
     del runs
@@ -166,8 +167,8 @@ def main(_):
   for i, (a, p, m) in enumerate(zip(archs, preds, meas)):
     print(f"{i:3d} {p:10.3f} {m:10.3f} {100 * (p - m) / m:+7.1f}%  {sum(map(len, a.layers)):3d}  "
           f"{a.to_compact()[:60]}...")
-  err = latency.mape(preds, meas)
-  tau = latency.kendall_tau(preds, meas)
+  err = latency_check.mape(preds, meas)
+  tau = stats.kendall_tau(preds, meas)
   print(f"\n{FLAGS.backend}: MAPE {err:.2f} %, Kendall's tau {tau:.3f} over {len(archs)} "
         f"architectures ({min(meas):.2f}-{max(meas):.2f} ms measured), {time.time() - t0:.0f} s; "
         f"load average {_load()}")
@@ -180,7 +181,7 @@ def main(_):
   atomic_write_text(os.path.join(FLAGS.output_dir, stem + ".json"),
                     json.dumps(report, indent=1) + "\n")
   png = os.path.join(FLAGS.output_dir, stem + ".png")
-  latency.plot_check(png, preds, meas, title=(
+  latency_check.plot_check(png, preds, meas, title=(
       f"{FLAGS.space}@{FLAGS.macro} {FLAGS.resolution}px, {FLAGS.backend}, batch "
       f"{FLAGS.batch_size}: MAPE {err:.1f} %, Kendall τ {tau:.3f}"))
   others = []
@@ -188,8 +189,8 @@ def main(_):
     t_st = latency.LatencyTable.load(lut, FLAGS.space, FLAGS.macro, FLAGS.resolution,
                                      FLAGS.scale, FLAGS.num_classes, statistic=st)
     p_st, m_st = [t_st.arch_cost(a) for a in archs], [m[st] for m in measured]
-    others.append(f"{st} MAPE {latency.mape(p_st, m_st):.1f} % tau "
-                  f"{latency.kendall_tau(p_st, m_st):.3f}")
+    others.append(f"{st} MAPE {latency_check.mape(p_st, m_st):.1f} % tau "
+                  f"{stats.kendall_tau(p_st, m_st):.3f}")
   print("every statistic (table and networks alike): " + "; ".join(others))
   print(f"wrote {png} and {stem}.json")
   return 0

@@ -1,0 +1,210 @@
+"""The training-loop core shared by the supernet round (trainer.py) and the retrain (retrain.py).
+
+Both loops run on the host, one compiled distributed step per iteration, and share:
+  Schedule            steps per epoch, total and warm-up steps from epochs and the data
+  build_policy()      the mixed-precision policy while the model and optimiser are built
+                      (the global policy is restored afterwards, even on an error)
+  build_sgd()         optim.WarmupCosine + optim.SearchSGD (+ the float16 loss-scale wrapper)
+  gradients()         loss scaling under float16, and zeros for variables without gradient
+  distributed_iterator()  a strategy's iterator over a dataset_fn, `skip` global batches on
+  iterators_checkpointable()  whether tf.train.Checkpoint can hold the iterators
+  restore_newest_intact(), save_checkpoint()  resume from the newest readable checkpoint;
+                      a failed save (full disk) leaves no partial files
+  EpochProgress       "epoch i/n" and a Keras progress bar per epoch
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import shutil
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+
+import tensorflow as tf
+import tf_keras as keras
+from absl import logging
+
+from nse_tf import errors
+from nse_tf import optim
+
+
+class CheckpointError(errors.NSEError):
+  """No checkpoint of a run directory can be read back."""
+
+
+# ------------------------------------------------------------------ schedule
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  steps_per_epoch: int
+  total_steps: int
+  warmup_steps: int
+
+  @classmethod
+  def of(cls, cfg, num_train: int) -> "Schedule":
+    """From a config with global_batch, epochs, steps_per_epoch (None: one pass), warmup_epochs."""
+    spe = cfg.steps_per_epoch or max(1, num_train // cfg.global_batch)
+    return cls(spe, max(1, int(round(cfg.epochs * spe))), int(round(cfg.warmup_epochs * spe)))
+
+  @property
+  def epochs(self) -> int:
+    return math.ceil(self.total_steps / self.steps_per_epoch)
+
+
+# ------------------------------------------------------ building the model
+@contextlib.contextmanager
+def build_policy(mixed_precision: Optional[str]) -> Iterator[None]:
+  """`mixed_<bfloat16|float16>` while building (None: unchanged); restored afterwards."""
+  before = keras.mixed_precision.global_policy()
+  if mixed_precision:
+    keras.mixed_precision.set_global_policy(f"mixed_{mixed_precision}")
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy(before)
+
+
+def build_sgd(cfg, schedule: Schedule, skip_off_ops: bool = False):
+  """(lr schedule, optimiser, the SearchSGD inside it) for a config with lr,
+  warmup_start_lr, momentum, nesterov, weight_decay and mixed_precision.
+
+  Under float16 the optimiser is a LossScaleOptimizer around the SearchSGD.
+  """
+  lr = optim.WarmupCosine(cfg.lr, schedule.total_steps, schedule.warmup_steps,
+                          cfg.warmup_start_lr)
+  sgd = optim.SearchSGD(lr, cfg.momentum, cfg.nesterov, l2=cfg.weight_decay,
+                        skip_off_ops=skip_off_ops)
+  opt = keras.mixed_precision.LossScaleOptimizer(sgd) if cfg.mixed_precision == "float16" \
+      else sgd
+  return lr, opt, sgd
+
+
+def gradients(tape: tf.GradientTape, loss, variables: Sequence[tf.Variable], optimizer,
+              loss_scale: bool, zeros_for_none: bool = False):
+  """d loss / d variables, through the float16 loss scale when `loss_scale` is on.
+
+  Call after the tape's `with` block; with loss_scale the loss must have been scaled
+  inside it (`scaled_loss`).
+  """
+  grads = tape.gradient(loss, variables)
+  if loss_scale:
+    grads = optimizer.get_unscaled_gradients(grads)
+  if zeros_for_none:   # ops that did not run: a zero gradient (the reference's semantics)
+    grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]
+  return grads
+
+
+def scaled_loss(loss, optimizer, loss_scale: bool):
+  return optimizer.get_scaled_loss(loss) if loss_scale else loss
+
+
+# ------------------------------------------------------------------- input
+def distributed_iterator(strategy, dataset_fn: Callable, skip: int = 0,
+                         map_fn: Optional[Callable] = None):
+  """iter() over strategy.distribute_datasets_from_function(dataset_fn), with the first
+  `skip` global batches dropped (a resume where iterators are not checkpointed) and
+  `map_fn` applied to every batch."""
+
+  def dataset(ctx):
+    ds = dataset_fn(ctx)
+    if skip:
+      ds = ds.skip(skip * ctx.num_replicas_in_sync // ctx.num_input_pipelines)
+    if map_fn is not None:
+      ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    return ds
+
+  return iter(strategy.distribute_datasets_from_function(dataset))
+
+
+def iterators_checkpointable(*iterators) -> bool:
+  """Whether tf.train.Checkpoint can save these iterators (not so for MirroredStrategy's).
+
+  There is no public test for "is trackable"; this is the one place that uses
+  tf.__internal__ for it, checked by tests/test_trainer.py.
+  """
+  trackable = tf.__internal__.tracking.Trackable
+  return all(isinstance(it, trackable) for it in iterators)
+
+
+# ------------------------------------------------------------- checkpoints
+def restore_newest_intact(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
+                          fix: str) -> Optional[str]:
+  """Restores the newest checkpoint that reads back whole; returns its path (None: none yet).
+
+  A checkpoint cut short (a full disk, a copy interrupted, a bad sector) must not end
+  a week-long run: the older one the manager keeps is tried next, with a warning
+  naming what was skipped. The unreadable files are left in place (the next save of
+  that step number overwrites them). When none can be read, CheckpointError says so
+  and `fix` says what to do.
+  """
+  paths = list(reversed(manager.checkpoints))
+  if not paths:
+    return None
+  skipped = []
+  for path in paths:
+    try:
+      checkpoint.restore(path).assert_existing_objects_matched()
+    except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError,
+            RuntimeError) as e:
+      reason = (str(getattr(e, "message", e)).strip().splitlines() or [type(e).__name__])[0]
+      skipped.append(f"{os.path.basename(path)} ({reason[:200]})")
+      logging.warning("checkpoint %s cannot be read back (%s); trying an older one", path,
+                      reason[:200])
+      continue
+    if skipped:
+      logging.warning("resumed from %s, the newest intact checkpoint; skipped: %s", path,
+                      "; ".join(skipped))
+    return path
+  raise CheckpointError(f"no checkpoint in {manager.directory} can be read back "
+                        f"({'; '.join(skipped)}); {fix}")
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, number: int) -> str:
+  """`manager.save`, leaving no temporary files behind when the write fails (full disk).
+
+  TensorFlow writes `ckpt-N_temp/` and then merges it into `ckpt-N.*`; a failure in
+  between would leave that folder (and unreferenced `ckpt-N.*` parts) behind.
+  """
+  try:
+    return manager.save(checkpoint_number=number)
+  except BaseException:
+    directory = manager.directory
+    prefix = os.path.join(directory, f"ckpt-{number}")
+    referenced = prefix in manager.checkpoints
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+      path = os.path.join(directory, name)
+      litter = (name.startswith(f"ckpt-{number}_temp") or name.startswith("checkpoint.tmp")
+                or (not referenced and name.startswith(f"ckpt-{number}.")))
+      if litter:
+        try:
+          shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        except OSError:
+          pass
+    raise
+
+
+# ---------------------------------------------------------------- progress
+class EpochProgress:
+  """Prints "epoch i/n" at each epoch's start and a Keras progress bar over its steps."""
+
+  def __init__(self, schedule: Schedule, metrics: Sequence[str], enabled: bool = True):
+    self.schedule, self.metrics, self.enabled = schedule, list(metrics), enabled
+    self.bar = None
+
+  def start_step(self, step: int) -> None:
+    """Before running step `step` (0-based)."""
+    s = self.schedule
+    if self.enabled and (self.bar is None or step % s.steps_per_epoch == 0):
+      epoch = step // s.steps_per_epoch
+      print(f"epoch {epoch + 1}/{s.epochs}")
+      self.bar = keras.utils.Progbar(min(s.steps_per_epoch,
+                                         s.total_steps - epoch * s.steps_per_epoch),
+                                     stateful_metrics=self.metrics)
+
+  def end_step(self, step: int, values: Dict[str, Any]) -> None:
+    """After step `step` (1-based: the steps done)."""
+    if self.bar is not None:
+      spe = self.schedule.steps_per_epoch
+      self.bar.update(step - (step - 1) // spe * spe,
+                      [(k, v) for k, v in values.items() if k in self.metrics])
