@@ -88,8 +88,8 @@ def render(base: np.ndarray, base_labels: np.ndarray, num: int, seed: int,
 @functools.lru_cache(maxsize=None)
 def load() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(train_images, train_labels, val_images, val_labels), read-only; see the module doc."""
-  from nse_tf import data  # pylint: disable=g-import-not-at-top
-  train_x, train_y, val_x, val_y = data.load_demo("demo_digits")
+  from nse_tf import demo_data  # pylint: disable=g-import-not-at-top
+  train_x, train_y, val_x, val_y = demo_data.load_demo("demo_digits")
   grey = lambda x: x[..., 0]
   hold_idx, fit_idx = _split_stratified(train_y, NUM_HOLDOUT_PART / NUM_TRAIN,
                                         np.random.default_rng(20261130))

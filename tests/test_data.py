@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from nse_tf import data  # noqa: E402
+from nse_tf import data, demo_data  # noqa: E402
 
 MEAN = np.array(data.IMAGENET_MEAN_RGB, np.float32)
 STD = np.array(data.IMAGENET_STDDEV_RGB, np.float32)
@@ -123,17 +123,17 @@ def test_sizes_and_defaults():
 
 def test_eval_preprocessing_is_exact_normalisation_at_native_size():
   d = data.get_data("demo_digits", image_size=8)   # native size: no resize, no crop
-  _, _, val_images, val_labels = data._demo_digits()
+  _, _, val_images, val_labels = demo_data._demo_digits()
   x, y = next(iter(d.validation(16)))
   np.testing.assert_allclose(x.numpy() * STD + MEAN, val_images[:16], atol=1e-3)
   np.testing.assert_array_equal(y.numpy(), val_labels[:16])
 
 
 def test_demo_generation_cached_and_deterministic():
-  a = data._demo_shapes()
-  assert data._demo_shapes() is a                   # lru_cache: free second time
-  images, labels = data.generate_shapes(50, seed=1)
-  np.testing.assert_array_equal(images, data.generate_shapes(50, seed=1)[0])
+  a = demo_data._demo_shapes()
+  assert demo_data._demo_shapes() is a                   # lru_cache: free second time
+  images, labels = demo_data.generate_shapes(50, seed=1)
+  np.testing.assert_array_equal(images, demo_data.generate_shapes(50, seed=1)[0])
   assert images.shape == (50, 32, 32, 3) and images.dtype == np.uint8
   assert sorted(np.bincount(labels)) == [5] * 10
 
