@@ -20,20 +20,26 @@ import time
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
-from absl import app, flags
+from absl import flags
 
 from nse_tf import arch as arch_lib
-from nse_tf import cost, nsenet, optim, spaces, supernet, trainer
+from nse_tf import cli, cost, nsenet, optim, spaces, supernet
 
-flags.DEFINE_list("resolutions", ["32", "224"], "Input resolutions to measure.")
-flags.DEFINE_list("batches", ["32", "8"], "Batch per resolution (same order).")
-flags.DEFINE_integer("archs", 10, "Sampled architectures per resolution.")
-flags.DEFINE_integer("steps", 8, "Timed steps per architecture (after 2 warm-up steps).")
-flags.DEFINE_integer("max_ops", 5, "Working-set size K per layer.")
-flags.DEFINE_float("scale", 1.0, "Channel scale of the macro.")
-flags.DEFINE_integer("seed", 0, "Seed of working sets and gates.")
-flags.DEFINE_bool("skip_off_ops", False, "As the search's --skip_off_ops: off ops' weights "
-                  "get no momentum/decay update.")
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined by cli.run, not at import)."""
+  flags.DEFINE_list("resolutions", ["32", "224"], "Input resolutions to measure.", flag_values=fv)
+  flags.DEFINE_list("batches", ["32", "8"], "Batch per resolution (same order).", flag_values=fv)
+  flags.DEFINE_integer("archs", 10, "Sampled architectures per resolution.", flag_values=fv)
+  flags.DEFINE_integer("steps", 8, "Timed steps per architecture (after 2 warm-up steps).",
+                       flag_values=fv)
+  flags.DEFINE_integer("max_ops", 5, "Working-set size K per layer.", flag_values=fv)
+  flags.DEFINE_float("scale", 1.0, "Channel scale of the macro.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of working sets and gates.", flag_values=fv)
+  flags.DEFINE_bool("skip_off_ops", False, "As the search's --skip_off_ops: off ops' weights "
+                    "get no momentum/decay update.", flag_values=fv)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -136,4 +142,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, define_flags)

@@ -23,11 +23,7 @@ interrupted export never leaves a half-written model.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Optional, Sequence
-
-if __name__ == "__main__" and __package__ in (None, ""):
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from absl import flags
 

@@ -25,9 +25,6 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and __package__ in (None, ""):  # python detection/train.py
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 from absl import flags
 from absl import logging
 

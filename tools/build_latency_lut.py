@@ -27,34 +27,48 @@ from absl import logging
 
 from nse_tf import cli
 
-flags.DEFINE_string("output", None, "Table JSON to write (extended/resumed if it exists).")
-flags.DEFINE_enum("space", "latency19", ["flops27", "flops72", "latency19"], "Op pool.")
-flags.DEFINE_enum("macro", None, ["flops", "latency", "tiny"], "Macro (default: the pool's).")
-flags.DEFINE_integer("resolution", 224, "Input resolution of the network the table predicts.")
-flags.DEFINE_float("scale", 1.0, "Channel scale of the networks the table predicts.")
-flags.DEFINE_integer("num_classes", 1000, "Classifier outputs (the fc entry).")
-flags.DEFINE_integer("batch_size", 1, "Batch of every measurement: 1 as a phone or a CPU server "
-                     "serves; 128 to mirror the reference GPU table.")
-flags.DEFINE_enum("backend", "tf", ["tf", "tflite"], "tf: a TensorFlow concrete function; "
-                  "tflite: the TFLite interpreter, what mobile deployment runs.")
-flags.DEFINE_integer("threads", 1, "Intra-/inter-op threads (TensorFlow) or interpreter "
-                     "threads (TFLite); recorded in the table.")
-flags.DEFINE_enum("clock", "wall", ["wall", "cpu"], "wall: elapsed time, the latency on an "
-                  "idle device; cpu: CPU time of this process (all threads), robust to other "
-                  "jobs on a shared machine and equal to wall time on an idle one at 1 thread.")
-flags.DEFINE_integer("warmup", 10, "Untimed calls per entry.")
-flags.DEFINE_integer("repeats", 50, "Timed calls per entry.")
-flags.DEFINE_enum("statistic", "median", ["median", "q25", "min", "mean"], "Statistic the predictor "
-                  "reads (all are stored).")
-flags.DEFINE_integer("max_branches", 7, "Measure the average of up to this many branches "
-                     "(K ops + the identity).")
-flags.DEFINE_list("ops", None, "Measure only these ops (default: the whole pool).")
-flags.DEFINE_integer("calibration_archs", 5, "After the blocks, measure this many random "
-                     "networks end to end and scale predictions by the median measured/predicted "
-                     "ratio (removes the cache bias of isolated blocks; 0: off).")
-flags.DEFINE_integer("chunk", 16, "Entries compiled and timed together (interleaved).")
-flags.DEFINE_bool("overwrite", False, "Start the table over (another device or settings).")
-flags.DEFINE_bool("progress", True, "Progress bar.")
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined by cli.run, not at import)."""
+  flags.DEFINE_string("output", None, "Table JSON to write (extended/resumed if it exists).",
+                      flag_values=fv)
+  flags.DEFINE_enum("space", "latency19", ["flops27", "flops72", "latency19"], "Op pool.",
+                    flag_values=fv)
+  flags.DEFINE_enum("macro", None, ["flops", "latency", "tiny"], "Macro (default: the pool's).",
+                    flag_values=fv)
+  flags.DEFINE_integer("resolution", 224, "Input resolution of the network the table predicts.",
+                       flag_values=fv)
+  flags.DEFINE_float("scale", 1.0, "Channel scale of the networks the table predicts.",
+                     flag_values=fv)
+  flags.DEFINE_integer("num_classes", 1000, "Classifier outputs (the fc entry).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 1, "Batch of every measurement: 1 as a phone or a CPU server "
+                       "serves; 128 to mirror the reference GPU table.", flag_values=fv)
+  flags.DEFINE_enum("backend", "tf", ["tf", "tflite"], "tf: a TensorFlow concrete function; "
+                    "tflite: the TFLite interpreter, what mobile deployment runs.", flag_values=fv)
+  flags.DEFINE_integer("threads", 1, "Intra-/inter-op threads (TensorFlow) or interpreter "
+                       "threads (TFLite); recorded in the table.", flag_values=fv)
+  flags.DEFINE_enum("clock", "wall", ["wall", "cpu"], "wall: elapsed time, the latency on an "
+                    "idle device; cpu: CPU time of this process (all threads), robust to other "
+                    "jobs on a shared machine and equal to wall time on an idle one at 1 thread.",
+                    flag_values=fv)
+  flags.DEFINE_integer("warmup", 10, "Untimed calls per entry.", flag_values=fv)
+  flags.DEFINE_integer("repeats", 50, "Timed calls per entry.", flag_values=fv)
+  flags.DEFINE_enum("statistic", "median", ["median", "q25", "min", "mean"],
+                    "Statistic the predictor reads (all are stored).", flag_values=fv)
+  flags.DEFINE_integer("max_branches", 7, "Measure the average of up to this many branches "
+                       "(K ops + the identity).", flag_values=fv)
+  flags.DEFINE_list("ops", None, "Measure only these ops (default: the whole pool).",
+                    flag_values=fv)
+  flags.DEFINE_integer("calibration_archs", 5, "After the blocks, measure this many random "
+                       "networks end to end and scale predictions by the median measured/predicted "
+                       "ratio (removes the cache bias of isolated blocks; 0: off).", flag_values=fv)
+  flags.DEFINE_integer("chunk", 16, "Entries compiled and timed together (interleaved).",
+                       flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Start the table over (another device or settings).",
+                    flag_values=fv)
+  flags.DEFINE_bool("progress", True, "Progress bar.", flag_values=fv)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -98,4 +112,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, define_flags)

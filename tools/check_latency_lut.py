@@ -31,28 +31,43 @@ from absl import logging
 
 from nse_tf import cli
 
-flags.DEFINE_string("latency_lut", None, "Table JSON (default: runs/latency/lut_{backend}_"
-                    "{macro}{resolution}_b{batch}_t{threads}.json, built if missing).")
-flags.DEFINE_enum("space", "latency19", ["flops27", "flops72", "latency19"], "Op pool.")
-flags.DEFINE_enum("macro", "latency", ["flops", "latency", "tiny"], "Macro.")
-flags.DEFINE_integer("resolution", 96, "Input resolution (the demo default: 96).")
-flags.DEFINE_float("scale", 1.0, "Channel scale.")
-flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
-flags.DEFINE_integer("batch_size", 1, "Batch (must match the table).")
-flags.DEFINE_enum("backend", "tf", ["tf", "tflite"], "Backend (must match the table).")
-flags.DEFINE_integer("threads", 1, "Threads (must match the table).")
-flags.DEFINE_enum("clock", "wall", ["wall", "cpu"], "wall: elapsed time; cpu: CPU time of "
-                  "this process, robust to other jobs on a shared machine (must match the table).")
-flags.DEFINE_integer("num_archs", 30, "Random architectures to measure.")
-flags.DEFINE_integer("max_ops", 3, "At most this many ops per layer in a random architecture.")
-flags.DEFINE_integer("seed", 0, "Seed of the random architectures.")
-flags.DEFINE_integer("warmup", 10, "Untimed calls per network (and per table entry).")
-flags.DEFINE_integer("repeats", 30, "Timed calls per network (and per table entry).")
-flags.DEFINE_integer("calibration_archs", 5, "Networks the table build calibrates on (other "
-                     "random networks than the checked ones).")
-flags.DEFINE_integer("chunk", 10, "Networks compiled and timed together (interleaved).")
-flags.DEFINE_string("search_dir", None, "Check a search's final_arch.json against its interval.")
-flags.DEFINE_string("output_dir", "runs/latency_check", "Where the report and plot go.")
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined by cli.run, not at import)."""
+  flags.DEFINE_string("latency_lut", None, "Table JSON (default: runs/latency/lut_{backend}_"
+                      "{macro}{resolution}_b{batch}_t{threads}.json, built if missing).",
+                      flag_values=fv)
+  flags.DEFINE_enum("space", "latency19", ["flops27", "flops72", "latency19"], "Op pool.",
+                    flag_values=fv)
+  flags.DEFINE_enum("macro", "latency", ["flops", "latency", "tiny"], "Macro.", flag_values=fv)
+  flags.DEFINE_integer("resolution", 96, "Input resolution (the demo default: 96).", flag_values=fv)
+  flags.DEFINE_float("scale", 1.0, "Channel scale.", flag_values=fv)
+  flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 1, "Batch (must match the table).", flag_values=fv)
+  flags.DEFINE_enum("backend", "tf", ["tf", "tflite"], "Backend (must match the table).",
+                    flag_values=fv)
+  flags.DEFINE_integer("threads", 1, "Threads (must match the table).", flag_values=fv)
+  flags.DEFINE_enum("clock", "wall", ["wall", "cpu"], "wall: elapsed time; cpu: CPU time of "
+                    "this process, robust to other jobs on a shared machine (must match the "
+                    "table).", flag_values=fv)
+  flags.DEFINE_integer("num_archs", 30, "Random architectures to measure.", flag_values=fv)
+  flags.DEFINE_integer("max_ops", 3, "At most this many ops per layer in a random architecture.",
+                       flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the random architectures.", flag_values=fv)
+  flags.DEFINE_integer("warmup", 10, "Untimed calls per network (and per table entry).",
+                       flag_values=fv)
+  flags.DEFINE_integer("repeats", 30, "Timed calls per network (and per table entry).",
+                       flag_values=fv)
+  flags.DEFINE_integer("calibration_archs", 5, "Networks the table build calibrates on (other "
+                       "random networks than the checked ones).", flag_values=fv)
+  flags.DEFINE_integer("chunk", 10, "Networks compiled and timed together (interleaved).",
+                       flag_values=fv)
+  flags.DEFINE_string("search_dir", None, "Check a search's final_arch.json against its interval.",
+                      flag_values=fv)
+  flags.DEFINE_string("output_dir", "runs/latency_check", "Where the report and plot go.",
+                      flag_values=fv)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -111,7 +126,8 @@ def _load():
 
 def main(_):
   from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
-  from nse_tf import latency, latency_check, latency_measure, stats  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from nse_tf import latency, latency_check, latency_measure, stats
   logging.set_verbosity(logging.WARNING)   # the TFLite converter's INFO chatter
   try:
     if FLAGS.search_dir:
@@ -122,7 +138,8 @@ def main(_):
                                             FLAGS.batch_size, FLAGS.threads, FLAGS.clock)
     latency_measure.pin_threads(FLAGS.threads)
     t0 = time.time()
-    latency_measure.build_table(lut, space=FLAGS.space, macro=FLAGS.macro, resolution=FLAGS.resolution,
+    latency_measure.build_table(lut, space=FLAGS.space, macro=FLAGS.macro,
+                                resolution=FLAGS.resolution,
                         scale=FLAGS.scale, num_classes=FLAGS.num_classes,
                         batch_size=FLAGS.batch_size, backend=FLAGS.backend,
                         threads=FLAGS.threads, warmup=FLAGS.warmup, repeats=FLAGS.repeats,
@@ -145,8 +162,8 @@ def main(_):
   if dev.get("clock", "wall") != FLAGS.clock:
     raise cli.UsageError(f"{lut} was measured with the {dev.get('clock', 'wall')} clock, not "
                          f"--clock={FLAGS.clock}")
-  print(f"table {lut} ({build_s:.0f} s): {dev['cpu']}, {dev['backend']}, {FLAGS.clock} clock, batch "
-        f"{dev['batch_size']}, {dev['threads']} thread(s), TF {dev['tensorflow']}, statistic "
+  print(f"table {lut} ({build_s:.0f} s): {dev['cpu']}, {dev['backend']}, {FLAGS.clock} clock, "
+        f"batch {dev['batch_size']}, {dev['threads']} thread(s), TF {dev['tensorflow']}, statistic "
         f"{table.statistic}, calibration x{table.calibration:.3f}; load average {_load()}")
   print(f"measuring {len(archs)} random {FLAGS.space}@{FLAGS.macro} networks at "
         f"{FLAGS.resolution}x{FLAGS.resolution} end to end ...", flush=True)
@@ -197,4 +214,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, define_flags)

@@ -15,33 +15,34 @@ counts the whole detector on a batch-1 graph: backbone, decoder (BiFPN) and clas
 heads; anchor decoding and NMS (post-processing) are excluded.
 """
 
-import os
-import sys
-
-if __name__ == "__main__" and __package__ in (None, ""):  # python tools/count_flops.py
-  _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if _repo not in sys.path:
-    sys.path.insert(1, _repo)
-
 from absl import flags
 
 from nse_tf import arch as arch_lib
 from nse_tf import cli
 from nse_tf import cost
 
-flags.DEFINE_string("arch", None, "Released network name (NSENet-27, NSENet, NSENet-GPU) or a "
-                    "compact architecture string.")
-flags.DEFINE_string("arch_json", None, "Path to an Architecture JSON (e.g. final_arch.json).")
-flags.DEFINE_string("keras_app", None, "Any tf_keras.applications model name, e.g. MobileNetV2.")
-flags.DEFINE_string("detector", None, "A registered detection experiment (e.g. "
-                    "efficientdet_d0_nsenet_coco), or 'all' for the three EfficientDet-D0 "
-                    "backbones side by side.")
-flags.DEFINE_integer("input_size", None, "Square input resolution (default 224; for "
-                     "--detector the experiment's own, 512 for D0).")
-flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.")
-flags.DEFINE_bool("se", False, "NSENet with squeeze-and-excitation (retraining option).")
-flags.DEFINE_bool("per_layer", False, "Also print MACs per searchable layer.")
-flags.DEFINE_bool("verify", False, "Build the network and compare with TensorFlow's profiler.")
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined by cli.run, not at import)."""
+  flags.DEFINE_string("arch", None, "Released network name (NSENet-27, NSENet, NSENet-GPU) or a "
+                      "compact architecture string.", flag_values=fv)
+  flags.DEFINE_string("arch_json", None, "Path to an Architecture JSON (e.g. final_arch.json).",
+                      flag_values=fv)
+  flags.DEFINE_string("keras_app", None, "Any tf_keras.applications model name, e.g. MobileNetV2.",
+                      flag_values=fv)
+  flags.DEFINE_string("detector", None, "A registered detection experiment (e.g. "
+                      "efficientdet_d0_nsenet_coco), or 'all' for the three EfficientDet-D0 "
+                      "backbones side by side.", flag_values=fv)
+  flags.DEFINE_integer("input_size", None, "Square input resolution (default 224; for "
+                       "--detector the experiment's own, 512 for D0).", flag_values=fv)
+  flags.DEFINE_integer("num_classes", 1000, "Classifier outputs.", flag_values=fv)
+  flags.DEFINE_bool("se", False, "NSENet with squeeze-and-excitation (retraining option).",
+                    flag_values=fv)
+  flags.DEFINE_bool("per_layer", False, "Also print MACs per searchable layer.", flag_values=fv)
+  flags.DEFINE_bool("verify", False, "Build the network and compare with TensorFlow's profiler.",
+                    flag_values=fv)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -137,4 +138,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, define_flags)

@@ -9,10 +9,16 @@ from absl import flags
 from nse_tf import cli
 from nse_tf import spaces
 
-flags.DEFINE_enum("space", "flops27", sorted(spaces.POOLS), "Op pool.")
-flags.DEFINE_enum("macro", None, sorted(spaces.MACROS),
-                  "Macro-architecture (default: the pool's own: flops or latency).")
-flags.DEFINE_integer("max_ops", 5, "K: the most ops a layer may hold.")
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+  """The tool's flags (defined by cli.run, not at import)."""
+  flags.DEFINE_enum("space", "flops27", sorted(spaces.POOLS), "Op pool.", flag_values=fv)
+  flags.DEFINE_enum("macro", None, sorted(spaces.MACROS),
+                    "Macro-architecture (default: the pool's own: flops or latency).",
+                    flag_values=fv)
+  flags.DEFINE_integer("max_ops", 5, "K: the most ops a layer may hold.", flag_values=fv)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -33,4 +39,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, define_flags)
