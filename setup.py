@@ -10,8 +10,11 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=setuptools.find_packages(include=["nse_tf", "nse_tf.*", "detection", "detection.*"]),
-    package_data={"nse_tf": ["released_archs.json"], "detection": ["configs/*.yaml"]},
+    # The repository's detection/ folder installs as `nse_tf_detection`: a top-level
+    # package named `detection` would clash with other distributions'.
+    packages=setuptools.find_packages(include=["nse_tf", "nse_tf.*"]) + ["nse_tf_detection"],
+    package_dir={"nse_tf_detection": "detection"},
+    package_data={"nse_tf": ["released_archs.json"], "nse_tf_detection": ["configs/*.yaml"]},
     install_requires=[
         # tf-models-official 2.20 pins the stack to TensorFlow 2.20 + tf_keras 2.20.
         "tensorflow==2.20.*",

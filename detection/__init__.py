@@ -1,7 +1,7 @@
 """EfficientDet-D0 on tf-models vision with NSENet backbones.
 
 A tf-models extension, not a parallel framework: importing
-`detection.registry_imports` registers
+`nse_tf_detection.registry_imports` registers
 
 * the `nsenet` backbone (`backbones/factory.py`), levels 3-5 of an NSENet built from
   a released name or an Architecture JSON, optionally initialised from a retrain run;
@@ -12,4 +12,8 @@ A tf-models extension, not a parallel framework: importing
 
 `detection/train.py` is tf-models' vision driver with these registrations;
 `detection/synthetic_coco.py` writes a small COCO-format data set for tests and the demo.
+
+The repository's `detection/` folder is installed as the package `nse_tf_detection`
+(setup.py's package_dir), so that `pip install` puts no generic top-level `detection`
+package into site-packages; the commands keep their paths (`python detection/train.py`).
 """

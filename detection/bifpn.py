@@ -13,7 +13,7 @@ Like tf-models' FPN it is a functional Keras model from {level: features} to
 
 Example:
   >>> import tensorflow as tf
-  >>> from detection import bifpn
+  >>> from nse_tf_detection import bifpn
   >>> specs = {'3': tf.TensorShape([None, 16, 16, 40]), '4': tf.TensorShape([None, 8, 8, 80]),
   ...          '5': tf.TensorShape([None, 4, 4, 320])}
   >>> dec = bifpn.BiFPN(specs, min_level=3, max_level=7)
@@ -30,7 +30,7 @@ import tf_keras as keras
 
 from official.vision.modeling.decoders import factory
 
-from detection.efficientdet import DetectionConfigError
+from nse_tf_detection.efficientdet import DetectionConfigError
 
 EPSILON = 1e-4
 

@@ -24,7 +24,7 @@ under `coco/` by default, as in tf-models' own COCO experiments; override
 
 Example:
   >>> from official.core import exp_factory
-  >>> import detection.registry_imports  # registers everything
+  >>> import nse_tf_detection.registry_imports  # registers everything
   >>> cfg = exp_factory.get_exp_config('efficientdet_d0_nsenet_coco')
   >>> cfg.task.model.decoder.bifpn.num_filters
   64

@@ -38,8 +38,8 @@ def load_params(experiment: str, config_files: Sequence[str] = (), params_overri
   """The experiment config with YAML files and overrides applied, validated and locked."""
   from official.core import exp_factory  # pylint: disable=g-import-not-at-top
   from official.modeling import hyperparams  # pylint: disable=g-import-not-at-top
-  import detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from detection import efficientdet  # pylint: disable=g-import-not-at-top
+  import nse_tf_detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from nse_tf_detection import efficientdet  # pylint: disable=g-import-not-at-top
   try:
     params = exp_factory.get_exp_config(experiment)
   except LookupError:  # registry.lookup: unknown name

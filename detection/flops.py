@@ -61,6 +61,6 @@ def count_detector(model: keras.Model, size: int) -> Tuple[Dict[str, int], int]:
 def build_detector(params, size: int) -> keras.Model:
   """The task's model of an experiment config at a square input size."""
   from official.core import task_factory  # pylint: disable=g-import-not-at-top
-  import detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  import nse_tf_detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   params.task.model.input_size = [size, size, 3]
   return task_factory.get_task(params.task).build_model()

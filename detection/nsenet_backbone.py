@@ -14,7 +14,7 @@ into the backbone; the 1x1 head conv and fc are not part of the backbone.
 
 Example:
   >>> import tf_keras as keras
-  >>> from detection import nsenet_backbone
+  >>> from nse_tf_detection import nsenet_backbone
   >>> bb = nsenet_backbone.NSENetBackbone('NSENet', keras.layers.InputSpec(
   ...     shape=[None, 128, 128, 3]))
   >>> sorted(bb.output_specs), bb.output_specs['5'].as_list()[:3]
@@ -35,7 +35,7 @@ from nse_tf import arch as arch_lib
 from nse_tf import nsenet
 from nse_tf import retrain_run as retrain_run_lib
 
-from detection.efficientdet import DetectionConfigError
+from nse_tf_detection.efficientdet import DetectionConfigError
 
 MAX_LEVEL = 5
 

@@ -23,11 +23,7 @@ import io
 import json
 import os
 import shutil
-import sys
 from typing import Dict, List, Sequence, Tuple
-
-if __name__ == "__main__" and __package__ in (None, ""):  # python detection/synthetic_coco.py
-  sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np
 from PIL import Image, ImageDraw

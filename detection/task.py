@@ -16,8 +16,8 @@ import tf_keras as keras
 from official.core import task_factory
 from official.vision.tasks import retinanet as retinanet_task
 
-from detection import efficientdet
-from detection import nsenet_backbone
+from nse_tf_detection import efficientdet
+from nse_tf_detection import nsenet_backbone
 
 
 @task_factory.register_task_cls(efficientdet.EfficientDetTask)

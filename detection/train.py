@@ -116,7 +116,7 @@ def main(argv) -> int:
   from official.modeling import performance  # pylint: disable=g-import-not-at-top
   from official.vision.utils import summary_manager  # pylint: disable=g-import-not-at-top
 
-  from detection import efficientdet  # pylint: disable=g-import-not-at-top
+  from nse_tf_detection import efficientdet  # pylint: disable=g-import-not-at-top
 
   for name in ("experiment", "mode", "model_dir"):
     if not getattr(FLAGS, name):
@@ -170,7 +170,7 @@ def define_flags():
   """tf-models' training flags (official/common/flags.py) + the vision driver's."""
   from official.common import flags as tfm_flags  # pylint: disable=g-import-not-at-top
   from official.vision import train as vision_train  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  import detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  import nse_tf_detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   tfm_flags.define_flags()
 
 

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import logging
@@ -394,11 +394,15 @@ class Search:
     cfg: SearchConfig. train_cfg: trainer.TrainConfig for every round.
     data: nse_tf.data.ImageData. strategy: a tf.distribute strategy.
     output_dir: where every output goes (see search.py).
+    report: called with each line of the round reports (default: absl INFO log; the
+      command passes `print`).
   """
 
   def __init__(self, cfg: SearchConfig, train_cfg, data, strategy, output_dir: str,
-               progress: bool = True, state: Optional[SearchState] = None):
+               progress: bool = True, state: Optional[SearchState] = None,
+               report: Optional[Callable[[str], None]] = None):
     cfg.validate()
+    self.report = report or (lambda line: logging.info("%s", line))
     self.cfg, self.train_cfg, self.data, self.strategy = cfg, train_cfg, data, strategy
     self.out = output_dir
     self.progress = progress
@@ -424,8 +428,8 @@ class Search:
     total = self.cfg.num_rounds()
     while self.state.phase != "done":
       r = self.state.round
-      print(f"\n=== round {r}/{total}: "
-            f"{sum(len(w) for w in self.state.working_sets)} ops in the space ===")
+      self.report(f"\n=== round {r}/{total}: "
+                  f"{sum(len(w) for w in self.state.working_sets)} ops in the space ===")
       self.run_round(r)
       if r >= total:
         self.state.phase = "done"
@@ -532,16 +536,17 @@ class Search:
         "reliability": reliability["reliability"], "pruned": len(pruned),
         "inherited": n_inherited,
         "added": n_added, "space": space})
-    print(f"round {r}: {len(cands)} candidates, front of {len(front_idx)}, best accuracy "
-          f"{100 * best['accuracy']:.2f} % at {best['cost']:.1f} {self.table.unit}, "
-          f"{time.time() - t0:.0f} s")
-    print(f"  candidates' held-out accuracy {100 * mean_acc:.1f} % ± {100 * spread:.1f} "
-          f"(std across candidates), standard error {100 * se:.1f} points per candidate "
-          f"({num_eval} examples); {reliability['text']}")
+    self.report(f"round {r}: {len(cands)} candidates, front of {len(front_idx)}, best "
+                f"accuracy {100 * best['accuracy']:.2f} % at {best['cost']:.1f} "
+                f"{self.table.unit}, {time.time() - t0:.0f} s")
+    self.report(f"  candidates' held-out accuracy {100 * mean_acc:.1f} % ± {100 * spread:.1f} "
+                f"(std across candidates), standard error {100 * se:.1f} points per "
+                f"candidate ({num_eval} examples); {reliability['text']}")
     pruned_names = ", ".join(f"L{e['layer']:02d} {e['op']}" for e in pruned)
-    print(f"  space: {sum(len(w) for w in start_sets)} ops trained, {len(pruned)} pruned"
-          + (f" ({pruned_names})" if pruned else "")
-          + f", {n_inherited} inherited by the front, {n_added} new ops for the next round")
+    self.report(f"  space: {sum(len(w) for w in start_sets)} ops trained, {len(pruned)} pruned"
+                + (f" ({pruned_names})" if pruned else "")
+                + f", {n_inherited} inherited by the front, {n_added} new ops for the next "
+                "round")
 
   # ------------------------------------------------------------- evaluation
   def _evaluate(self, trainer, cands, log_path: str) -> Dict[int, float]:

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from absl import flags
 
@@ -263,13 +263,18 @@ class Retrainer:
     data: nse_tf.data.ImageData (train and validation pipelines; image_size is the
       training resolution).
     model_dir: output directory (checkpoints in ckpt/, TensorBoard in tb/).
+    report: called with each periodic validation line (default: absl INFO log; the
+      command passes `print`).
   """
 
-  def __init__(self, arch, config: RetrainConfig, strategy, data, model_dir: str):
+  def __init__(self, arch, config: RetrainConfig, strategy, data, model_dir: str,
+               report: Optional[Callable[[str], None]] = None):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_keras as keras  # pylint: disable=g-import-not-at-top
     from nse_tf import augment, loop  # pylint: disable=g-import-not-at-top
     config.validate()
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    self.report = report or (lambda line: logging.info("%s", line))
     self.arch, self.cfg, self.strategy, self.data = arch, config, strategy, data
     self.model_dir = model_dir
     self.model_config = model_config(arch, config, data.info)
@@ -447,8 +452,8 @@ class Retrainer:
   def _log_eval(self, step: int) -> Dict[str, float]:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     result = self.evaluate()
-    print(f"step {step}: validation top-1 {100 * result['top1']:.2f} %, "
-          f"top-5 {100 * result['top5']:.2f} %" + (" (EMA weights)" if self.ema else ""))
+    self.report(f"step {step}: validation top-1 {100 * result['top1']:.2f} %, "
+                f"top-5 {100 * result['top5']:.2f} %" + (" (EMA weights)" if self.ema else ""))
     with self.writer.as_default(step=step):
       tf.summary.scalar("validation/top1", result["top1"])
       tf.summary.scalar("validation/top5", result["top5"])
@@ -550,7 +555,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   start = time.time()
   # Built (and its settings checked) before the first write: a refused start leaves
   # nothing that would block the corrected command.
-  r = Retrainer(arch, cfg, strategy, d, out)
+  r = Retrainer(arch, cfg, strategy, d, out, report=lambda line: print(line, flush=True))
   atomic_write_text(os.path.join(out, "retrain_config.json"),
                     json.dumps(resolved, indent=1, sort_keys=True) + "\n")
   arch.save(os.path.join(out, retrain_run.ARCH))

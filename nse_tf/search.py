@@ -214,7 +214,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
                               spaces.layer_kinds(cfg.resolved_macro()), state.round)
   _prepare_output_dir(fv.output_dir, config, fv.overwrite)
   search = evolution.Search(cfg, train_cfg, d, strategy, fv.output_dir,
-                            progress=fv.progress, state=state)
+                            progress=fv.progress, state=state,
+                            report=lambda line: print(line, flush=True))
   final = search.run()
   if "latency_ms" in final.metadata:
     print(f"\npredicted latency of the final architecture: {final.metadata['latency_ms']} ms "

@@ -20,13 +20,13 @@ from official.modeling import hyperparams
 from official.vision.modeling.backbones import factory as backbone_factory
 from official.vision.modeling.decoders import factory as decoder_factory
 
-import detection.registry_imports  # noqa: F401
-from detection import efficientdet
-from detection import flops
-from detection import nsenet_backbone
-from detection import synthetic_coco
-from detection import task as task_lib
-from detection.efficientdet import DetectionConfigError
+import nse_tf_detection.registry_imports  # noqa: F401
+from nse_tf_detection import efficientdet
+from nse_tf_detection import flops
+from nse_tf_detection import nsenet_backbone
+from nse_tf_detection import synthetic_coco
+from nse_tf_detection import task as task_lib
+from nse_tf_detection.efficientdet import DetectionConfigError
 from nse_tf import arch as arch_lib
 from nse_tf import nsenet
 from nse_tf import spaces
@@ -206,7 +206,7 @@ def test_nsenet_backbone_matches_build_nsenet():
 
 def test_backbone_and_bifpn_serialize_deserialize():
   """tf-models' backbone-test pattern: get_config -> from_config gives the same network."""
-  from detection import bifpn  # pylint: disable=import-outside-toplevel
+  from nse_tf_detection import bifpn  # pylint: disable=import-outside-toplevel
   reg = keras.regularizers.L2(4e-5)
   bb = nsenet_backbone.NSENetBackbone(tiny_arch(), keras.layers.InputSpec(
       shape=[None, SIZE, SIZE, 3]), min_level=3, kernel_regularizer=reg)
@@ -231,7 +231,7 @@ def test_backbone_and_bifpn_serialize_deserialize():
 
 
 def test_fast_fusion_is_normalised():
-  from detection import bifpn  # pylint: disable=import-outside-toplevel
+  from nse_tf_detection import bifpn  # pylint: disable=import-outside-toplevel
   fuse = bifpn.FastFusion(2)
   a, b = tf.ones([1, 2, 2, 1]), 3 * tf.ones([1, 2, 2, 1])
   fuse([a, b])
@@ -334,7 +334,7 @@ def test_init_from_retrain_run(tmp_path, task_and_model):
 
 @pytest.mark.slow
 def test_export_round_trip(tmp_path, data):
-  from detection import export_saved_model  # pylint: disable=import-outside-toplevel
+  from nse_tf_detection import export_saved_model  # pylint: disable=import-outside-toplevel
   from official.vision.serving import detection as serving  # pylint: disable=import-outside-toplevel
   # One BiFPN cell and one head conv: SavedModel export traces every Keras layer, and
   # the full D0 structure is covered above.
@@ -412,7 +412,7 @@ def test_train_driver_reports_missing_data_in_one_line(tmp_path, capsys):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
   import gin  # pylint: disable=g-import-not-at-top
-  from detection import train  # pylint: disable=g-import-not-at-top
+  from nse_tf_detection import train  # pylint: disable=g-import-not-at-top
   from nse_tf import cli  # pylint: disable=g-import-not-at-top
   if "experiment" not in flags.FLAGS:   # tf-models defines its flags on absl's global FLAGS
     train.define_flags()

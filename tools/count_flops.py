@@ -60,8 +60,8 @@ def _count_keras_app(name: str, size: int):
 def detector_counts(experiment: str, input_size=None):
   """(experiment, size, {'backbone', 'decoder', 'head', 'total'} MACs, params), no NMS."""
   from official.core import exp_factory  # pylint: disable=g-import-not-at-top
-  import detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from detection import flops  # pylint: disable=g-import-not-at-top
+  import nse_tf_detection.registry_imports  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from nse_tf_detection import flops  # pylint: disable=g-import-not-at-top
   try:
     params = exp_factory.get_exp_config(experiment)
   except LookupError:  # registry.lookup: unknown name
