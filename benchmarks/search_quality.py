@@ -51,6 +51,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("seeds", 2, "Training seeds per network in (b) and (c).", flag_values=fv)
   flags.DEFINE_integer("rank_seeds", 1, "Training seeds per network in (a).", flag_values=fv)
   flags.DEFINE_integer("num_rank", 12, "Architectures for the rank fidelity (a).", flag_values=fv)
+  flags.DEFINE_enum("rank_set", "candidates", ["candidates", "uniform"],
+                    "(a) on the last round's candidates (sampled from θ, as the search saw "
+                    "them), or on architectures drawn uniformly from the last round's space, "
+                    "evaluated in its supernet checkpoint (each op on with p = 0.5, as in "
+                    "training).", flag_values=fv)
   flags.DEFINE_integer("num_random", 10, "Random architectures in (b).", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the random architectures and of the (a) draw.",
                        flag_values=fv)
@@ -74,6 +79,52 @@ def random_in_interval(space, macro, table, lo, hi, max_ops, rng, max_draws=2000
       return arch_lib.Architecture.from_indices(space, layers, macro=macro)
   raise RuntimeError(f"no random architecture with cost in ({lo}, {hi}) after {max_draws} "
                      "draws")
+
+
+def uniform_in_space(space, macro, scale, table, working_sets, lo, hi, n, rng,
+                     max_draws=20000):
+  """`n` architectures of `working_sets` with cost in (lo, hi), spread across the interval.
+
+  Drawn as the supernet is trained: every op on independently with p = 0.5 (reduction/E
+  layers non-empty). Up to `max_draws` draws (or until every one of n equal-width cost
+  bins holds one), then `spread_pick`: one per bin, empty bins topped up from the rest.
+  """
+  kinds = spaces.layer_kinds(macro)
+  edges = np.linspace(lo, hi, n + 1)
+  rows, seen, bins = [], set(), set()
+  for _ in range(max_draws):
+    layers = []
+    for kind, ws in zip(kinds, working_sets):
+      on = rng.random(len(ws)) < 0.5
+      while kind != "N" and not on.any():
+        on = rng.random(len(ws)) < 0.5
+      layers.append(tuple(sorted(np.asarray(ws)[on].tolist())))
+    c = table.indices_cost(layers)
+    if lo < c < hi and tuple(layers) not in seen:
+      seen.add(tuple(layers))
+      a = arch_lib.Architecture.from_indices(space, layers, macro=macro, scale=scale)
+      rows.append({"arch": a.to_compact(), "cost": c})
+      bins.add(int(np.searchsorted(edges, c, side="right")) - 1)
+      if len(bins) == n:
+        break
+  return [arch_lib.Architecture.from_compact(r["arch"]) for r in spread_pick(rows, lo, hi, n, rng)]
+
+
+def last_round_search(out, cfg, data):
+  """The finished search in `out` as an evolution.Search (reads; writes nothing)."""
+  from nse_tf import common_flags, distribute, evolution, search  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  search.define_flags(fv)
+  fv(["search_quality"])
+  for k, v in cfg.items():
+    if k in fv:
+      fv[k].value = v
+  scfg = search.search_config(fv)
+  if cfg.get("relative_targets") or scfg.constraint == "latency":
+    raise cli.UsageError("--rank_set=uniform supports FLOPs searches with absolute targets")
+  return evolution.Search(scfg, common_flags.train_config(fv), data,
+                          distribute.get_strategy("default", None, 0), out, progress=False,
+                          state=evolution.SearchState.load(os.path.join(out, "state.json")))
 
 
 def read_candidates(search_dir, r):
@@ -243,11 +294,25 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
       "random_residual_std": float(resid_sd),
       "std_between_architectures": between, "std_between_seeds": within}
 
-  # (a) Rank fidelity on the last round's candidates.
-  rows = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
-  picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
+  # (a) Rank fidelity on the last round's candidates, or on uniform draws of its space.
+  if fv.rank_set == "candidates":
+    rows = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
+    picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
+    what = f"round-{rounds} candidates"
+  else:
+    srch = last_round_search(out, cfg, runner.data)
+    drawn = uniform_in_space(cfg["space"], macro, cfg["scale"], table,
+                             srch.state.working_sets, lo, hi, fv.num_rank,
+                             np.random.default_rng(fv.seed + 2))
+    print(f"(a) evaluating {len(drawn)} uniform draws of the round-{rounds} space in its "
+          "supernet", flush=True)
+    accs = srch.evaluate_in_last_round(
+        drawn, os.path.join(out, "search_quality_uniform_eval.jsonl"))
+    picked = [{"arch": a.to_compact(), "cost": table.indices_cost(a.indices()), "accuracy": acc}
+              for a, acc in zip(drawn, accs)]
+    what = f"uniform draws of the round-{rounds} space"
   sup, alone, costs = [], [], []
-  print(f"(a) rank fidelity: {len(picked)} round-{rounds} candidates across the interval, "
+  print(f"(a) rank fidelity: {len(picked)} {what} across the interval, "
         f"{fv.rank_seeds} seed(s) each")
   for r in picked:
     a = arch_lib.Architecture.from_compact(r["arch"])
@@ -259,9 +324,19 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
           f"{100 * m:6.2f} %  {r['arch']}", flush=True)
   tau = stats.kendall_tau(sup, alone)
   tau_cost = stats.kendall_tau(costs, alone)
+  # Weight-sharing bias: does the supernet favour paths with more ops than training alone does?
+  num_ops = [sum(len(l) for l in arch_lib.Architecture.from_compact(r["arch"]).layers)
+             for r in picked]
+  tau_ops_sup, tau_ops_alone = stats.kendall_tau(num_ops, sup), stats.kendall_tau(num_ops, alone)
   print(f"  Kendall τ(supernet, standalone) = {tau:.3f}; τ(cost, standalone) = {tau_cost:.3f}"
-        f"; τ(supernet, cost) = {stats.kendall_tau(sup, costs):.3f}\n")
-  summary["rank_fidelity"] = {"kendall_tau": tau, "kendall_tau_cost": tau_cost,
+        f"; τ(supernet, cost) = {stats.kendall_tau(sup, costs):.3f}")
+  print(f"  τ(number of ops, supernet) = {tau_ops_sup:.3f}; τ(number of ops, standalone) = "
+        f"{tau_ops_alone:.3f}; supernet spread {100 * stats.stdev(sup):.2f} points, "
+        f"standalone {100 * stats.stdev(alone):.2f} (std across architectures)\n")
+  summary["rank_fidelity"] = {"rank_set": fv.rank_set, "kendall_tau": tau,
+                              "kendall_tau_cost": tau_cost,
+                              "kendall_tau_num_ops_supernet": tau_ops_sup,
+                              "kendall_tau_num_ops_standalone": tau_ops_alone,
                               "points": [{"arch": r["arch"], "cost": c, "supernet": s,
                                           "standalone": s2}
                                          for r, c, s, s2 in zip(picked, costs, sup, alone)]}

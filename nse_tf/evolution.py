@@ -444,7 +444,7 @@ class Search:
     final.save(os.path.join(self.out, "final_arch.json"))
     return final
 
-  def _trainer(self, r: int):
+  def _trainer(self, r: int, tensorboard: bool = True):
     from nse_tf import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
     protected = [[op in set(a) for op in ws]
                  for ws, a in zip(self.state.working_sets, self.state.inherited)]
@@ -456,7 +456,7 @@ class Search:
         working_sets=self.state.working_sets, protected=protected,
         num_classes=self.num_classes, resolution=self.cfg.image_size, scale=self.cfg.scale,
         model_dir=os.path.join(self.round_dir(r), "ckpt"),
-        tb_dir=os.path.join(self.out, "tb", f"round_{r:02d}"))
+        tb_dir=os.path.join(self.out, "tb", f"round_{r:02d}") if tensorboard else None)
 
   def run_round(self, r: int):
     if self.state.phase == "train":
@@ -587,6 +587,33 @@ class Search:
         if bar is not None:
           bar.update(len(done), [("acc", acc)])
     return done
+
+  def evaluate_in_last_round(self, archs: Sequence[Architecture], log_path: str) -> List[float]:
+    """Held-out accuracy of any `archs` of the last round's space, in its trained supernet.
+
+    For a finished search: the last round's checkpoint is restored (nothing is trained
+    and nothing in the search directory changes) and every architecture is evaluated
+    as the round's candidates were (BN recalibration, then the held-out split). Results
+    are logged to `log_path` (resumable). Diagnostics such as rank fidelity on
+    architectures the search did not sample use it.
+    """
+    if self.state.phase != "done":
+      raise SearchError(f"{self.out}: the search has not finished; run it to the end first")
+    r = self.state.round
+    cands = []
+    for a in archs:
+      idx = tuple(tuple(sorted(x)) for x in a.indices())
+      for l, (ops, ws) in enumerate(zip(idx, self.state.working_sets)):
+        if not set(ops) <= set(ws):
+          raise SearchError(f"{a.to_compact()}: layer {l} uses ops outside round {r}'s "
+                            f"working set ({[self.pool[i] for i in ws]})")
+      cands.append(("sample", idx))
+    trainer = self._trainer(r, tensorboard=False)
+    if int(trainer.step.numpy()) < trainer.total_steps:
+      raise SearchError(f"round {r}'s checkpoint in {self.round_dir(r)}/ckpt is not the "
+                        "finished round's")
+    done = self._evaluate(trainer, cands, log_path)
+    return [done[i] for i in range(len(cands))]
 
   @staticmethod
   def _key(c) -> str:

@@ -273,6 +273,19 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   # Every trained network is cached: a second run trains nothing.
   assert cli.invoke(bench.define_flags, bench.main, args) == 0
   assert json.loads((run / "search_quality.json").read_text())["networks_trained"] == 0
+  # (a) on uniform draws of the last round's space, evaluated in its supernet checkpoint:
+  # the search directory's own files are not touched.
+  before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+  code = cli.invoke(bench.define_flags, bench.main, args + ["--rank_set=uniform"])
+  stdout, err = capsys.readouterr()
+  assert code == 0, err[-3000:]
+  assert "uniform draws of the round-2 space" in stdout and "τ(number of ops, supernet)" in stdout
+  rank = json.loads((run / "search_quality.json").read_text())["rank_fidelity"]
+  assert rank["rank_set"] == "uniform" and len(rank["points"]) >= 2
+  assert all(0.0 <= p["supernet"] <= 1.0 for p in rank["points"])
+  changed = [p for p, t in before.items() if p.stat().st_mtime_ns != t]
+  assert {p.name for p in changed} <= {"search_quality.json", "search_quality_runs.jsonl"}, changed
+  assert (run / "search_quality_uniform_eval.jsonl").exists()
   # A directory that is not a finished search: one error line.
   assert cli.invoke(bench.define_flags, bench.main, [f"--search_dir={tmp_path}"]) == 2
   assert "no config.json" in capsys.readouterr().err
