@@ -25,8 +25,8 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
   concordant = discordant = ties_x = ties_y = 0
   for i in range(n):
     for j in range(i + 1, n):
-      dx = (x[i] > x[j]) - (x[i] < x[j])
-      dy = (y[i] > y[j]) - (y[i] < y[j])
+      dx = int(x[i] > x[j]) - int(x[i] < x[j])     # int(): numpy bools do not subtract
+      dy = int(y[i] > y[j]) - int(y[i] < y[j])
       if dx == 0:
         ties_x += 1
       if dy == 0:

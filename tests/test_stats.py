@@ -23,6 +23,9 @@ def test_kendall_tau_b_with_ties_matches_formula():
   a = [0.81, 0.84, 0.79, 0.88, 0.84, 0.90, 0.77]
   b = [0.70, 0.75, 0.72, 0.80, 0.74, 0.79, 0.71]
   assert stats.kendall_tau(a, b) == pytest.approx(scipy_stats.kendalltau(a, b)[0])
+  np = pytest.importorskip("numpy")     # numpy arrays (whose bools do not subtract) too
+  assert stats.kendall_tau(np.asarray(a), np.asarray(b)) == pytest.approx(
+      scipy_stats.kendalltau(a, b)[0])
 
 
 def test_kendall_tau_rejects_bad_input():
