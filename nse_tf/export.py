@@ -44,7 +44,7 @@ from absl import flags
 
 from nse_tf import cli
 from nse_tf import fileio
-from nse_tf import retrain
+from nse_tf import retrainer
 from nse_tf import retrain_run
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -413,7 +413,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   tf.get_logger().setLevel("ERROR")
   logging.set_verbosity(logging.WARNING)   # SavedModel / converter chatter
   run = retrain_run.read(fv.model_dir)
-  model, config = retrain.restore_model(run), run.config
+  model, config = retrainer.restore_model(run), run.config
   path = export_saved_model(
       model, config, fv.export_dir, fv.version, fv.top_k, fv.max_pixels,
       extra_files={n: os.path.join(fv.model_dir, n)

@@ -345,8 +345,8 @@ def build_in_subprocess(path: str, **kwargs) -> None:
   args = json.dumps(dict(kwargs, path=path))
   env = dict(os.environ)
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  proc = subprocess.run([sys.executable, "-m", "nse_tf.latency_measure", args], env=env, check=False,
-                        stderr=subprocess.PIPE, text=True)
+  proc = subprocess.run([sys.executable, "-m", "nse_tf.latency_measure", args], env=env,
+                        check=False, stderr=subprocess.PIPE, text=True)
   if proc.returncode != 0:
     lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
     raise LatencyError("building the latency table failed: " + (lines[-1] if lines else

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from nse_tf import cli, common_flags, evolution, export, retrain, search, train_round, trainer
+from nse_tf import cli, common_flags, evolution, export, retrain, retrainer, search, train_round
+from nse_tf import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = {"search": search, "train_round": train_round, "retrain": retrain, "export": export}
@@ -71,9 +72,9 @@ def test_flag_defaults_are_the_config_dataclasses_defaults():
   fr = cli.parse(retrain.define_flags, [])
   # The recipe's flags default to None: "the recipe's value" (test_retrain checks those).
   recipe = set(retrain.RECIPES["paper"])
-  assert _check_defaults(fr, retrain.RetrainConfig, exempt=recipe) >= 15
+  assert _check_defaults(fr, retrainer.RetrainConfig, exempt=recipe) >= 15
   cfg = retrain.retrain_config(fr)
-  assert cfg == retrain.RetrainConfig()        # nothing given: exactly the dataclass
+  assert cfg == retrainer.RetrainConfig()        # nothing given: exactly the dataclass
 
 
 def test_train_round_cli_in_process_refuses_bad_input(tmp_path, capsys):

@@ -12,8 +12,9 @@ import tensorflow as tf
 
 from nse_tf import arch as arch_lib
 from nse_tf import data as data_lib
+from nse_tf import demo_data
 from nse_tf import export
-from nse_tf import retrain
+from nse_tf import retrainer
 
 TINY = "flops27@tiny*0.25:0|3|-|6|0|9+21"
 SIZE = 32
@@ -29,11 +30,11 @@ def trained(tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp("retrain"))
   arch = arch_lib.Architecture.from_compact(TINY)
   d = data_lib.get_data("demo_digits", image_size=SIZE, holdout_examples=0)
-  cfg = retrain.RetrainConfig(global_batch=32, epochs=1, steps_per_epoch=8, lr=0.1,
+  cfg = retrainer.RetrainConfig(global_batch=32, epochs=1, steps_per_epoch=8, lr=0.1,
                               warmup_epochs=0.2, ema_decay=0.9, eval_every=0, progress=False,
                               activation="swish", se=True, drop_path=0.2, dropout=0.2,
                               label_smoothing=0.1, augment="randaugment")
-  r = retrain.Retrainer(arch, cfg, tf.distribute.get_strategy(), d, model_dir)
+  r = retrainer.Retrainer(arch, cfg, tf.distribute.get_strategy(), d, model_dir)
   assert any(l.name.endswith("_drop") for l in r.model.layers)
   history = r.train()
   assert len(history) == 8 and all(np.isfinite(h["loss"]) for h in history)
@@ -41,7 +42,7 @@ def trained(tmp_path_factory):
   with open(os.path.join(model_dir, "model_config.json"), "w") as f:
     json.dump(r.model_config, f)
   r.write_final()
-  model = retrain.load_trained_model(model_dir)
+  model = retrainer.load_trained_model(model_dir)
   images, labels = export.take_images(d.validation(100), 100)
   return model_dir, model, r.model_config, d, images, labels
 
@@ -89,7 +90,7 @@ def test_saved_model_logits_equal_keras(trained, exported):
 def test_serving_default_on_encoded_images_matches_the_validation_pipeline(trained, exported):
   """PNG-encoded raw demo images through the served graph = Keras on the eval pipeline."""
   _, model, _, d, images, _ = trained
-  raw = data_lib._demo_digits()[2][:len(images)]     # the validation split's raw 8x8 pixels
+  raw = demo_data.load_demo("demo_digits")[2][:len(images)]     # the validation split's raw 8x8 pixels
   out = exported[2].signatures["serving_default"](
       image_bytes=tf.constant([_png(im) for im in raw]))
   assert out["valid"].numpy().all()
@@ -184,7 +185,7 @@ _FRESH = textwrap.dedent("""
 def test_fresh_process_without_the_project_and_saved_model_cli(trained, exported, tmp_path):
   _, model, _, d, images, _ = trained
   path = exported[1]
-  raw = data_lib._demo_digits()[2][0]
+  raw = demo_data.load_demo("demo_digits")[2][0]
   jpeg_path = tmp_path / "digit.jpg"
   jpeg_path.write_bytes(_jpeg(np.kron(raw, np.ones((8, 8, 1), np.uint8))))   # 64x64 JPEG
   script = tmp_path / "fresh.py"

@@ -12,6 +12,7 @@ from nse_tf import arch as arch_lib
 from nse_tf import cli
 from nse_tf import data as data_lib
 from nse_tf import retrain
+from nse_tf import retrainer
 
 TINY = "flops27@tiny*0.25:0|3|-|6|0|9+21"
 ARGS = ["--dataset=demo_digits", "--image_size=32", "--global_batch=32", "--steps_per_epoch=4",
@@ -47,7 +48,7 @@ def test_cli_writes_the_contract(finished):
   assert tf.train.latest_checkpoint(os.path.join(finished, "final")) is not None
   # The deployable model rebuilt from the directory scores what metrics.json says (the EMA
   # weights, not the raw ones that the training checkpoint holds).
-  model = retrain.load_trained_model(finished)
+  model = retrainer.load_trained_model(finished)
   d = data_lib.get_data("demo_digits", image_size=32, holdout_examples=0)
   correct = sum(int(np.sum(model(x, training=False).numpy().argmax(-1) == y.numpy()))
                 for x, y in d.validation(120))
@@ -70,11 +71,11 @@ def test_resume_refuses_other_settings_and_bad_input(finished, tmp_path):
   with pytest.raises(ValueError, match="--ema_decay must be in"):
     _main(f"--arch={TINY}", f"--model_dir={tmp_path}", *ARGS, "--ema_decay=1.5")
   with pytest.raises(FileNotFoundError, match="no arch.json"):
-    retrain.load_trained_model(str(tmp_path))
+    retrainer.load_trained_model(str(tmp_path))
   (tmp_path / "arch.json").write_text((open(os.path.join(finished, "arch.json")).read()))
   (tmp_path / "model_config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="has not finished; re-run"):
-    retrain.load_trained_model(str(tmp_path))
+    retrainer.load_trained_model(str(tmp_path))
 
 
 def test_recipes_and_defaults():
@@ -91,10 +92,10 @@ def test_recipes_and_defaults():
 def _retrainer(model_dir):
   """The configuration of ARGS, as a library call (so it follows the CLI run's trajectory)."""
   d = data_lib.get_data("demo_digits", image_size=32, holdout_examples=0)
-  cfg = retrain.RetrainConfig(global_batch=32, epochs=2, steps_per_epoch=4, lr=0.1,
+  cfg = retrainer.RetrainConfig(global_batch=32, epochs=2, steps_per_epoch=4, lr=0.1,
                               warmup_epochs=0.5, warmup_start_lr=0.0, ema_decay=0.9,
                               eval_every=0, checkpoint_every=100, progress=False)
-  return retrain.Retrainer(arch_lib.Architecture.from_compact(TINY), cfg,
+  return retrainer.Retrainer(arch_lib.Architecture.from_compact(TINY), cfg,
                            tf.distribute.get_strategy(), d, model_dir)
 
 
