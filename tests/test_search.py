@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nse_tf import arch as arch_lib
-from nse_tf import cli, cost, evolution, search, spaces
+from nse_tf import candidate_eval, cli, cost, evolution, search, spaces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,16 +142,16 @@ def test_split_half_reliability():
   true = rng.uniform(0.6, 0.8, 200)
   # Halves = true accuracy + small noise: reliable ranking.
   good = [(t + rng.normal(0, 0.01), t + rng.normal(0, 0.01)) for t in true]
-  rel = evolution.split_half_reliability(good)
+  rel = candidate_eval.split_half_reliability(good)
   assert rel["r"] > 0.9 and rel["r_low95"] > 0.85
   assert rel["reliability"] == pytest.approx(2 * rel["r"] / (1 + rel["r"]))
   assert "ranked above noise" in rel["text"]
   # Halves = independent noise around one accuracy: no ranking.
   noise = [(0.7 + rng.normal(0, 0.01), 0.7 + rng.normal(0, 0.01)) for _ in range(200)]
-  rel = evolution.split_half_reliability(noise)
+  rel = candidate_eval.split_half_reliability(noise)
   assert abs(rel["r"]) < 0.2 and rel["r_low95"] < 0
   assert "not distinguishable" in rel["text"]
-  assert evolution.split_half_reliability(good[:3])["r"] is None
+  assert candidate_eval.split_half_reliability(good[:3])["r"] is None
 
 
 def test_solve_scale_hits_the_target_from_below():
