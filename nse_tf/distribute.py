@@ -7,7 +7,10 @@ update as the default strategy at the same global batch.
 
 from __future__ import annotations
 
-from typing import Optional
+import json
+import os
+import shutil
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
@@ -75,3 +78,51 @@ def per_replica_batch(global_batch: int, strategy: tf.distribute.Strategy) -> in
         f"global batch {global_batch} is not divisible by the {replicas} replicas; "
         f"use a multiple of {replicas}")
   return global_batch // replicas
+
+
+# ---------------------------------------------------------------- several workers
+# tf.distribute's convention for MultiWorkerMirroredStrategy: every worker runs the same
+# command with the same flags (TF_CONFIG tells it its task); the chief writes the run
+# directory, the other workers write what they must (their checkpoints, which saving
+# reads through collectives) to a location of their own that they delete at the end.
+
+
+def worker_task(strategy_name: str) -> Tuple[bool, str, int]:
+  """(is_chief, task_type, task_id) of this process from TF_CONFIG (what
+  MultiWorkerMirroredStrategy's resolver reads); without a cluster: the chief.
+
+  The chief is task 'chief' when the cluster has one, else worker 0.
+  """
+  raw = os.environ.get("TF_CONFIG")
+  if strategy_name != "multi_worker" or not raw:
+    return True, "chief", 0
+  try:
+    config = json.loads(raw)
+    task_type = config["task"]["type"]
+    task_id = int(config["task"].get("index", 0))
+    has_chief = "chief" in config.get("cluster", {})
+  except (ValueError, KeyError, TypeError) as e:
+    raise StrategyError(f"TF_CONFIG is not a cluster description ({e}): expected "
+                        '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
+                        '"worker", "index": 0}}') from None
+  chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
+  return chief, task_type, task_id
+
+
+def worker_output_dir(strategy_name: str, output_dir: str) -> str:
+  """`output_dir` on the chief; OUTPUT_DIR/.<type>-<id> on the other workers."""
+  chief, task_type, task_id = worker_task(strategy_name)
+  return output_dir if chief else os.path.join(output_dir, f".{task_type}-{task_id}")
+
+
+def finish_workers(strategy, output_dir: str, worker_dir: str) -> None:
+  """The end of a multi-worker command: a barrier (no worker leaves while another still
+  runs collectives, which would fail it), then a non-chief removes its own directory."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return
+  one = strategy.run(lambda: tf.ones([]))
+  strategy.reduce(tf.distribute.ReduceOp.SUM, one, axis=None).numpy()
+  if os.path.realpath(worker_dir) != os.path.realpath(output_dir):
+    from nse_tf import run_lock  # pylint: disable=g-import-not-at-top
+    run_lock.release(worker_dir)
+    shutil.rmtree(worker_dir, ignore_errors=True)

@@ -190,12 +190,15 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   command starts (or resumes) without being refused as "another configuration".
   """
   common_flags.check_output_dir(fv.output_dir)
-  run_lock.acquire(fv.output_dir, "search")
+  from nse_tf import distribute  # pylint: disable=g-import-not-at-top
+  # Several workers: the chief writes --output_dir, the others a directory of their own.
+  out = distribute.worker_output_dir(fv.strategy, fv.output_dir)
+  run_lock.acquire(out, "search")
   cfg = search_config(fv)
   train_cfg = common_flags.train_config(fv)
   config = resolved_flags(fv)
-  _refuse_other_search(fv.output_dir, config, fv.overwrite)
-  from nse_tf import data, distribute, evolution, spaces  # pylint: disable=g-import-not-at-top
+  _refuse_other_search(out, config, fv.overwrite)
+  from nse_tf import data, evolution, spaces  # pylint: disable=g-import-not-at-top
   from nse_tf import trainer  # pylint: disable=g-import-not-at-top
   trainer.check_strategy_name(train_cfg, fv.strategy)
   common_flags.setup_tensorflow(fv.deterministic)
@@ -207,24 +210,25 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     ensure_latency_table(cfg, d.info.num_classes, fv)
   if cfg.constraint == "latency" or fv.relative_targets:
     cfg, train_cfg = resolve_targets(cfg, train_cfg, d.info.num_classes, fv.relative_targets)
-  state = evolution.initial_state(cfg, fv.output_dir, fresh=fv.overwrite)
+  state = evolution.initial_state(cfg, out, fresh=fv.overwrite)
   if state.phase == "train":
     table = evolution.make_cost_table(cfg, d.info.num_classes)
     evolution.check_reachable(cfg, table, state.working_sets,
                               spaces.layer_kinds(cfg.resolved_macro()), state.round)
-  _prepare_output_dir(fv.output_dir, config, fv.overwrite)
-  search = evolution.Search(cfg, train_cfg, d, strategy, fv.output_dir,
+  _prepare_output_dir(out, config, fv.overwrite)
+  search = evolution.Search(cfg, train_cfg, d, strategy, out,
                             progress=fv.progress, state=state,
                             report=lambda line: print(line, flush=True))
   final = search.run()
   if "latency_ms" in final.metadata:
     print(f"\npredicted latency of the final architecture: {final.metadata['latency_ms']} ms "
           f"(interval {cfg.interval[0]:.4g}-{cfg.interval[1]:.4g}); measure it with "
-          f"python tools/check_latency_lut.py --search_dir={fv.output_dir}")
+          f"python tools/check_latency_lut.py --search_dir={out}")
   print(f"\nfinal architecture ({cfg.select}): {final.metadata.get('cost_mflops')} MFLOPs, "
         f"held-out accuracy {100 * final.metadata.get('accuracy', 0):.2f} % in the supernet")
   print(final.to_text())
-  print(f"wrote {os.path.join(fv.output_dir, 'final_arch.json')}")
+  print(f"wrote {os.path.join(out, 'final_arch.json')}")
+  distribute.finish_workers(strategy, fv.output_dir, out)
   return 0
 
 

@@ -19,7 +19,7 @@ import os
 import time
 
 import numpy as np
-from absl import flags, logging
+from absl import flags
 
 from nse_tf import cli
 from nse_tf import common_flags
@@ -43,7 +43,9 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   if fv.max_ops < 1:
     raise cli.UsageError(f"--max_ops must be >= 1, got {fv.max_ops}")
   common_flags.check_output_dir(fv.output_dir)
-  run_lock.acquire(fv.output_dir, "train_round")
+  # Several workers: the chief writes --output_dir, the others a directory of their own.
+  out = distribute.worker_output_dir(fv.strategy, fv.output_dir)
+  run_lock.acquire(out, "train_round")
   macro = fv.macro or spaces.DEFAULT_MACRO[fv.space]
   pool = spaces.get_pool(fv.space)
   kinds = spaces.layer_kinds(macro)
@@ -61,8 +63,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   t = trainer.RoundTrainer(cfg, strategy, d, table, space=fv.space, macro=macro,
                            working_sets=working_sets, num_classes=d.info.num_classes,
                            resolution=fv.image_size, scale=fv.scale,
-                           model_dir=os.path.join(fv.output_dir, "ckpt"),
-                           tb_dir=os.path.join(fv.output_dir, "tb"))
+                           model_dir=os.path.join(out, "ckpt"),
+                           tb_dir=os.path.join(out, "tb"))
   if t.restored:
     print(f"resuming at step {int(t.step.numpy())} of {t.total_steps}")
   result = t.train()
@@ -78,12 +80,13 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
              "steps": result.steps, "seconds": round(time.time() - start, 1),
              "last": result.history[-1] if result.history else {}, "layers": layers}
   from nse_tf.fileio import atomic_write_text  # pylint: disable=g-import-not-at-top
-  atomic_write_text(os.path.join(fv.output_dir, "round.json"), json.dumps(summary, indent=1))
+  atomic_write_text(os.path.join(out, "round.json"), json.dumps(summary, indent=1))
   print(f"\n{result.steps} steps; {len(result.pruned)} ops pruned; survivors per layer:")
   for entry in layers:
     ops = ", ".join(f"{op} p={p:.2f}" for op, p in entry["alive"].items()) or "- (identity)"
     print(f"  L{entry['layer']:02d} {entry['kind']}: {ops}")
-  print(f"wrote {os.path.join(fv.output_dir, 'round.json')}")
+  print(f"wrote {os.path.join(out, 'round.json')}")
+  distribute.finish_workers(strategy, fv.output_dir, out)
   return 0
 
 

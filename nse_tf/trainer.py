@@ -173,8 +173,11 @@ class RoundTrainer:
       self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="step")
       n = self.model.total_ops
       self.alive_var = tf.Variable(np.ones(n, bool), trainable=False, name="alive")
-      self.rng_var = tf.Variable("", trainable=False, name="host_rng")
-      self.log_var = tf.Variable("[]", trainable=False, name="prune_log")
+    # Host state as strings, outside the strategy: MultiWorkerMirroredStrategy broadcasts
+    # a distributed variable's initial value, and collectives carry no strings. Every
+    # worker derives the same values (same seed, same steps), so nothing needs syncing.
+    self.rng_var = tf.Variable("", trainable=False, name="host_rng")
+    self.log_var = tf.Variable("[]", trainable=False, name="prune_log")
 
     self.sampler = supernet_lib.GateSampler(self.kinds, [len(ws) for ws in self.working_sets],
                                             seed=config.seed)
