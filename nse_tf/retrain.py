@@ -152,17 +152,18 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   arch = arch_lib.resolve(fv.arch, fv.arch_json)
   cfg = retrain_config(fv)
   common_flags.check_output_dir(fv.model_dir, "--model_dir")
-  run_lock.acquire(fv.model_dir, "retrain")
+  from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
+  # Several workers: the chief writes --model_dir, the others a directory of their own.
+  out = distribute.worker_output_dir(fv.strategy, fv.model_dir)
+  run_lock.acquire(out, "retrain")
   holdout = fv.holdout_examples if fv["holdout_examples"].present else 0
   resolved = dict(dataclasses.asdict(cfg), dataset=fv.dataset, image_size=fv.image_size,
                   holdout_examples=holdout, arch=arch.to_compact())
-  _refuse_other_retrain(fv.model_dir, arch, resolved, fv.overwrite)
-  from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
+  _refuse_other_retrain(out, arch, resolved, fv.overwrite)
   common_flags.setup_tensorflow(fv.deterministic)
   strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
   d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,
                     holdout_examples=holdout)
-  out = fv.model_dir
   metrics_path = os.path.join(out, "metrics.json")
   if (not fv.overwrite and os.path.exists(metrics_path)
       and os.path.exists(os.path.join(out, "final"))):
@@ -214,6 +215,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
         f"({metrics['weights']} weights); {metrics['params']} params, "
         f"{metrics['mflops']} MFLOPs at {fv.image_size}x{fv.image_size}")
   print(f"wrote {metrics_path} and {os.path.join(out, 'final')}/")
+  distribute.finish_workers(strategy, fv.model_dir, out)
   return 0
 
 
