@@ -43,6 +43,7 @@ from typing import Any, Dict, Optional
 from absl import flags
 
 from nse_tf import cli
+from nse_tf import errors
 from nse_tf import fileio
 from nse_tf import retrainer
 from nse_tf import retrain_run
@@ -153,7 +154,7 @@ class ServingModule:
     self.k = max(1, min(int(top_k), num_classes))
     names = list(config.get("class_names") or [str(i) for i in range(num_classes)])
     if len(names) != num_classes:
-      raise cli.UsageError(f"model_config.json has {len(names)} class_names for "
+      raise errors.UsageError(f"model_config.json has {len(names)} class_names for "
                            f"{num_classes} classes")
     self.module = tf.Module(name="nsenet_serving")
     # The variables, not the Keras model, are tracked: the SavedModel then holds just the
@@ -258,10 +259,10 @@ def export_saved_model(model, config: Dict[str, Any], export_dir: str,
   os.makedirs(export_dir, exist_ok=True)
   version = next_version(export_dir) if version is None else int(version)
   if version < 1:
-    raise cli.UsageError(f"--version must be a positive integer, got {version}")
+    raise errors.UsageError(f"--version must be a positive integer, got {version}")
   final = os.path.join(export_dir, str(version))
   if os.path.exists(final):
-    raise cli.UsageError(f"{final} already exists; TF Serving versions are immutable: "
+    raise errors.UsageError(f"{final} already exists; TF Serving versions are immutable: "
                          "export another --version (or leave --version out for the next)")
   with fileio.atomic_directory(final) as tmp:
     ServingModule(model, config, top_k, max_pixels).save(tmp)
@@ -302,7 +303,7 @@ def tflite_int8(model, size: int, representative_images) -> bytes:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   images = [np.asarray(im, np.float32)[None] for im in representative_images]
   if not images:
-    raise cli.UsageError("int8 calibration needs at least one training image")
+    raise errors.UsageError("int8 calibration needs at least one training image")
   converter = _converter(model, size)
   converter.optimizations = [tf.lite.Optimize.DEFAULT]
   converter.representative_dataset = lambda: ([im] for im in images)
