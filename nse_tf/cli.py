@@ -62,6 +62,31 @@ def disk_error(e: BaseException) -> Optional[str]:
   return None
 
 
+_LOST_WORKER_TEXTS = ("Connection reset by peer", "Failed to connect", "failed to connect",
+                      "tasks have crashed", "Socket closed", "Connection refused")
+
+
+def lost_worker_error(e: BaseException) -> Optional[str]:
+  """One line for a multi-worker run whose peer went away (killed, preempted), or None.
+
+  MultiWorkerMirroredStrategy's collectives then fail with UnavailableError (or the
+  coordination service's error) on every surviving worker, within seconds.
+  """
+  tf = sys.modules.get("tensorflow")
+  errors = getattr(tf, "errors", None)
+  if errors is None or not isinstance(e, (errors.UnavailableError, errors.AbortedError,
+                                          errors.InternalError)):
+    return None
+  message = str(getattr(e, "message", e))
+  if not any(text in message for text in _LOST_WORKER_TEXTS):
+    return None
+  tasks = sorted(set(re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", message)))
+  who = ", ".join(f"{job} {task}" for job, task in tasks) or "another worker"
+  return (f"lost contact with {who} of the cluster (it stopped or is unreachable); this "
+          "worker stops too. Re-run the same command on every worker (same flags, same "
+          "TF_CONFIG) to resume from the last checkpoint")
+
+
 def call(main: Callable[..., int | None], argv: Sequence[str], *args) -> int:
   """main(argv, *args) as the shell runs it: a user error or a refused write becomes one
   'error: …' line on stderr and status 2; returns the exit status."""
@@ -70,7 +95,7 @@ def call(main: Callable[..., int | None], argv: Sequence[str], *args) -> int:
   except user_errors() as e:  # pylint: disable=catching-non-exception
     message = disk_error(e) or str(e)
   except Exception as e:  # pylint: disable=broad-except
-    message = disk_error(e)
+    message = disk_error(e) or lost_worker_error(e)
     if message is None:
       raise
   print(f"error: {message}", file=sys.stderr)

@@ -112,3 +112,21 @@ def test_every_user_facing_error_is_one_type_the_commands_catch():
   for cls in found:
     assert issubclass(cls, errors.NSEError), cls
     assert issubclass(cls, cli.user_errors()), cls
+
+
+def test_lost_worker_is_one_line_naming_it(capsys):
+  """A multi-worker peer that went away: the survivors' collectives raise UnavailableError;
+  the command ends with one line that names the lost task and says how to resume."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  msg = ("Graph execution error:\nCollective ops is aborted by: recvmsg:Connection reset by "
+         "peer\nAdditional GRPC error information from remote target "
+         "/job:worker/replica:0/task:0 while calling /tensorflow.WorkerService/CompleteInstance")
+
+  def main(argv):
+    raise tf.errors.UnavailableError(None, None, msg)
+  assert cli.call(main, ["x"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: lost contact with worker 0")
+  assert "Re-run the same command on every worker" in err
+  assert cli.lost_worker_error(tf.errors.UnavailableError(None, None, "dataset busy")) is None
+  assert cli.lost_worker_error(ValueError("Connection reset by peer")) is None
