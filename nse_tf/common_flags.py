@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 
 from absl import flags
 
-# Defaults of a search round's training flags: trainer.TrainConfig's (SPEC §4; a test
+# Defaults of a search round's training flags: train_config.TrainConfig's (SPEC §4; a test
 # keeps the two equal; trainer imports TensorFlow, which --help should not wait for).
 ROUND_TRAINING_DEFAULTS = dict(global_batch=1024, epochs=100.0, lr=0.4, warmup_epochs=2.0,
                                warmup_start_lr=0.1, weight_decay=4e-5, checkpoint_every=200)
@@ -134,9 +134,9 @@ def setup_tensorflow(deterministic: bool):
 
 
 def train_config(fv: flags.FlagValues):
-  """trainer.TrainConfig from a round's flags (validated; bad values raise UsageError)."""
-  from nse_tf import trainer  # pylint: disable=g-import-not-at-top
-  cfg = trainer.TrainConfig(
+  """train_config.TrainConfig from a round's flags (validated; no TensorFlow import)."""
+  from nse_tf import train_config as train_config_lib  # pylint: disable=g-import-not-at-top
+  cfg = train_config_lib.TrainConfig(
       global_batch=fv.global_batch, epochs=fv.epochs,
       steps_per_epoch=fv.steps_per_epoch, lr=fv.lr, warmup_epochs=fv.warmup_epochs,
       warmup_start_lr=fv.warmup_start_lr, weight_decay=fv.weight_decay,

@@ -29,53 +29,13 @@ from absl import logging
 from nse_tf import loop
 from nse_tf import supernet as supernet_lib
 from nse_tf import sync_bn as sync_bn_lib
-from nse_tf import errors
+from nse_tf import train_config as train_config_lib
 
 
-class ConfigError(errors.NSEError):
-  """A training configuration that cannot run; reported as one line by the CLIs."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-  """Hyper-parameters of one round; SPEC §4 values as defaults."""
-  global_batch: int = 1024
-  epochs: float = 100.0
-  steps_per_epoch: Optional[int] = None   # default: num_train // global_batch
-  lr: float = 0.4
-  warmup_epochs: float = 2.0
-  warmup_start_lr: float = 0.1
-  momentum: float = 0.9
-  nesterov: bool = True
-  weight_decay: float = 4e-5
-  skip_off_ops: bool = False               # off ops get no momentum/decay update
-  gate_sampling: str = "uniform"           # 'uniform' (p = 0.5) or 'theta'
-  theta_every: int = 2
-  theta_lr: float = 0.005
-  theta_beta1: float = 0.0
-  theta_beta2: float = 0.999
-  alpha: float = 1e-5
-  beta: float = 2.0
-  tau: float = 300.0
-  prune_threshold: float = -2.0
-  mixed_precision: Optional[str] = None    # None, 'bfloat16' or 'float16'
-  sync_bn: bool = False
-  checkpoint_every: int = 200
-  log_every: int = 20
-  seed: int = 0
-  progress: bool = True
-
-  def validate(self):
-    if self.gate_sampling not in ("uniform", "theta"):
-      raise ConfigError(f"gate_sampling must be 'uniform' or 'theta', got {self.gate_sampling!r}")
-    if self.mixed_precision not in (None, "", "bfloat16", "float16"):
-      raise ConfigError(f"mixed_precision must be bfloat16 or float16, got {self.mixed_precision!r}")
-    if self.theta_every < 1:
-      raise ConfigError(f"theta_every must be >= 1, got {self.theta_every}")
-    if self.global_batch < 1 or self.epochs <= 0:
-      raise ConfigError("global_batch and epochs must be positive")
-    if self.beta <= 0:
-      raise ConfigError(f"beta must be > 0, got {self.beta}")
+# The configuration lives in a TensorFlow-free module (the commands build it before
+# TensorFlow starts); these names stay importable from here.
+ConfigError = train_config_lib.ConfigError
+TrainConfig = train_config_lib.TrainConfig
 
 
 def check_strategy(config: TrainConfig, strategy) -> None:
