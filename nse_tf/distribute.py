@@ -7,10 +7,9 @@ update as the default strategy at the same global batch.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from typing import Optional, Tuple
+from typing import Optional
 
 import tensorflow as tf
 
@@ -85,34 +84,6 @@ def per_replica_batch(global_batch: int, strategy: tf.distribute.Strategy) -> in
 # command with the same flags (TF_CONFIG tells it its task); the chief writes the run
 # directory, the other workers write what they must (their checkpoints, which saving
 # reads through collectives) to a location of their own that they delete at the end.
-
-
-def worker_task(strategy_name: str) -> Tuple[bool, str, int]:
-  """(is_chief, task_type, task_id) of this process from TF_CONFIG (what
-  MultiWorkerMirroredStrategy's resolver reads); without a cluster: the chief.
-
-  The chief is task 'chief' when the cluster has one, else worker 0.
-  """
-  raw = os.environ.get("TF_CONFIG")
-  if strategy_name != "multi_worker" or not raw:
-    return True, "chief", 0
-  try:
-    config = json.loads(raw)
-    task_type = config["task"]["type"]
-    task_id = int(config["task"].get("index", 0))
-    has_chief = "chief" in config.get("cluster", {})
-  except (ValueError, KeyError, TypeError) as e:
-    raise StrategyError(f"TF_CONFIG is not a cluster description ({e}): expected "
-                        '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": '
-                        '"worker", "index": 0}}') from None
-  chief = task_type == "chief" or (task_type == "worker" and task_id == 0 and not has_chief)
-  return chief, task_type, task_id
-
-
-def worker_output_dir(strategy_name: str, output_dir: str) -> str:
-  """`output_dir` on the chief; OUTPUT_DIR/.<type>-<id> on the other workers."""
-  chief, task_type, task_id = worker_task(strategy_name)
-  return output_dir if chief else os.path.join(output_dir, f".{task_type}-{task_id}")
 
 
 def finish_workers(strategy, output_dir: str, worker_dir: str) -> None:

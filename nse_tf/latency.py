@@ -63,6 +63,7 @@ import os
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from nse_tf import spaces
+from nse_tf import stats
 from nse_tf import fileio
 from nse_tf.spaces import SpaceError
 from nse_tf import errors
@@ -138,7 +139,7 @@ class Layout:
             "max_branches": self.max_branches}
 
 
-def _resolution(resolution) -> Tuple[int, int]:
+def resolution_hw(resolution) -> Tuple[int, int]:
   if isinstance(resolution, int):
     return (resolution, resolution)
   h, w = resolution
@@ -164,7 +165,7 @@ def layout(space: str, macro: Optional[str] = None, resolution=224, scale: float
     raise LatencyError(f"max_branches must be >= 2, got {max_branches}")
   if num_classes < 1:
     raise LatencyError(f"num_classes must be >= 1, got {num_classes}")
-  res = _resolution(resolution)
+  res = resolution_hw(resolution)
   resolved = spaces.resolve_macro(macro, res, scale)
   entries: Dict[str, EntrySpec] = {}
 
@@ -228,14 +229,6 @@ def layout(space: str, macro: Optional[str] = None, resolution=224, scale: float
 # The table as the search sees it: the interface of cost.CostTable.
 
 
-def _quantile(xs: Sequence[float], q: float) -> float:
-  """Linear-interpolated quantile of sorted values."""
-  pos = q * (len(xs) - 1)
-  i = int(math.floor(pos))
-  j = min(i + 1, len(xs) - 1)
-  return xs[i] + (pos - i) * (xs[j] - xs[i])
-
-
 def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
   """count, mean, std, min, first quartile (q25) and median of per-call times (ms)."""
   xs = sorted(float(t) for t in times_ms)
@@ -244,8 +237,8 @@ def summarize(times_ms: Sequence[float]) -> Dict[str, float]:
     raise LatencyError("no timings to summarize")
   mean = sum(xs) / n
   std = math.sqrt(sum((x - mean) ** 2 for x in xs) / n)
-  return {"count": n, "mean": mean, "std": std, "min": xs[0], "q25": _quantile(xs, 0.25),
-          "median": _quantile(xs, 0.5)}
+  return {"count": n, "mean": mean, "std": std, "min": xs[0], "q25": stats.quantile(xs, 0.25),
+          "median": stats.quantile(xs, 0.5)}
 
 
 class LatencyTable:

@@ -20,9 +20,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from nse_tf.fileio import atomic_write_text
 from nse_tf.latency import (DEFAULT_MAX_BRANCHES, STATISTICS, TABLE_VERSION, BACKENDS, CLOCKS,
-                            EntrySpec, LatencyError, LatencyTable, Layout, _quantile,
-                            _resolution, config_key, layout, load_json, summarize)
+                            EntrySpec, LatencyError, LatencyTable, Layout,
+                            resolution_hw, config_key, layout, load_json, summarize)
 from nse_tf import spaces
+from nse_tf import stats
 from nse_tf.spaces import SpaceError
 
 
@@ -254,9 +255,9 @@ def build_table(path: str, *, space: str, macro: Optional[str] = None, resolutio
   todo = [e for e in lay.entries if e.key not in entries]
   measurer = Measurer(backend, threads, warmup, repeats, clock=clock)
   save = lambda: atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
   bar = None
   if progress and todo:
-    import tf_keras as keras  # pylint: disable=g-import-not-at-top
     print(f"measuring {len(todo)} of {len(lay.entries)} entries ({backend}, batch "
           f"{batch_size}, {threads} thread(s)) into {path}", flush=True)
     bar = keras.utils.Progbar(len(todo), stateful_metrics=["ms"])
@@ -267,15 +268,14 @@ def build_table(path: str, *, space: str, macro: Optional[str] = None, resolutio
   for start in range(0, len(todo), chunk):
     specs = todo[start:start + chunk]
     runs = [measurer.compile(entry_model(spec, batch_size)) for spec in specs]
-    for spec, stats in zip(specs, measurer.measure_interleaved(runs)):
+    for spec, timed in zip(specs, measurer.measure_interleaved(runs)):
       entries[spec.key] = {k: (round(v, 6) if isinstance(v, float) else v)
-                           for k, v in stats.items()}
+                           for k, v in timed.items()}
     del runs
     done += len(specs)
     save()
     if bar is not None:
       bar.update(done, [("ms", entries[specs[-1].key][statistic])])
-    import tf_keras as keras  # pylint: disable=g-import-not-at-top
     keras.backend.clear_session()   # keep graph memory flat over long builds
   key = config_key(lay)
   if calibration_archs > 0 and ops is None and key not in data.setdefault("calibration", {}):
@@ -316,7 +316,7 @@ def _calibrate(data, lay: Layout, measurer: Measurer, batch_size: int, n: int) -
     table = LatencyTable(data, lay.space, lay.macro, lay.resolution, lay.scale,
                          lay.num_classes, statistic=stat, calibrated=False)
     ratios = sorted(m[stat] / table.arch_cost(a) for a, m in zip(archs, measured))
-    factor[stat] = round(_quantile(ratios, 0.5), 6)
+    factor[stat] = round(stats.quantile(ratios, 0.5), 6)
   return {"archs": n, "seed": CALIBRATION_SEED, "factor": factor}
 
 
@@ -324,7 +324,7 @@ def network_model(arch, resolution, batch_size: int, num_classes: int):
   """The standalone network of `arch` (`nsenet.build_nsenet`) with a fixed batch."""
   from nse_tf import nsenet  # pylint: disable=g-import-not-at-top
   import tf_keras as keras  # pylint: disable=g-import-not-at-top
-  h, w = _resolution(resolution)
+  h, w = resolution_hw(resolution)
   model = nsenet.build_nsenet(arch, num_classes, (h, w, 3))
   inp = keras.Input((h, w, 3), batch_size=batch_size, name="images")
   return keras.Model(inp, model(inp), name="fixed_batch")

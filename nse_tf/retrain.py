@@ -152,14 +152,14 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   arch = arch_lib.resolve(fv.arch, fv.arch_json)
   cfg = retrain_config(fv)
   common_flags.check_output_dir(fv.model_dir, "--model_dir")
-  from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
   # Several workers: the chief writes --model_dir, the others a directory of their own.
-  out = distribute.worker_output_dir(fv.strategy, fv.model_dir)
+  out = run_dir.worker_output_dir(fv.strategy, fv.model_dir)
   run_lock.acquire(out, "retrain")
   holdout = fv.holdout_examples if fv["holdout_examples"].present else 0
   resolved = dict(dataclasses.asdict(cfg), dataset=fv.dataset, image_size=fv.image_size,
                   holdout_examples=holdout, arch=arch.to_compact())
   _refuse_other_retrain(out, arch, resolved, fv.overwrite)
+  from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
   common_flags.setup_tensorflow(fv.deterministic)
   strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
   d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,

@@ -190,15 +190,14 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   command starts (or resumes) without being refused as "another configuration".
   """
   common_flags.check_output_dir(fv.output_dir)
-  from nse_tf import distribute  # pylint: disable=g-import-not-at-top
   # Several workers: the chief writes --output_dir, the others a directory of their own.
-  out = distribute.worker_output_dir(fv.strategy, fv.output_dir)
+  out = run_dir.worker_output_dir(fv.strategy, fv.output_dir)
   run_lock.acquire(out, "search")
   cfg = search_config(fv)
   train_cfg = common_flags.train_config(fv)
   config = resolved_flags(fv)
   _refuse_other_search(out, config, fv.overwrite)
-  from nse_tf import data, evolution, spaces  # pylint: disable=g-import-not-at-top
+  from nse_tf import data, distribute, evolution, spaces  # pylint: disable=g-import-not-at-top
   from nse_tf import trainer  # pylint: disable=g-import-not-at-top
   trainer.check_strategy_name(train_cfg, fv.strategy)
   common_flags.setup_tensorflow(fv.deterministic)

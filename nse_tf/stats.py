@@ -43,6 +43,14 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
   return (concordant - discordant) / denom
 
 
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+  """Linear-interpolated q-quantile of already sorted values."""
+  pos = q * (len(sorted_values) - 1)
+  i = int(math.floor(pos))
+  j = min(i + 1, len(sorted_values) - 1)
+  return sorted_values[i] + (pos - i) * (sorted_values[j] - sorted_values[i])
+
+
 def t_quantile(p: float, df: int) -> float:
   """Quantile of Student's t distribution (scipy)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top

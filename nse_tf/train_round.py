@@ -23,6 +23,7 @@ from absl import flags
 
 from nse_tf import cli
 from nse_tf import common_flags
+from nse_tf import run_dir
 from nse_tf import run_lock
 
 
@@ -44,7 +45,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     raise cli.UsageError(f"--max_ops must be >= 1, got {fv.max_ops}")
   common_flags.check_output_dir(fv.output_dir)
   # Several workers: the chief writes --output_dir, the others a directory of their own.
-  out = distribute.worker_output_dir(fv.strategy, fv.output_dir)
+  out = run_dir.worker_output_dir(fv.strategy, fv.output_dir)
   run_lock.acquire(out, "train_round")
   macro = fv.macro or spaces.DEFAULT_MACRO[fv.space]
   pool = spaces.get_pool(fv.space)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from nse_tf import distribute
+from nse_tf import errors, run_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,19 +31,19 @@ def _tf_config(ports, index):
 
 def test_worker_task_from_tf_config(monkeypatch):
   monkeypatch.delenv("TF_CONFIG", raising=False)
-  assert distribute.worker_task("multi_worker") == (True, "chief", 0)
+  assert run_dir.worker_task("multi_worker") == (True, "chief", 0)
   monkeypatch.setenv("TF_CONFIG", _tf_config([1, 2], 1))
-  assert distribute.worker_task("default") == (True, "chief", 0)   # not a cluster run
-  assert distribute.worker_task("multi_worker") == (False, "worker", 1)
-  assert distribute.worker_output_dir("multi_worker", "/r") == "/r/.worker-1"
+  assert run_dir.worker_task("default") == (True, "chief", 0)   # not a cluster run
+  assert run_dir.worker_task("multi_worker") == (False, "worker", 1)
+  assert run_dir.worker_output_dir("multi_worker", "/r") == "/r/.worker-1"
   monkeypatch.setenv("TF_CONFIG", _tf_config([1, 2], 0))
-  assert distribute.worker_output_dir("multi_worker", "/r") == "/r"
+  assert run_dir.worker_output_dir("multi_worker", "/r") == "/r"
   monkeypatch.setenv("TF_CONFIG", json.dumps(
       {"cluster": {"chief": ["a:1"], "worker": ["b:2"]}, "task": {"type": "worker", "index": 0}}))
-  assert distribute.worker_task("multi_worker") == (False, "worker", 0)
+  assert run_dir.worker_task("multi_worker") == (False, "worker", 0)
   monkeypatch.setenv("TF_CONFIG", "{not json")
-  with pytest.raises(distribute.StrategyError, match="TF_CONFIG is not a cluster"):
-    distribute.worker_task("multi_worker")
+  with pytest.raises(errors.UsageError, match="TF_CONFIG is not a cluster"):
+    run_dir.worker_task("multi_worker")
 
 
 @pytest.mark.slow
