@@ -235,6 +235,11 @@ class SearchSGD(keras.optimizers.SGD):
       p = tf.convert_to_tensor(self.pending)
       stale = tf.reduce_any(tf.not_equal(p, self._eye), axis=[1, 2, 3])
       do = stale if needed is None else tf.logical_and(tf.cast(needed, tf.float32) > 0, stale)
+      # Every scalar the per-op branches need, split out by one op each: slicing p and
+      # `do` per variable put ~20 graph nodes per variable into each step (a fifth of the
+      # weight step's trace time and more of its graph optimisation), same values.
+      coeffs = tf.unstack(tf.reshape(p, [-1]))       # op i, class c, row r, col k: 8i+4c+2r+k
+      flags_ = tf.unstack(do)
       for i, group in enumerate(self._groups):
         if not group:
           continue
@@ -242,14 +247,16 @@ class SearchSGD(keras.optimizers.SGD):
         def op_catch_up(_, i=i, group=group):
           def run():
             for v in group:
-              a = tf.cast(p[i, 0 if self._decayed(v) else 1], v.dtype)
+              a = coeffs[8 * i + (0 if self._decayed(v) else 4):][:4]
+              if v.dtype != tf.float32:
+                a = [tf.cast(x, v.dtype) for x in a]
               m = self._momentum(v)
               w0 = tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype)
               m0 = tf.raw_ops.ReadVariableOp(resource=m.handle, dtype=m.dtype)
-              tf.raw_ops.AssignVariableOp(resource=v.handle, value=a[0, 0] * w0 + a[0, 1] * m0)
-              tf.raw_ops.AssignVariableOp(resource=m.handle, value=a[1, 0] * w0 + a[1, 1] * m0)
+              tf.raw_ops.AssignVariableOp(resource=v.handle, value=a[0] * w0 + a[1] * m0)
+              tf.raw_ops.AssignVariableOp(resource=m.handle, value=a[2] * w0 + a[3] * m0)
             return tf.no_op()
-          return tf.cond(do[i], run, tf.no_op)
+          return tf.cond(flags_[i], run, tf.no_op)
 
         strategy.extended.update(group[0], op_catch_up, group=False)
       reset = tf.reshape(do, [-1, 1, 1, 1])
