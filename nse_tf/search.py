@@ -81,9 +81,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=fv)
 
 
-# Flags that do not change the result: a resume may change them.
+# Flags that do not change the result: a resume may change them. (--graph_optimization
+# changes it only in the float rounding, as another machine would; older runs lack it.)
 _RESUME_FREE = {"output_dir", "overwrite", "progress", "checkpoint_every", "data_dir",
-                "strategy", "tpu", "cpu_replicas"}
+                "strategy", "tpu", "cpu_replicas", "graph_optimization"}
 _OUTPUTS = ("config.json", "state.json", "final_arch.json", "space_evolution.png", "tb")
 
 
@@ -200,7 +201,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   from nse_tf import data, distribute, evolution, spaces  # pylint: disable=g-import-not-at-top
   from nse_tf import trainer  # pylint: disable=g-import-not-at-top
   trainer.check_strategy_name(train_cfg, fv.strategy)
-  common_flags.setup_tensorflow(fv.deterministic)
+  common_flags.setup_tensorflow(fv.deterministic, fv.graph_optimization)
   strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
   trainer.check_strategy(train_cfg, strategy)
   d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,

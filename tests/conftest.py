@@ -43,8 +43,8 @@ def mirrored_two_cpus():
 @pytest.fixture(autouse=True)
 def _global_state_restored():
   """Every test leaves TensorFlow's, Keras', NumPy's and absl's global settings as it found
-  them (op determinism, seeds, mixed-precision policy, log verbosity), so that no test
-  depends on which ran before it."""
+  them (op determinism, seeds, mixed-precision policy, graph optimiser, log verbosity), so
+  that no test depends on which ran before it."""
   import random  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -56,7 +56,11 @@ def _global_state_restored():
   seed, _ = tf.compat.v1.get_seed(None)
   py_state, np_state = random.getstate(), np.random.get_state()
   verbosity, tf_level = logging.get_verbosity(), tf.get_logger().level
+  grappler = tf.config.optimizer.get_experimental_options()
   yield
+  if tf.config.optimizer.get_experimental_options() != grappler:
+    tf.config.optimizer.set_experimental_options(
+        {"disable_meta_optimizer": bool(grappler.get("disable_meta_optimizer", False))})
   if tf_config.is_op_determinism_enabled() != determinism:
     (tf_config.enable_op_determinism if determinism else tf_config.disable_op_determinism)()
   keras.mixed_precision.set_global_policy(policy)

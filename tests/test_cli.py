@@ -130,3 +130,16 @@ def test_lost_worker_is_one_line_naming_it(capsys):
   assert "Re-run the same command on every worker" in err
   assert cli.lost_worker_error(tf.errors.UnavailableError(None, None, "dataset busy")) is None
   assert cli.lost_worker_error(ValueError("Connection reset by peer")) is None
+
+
+def test_graph_optimization_setting():
+  """--graph_optimization (search, train_round) turns grappler on or off; the autouse
+  fixture restores TensorFlow's setting after the test."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for setting, off in (("off", True), ("on", False)):
+    common_flags.setup_tensorflow(False, setting)
+    assert tf.config.optimizer.get_experimental_options()["disable_meta_optimizer"] is off
+  with pytest.raises(ValueError, match="graph_optimization"):
+    common_flags.setup_tensorflow(False, "fast")
+  assert cli.parse(search.define_flags, ["--graph_optimization=off"]).graph_optimization == "off"
+  assert cli.parse(train_round.define_flags, []).graph_optimization == "on"
