@@ -125,7 +125,23 @@ def run(main: Callable[..., int | None],
       sys.exit(code)
     return 0
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags_or_exit)
+
+
+def _parse_flags_or_exit(argv):
+  """absl's flag parsing for app.run, a bad flag (unknown, bad value, missing flagfile)
+  printed as one 'error: …' line with exit status 1, as `invoke` does (absl's own
+  parser prints 'FATAL Flags parsing error' and a second line)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {_flag_error(e)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _flag_error(e: Exception) -> str:
+  """absl's flag error text without its 'ERROR::' prefix (e.g. a missing flagfile)."""
+  return str(e).replace("ERROR:: ", "", 1).strip()
 
 
 def flag_names(define_flags: Callable[[flags.FlagValues], None]) -> list:
@@ -161,6 +177,6 @@ def invoke(define_flags: Callable[[flags.FlagValues], None],
   try:
     flag_values = parse(define_flags, argv)
   except (flags.Error, UsageError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {_flag_error(e)}", file=sys.stderr)
     return 1
   return call(main, [sys.argv[0]], flag_values)

@@ -35,6 +35,13 @@ def test_help_lists_the_commands_flags_and_helpfull_no_other_commands(name):
   full = subprocess.run([sys.executable, "-m", f"nse_tf.{name}", "--helpfull"], **run)
   assert "Traceback" not in full.stderr, full.stderr
   assert own <= _listed(full.stdout) and not _listed(full.stdout) & others
+  # A bad flag from the shell: one 'error:' line and status 1, as `cli.invoke` gives.
+  for bad in (["--no_such_flag=1"], ["--flagfile=no_such.cfg"]):
+    proc = subprocess.run([sys.executable, "-m", f"nse_tf.{name}", *bad], **run)
+    assert proc.returncode == 1, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "ERROR::" not in lines[0] and "FATAL" not in lines[0]
 
 
 def test_retrain_and_export_define_nothing_of_the_search():
