@@ -92,15 +92,6 @@ def _wait(out):
       t.numpy()
 
 
-def _timed(fn, *args, calls):
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    _wait(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def _interleaved(calls, n):
   """Median time of each (fn, args) in `calls`, called in turn `n` times."""
   times = [[] for _ in calls]
@@ -251,7 +242,7 @@ def run_supernet(res, batch, eval_images):
     row["super_weight"], row["alone_weight"] = _interleaved(
         [(tr._weight_step, (tr.train_iter, gt)), (sa.train_step, (sa.train_iter,))],
         FLAGS.steps)
-    row["super_theta"] = _timed(tr._theta_step, *theta_args(), calls=FLAGS.steps)
+    row["super_theta"], = _interleaved([(tr._theta_step, theta_args())], FLAGS.steps)
     row["super_eval"], row["alone_eval"] = _interleaved(
         [(ev.accuracy, (gates,)), (sa.evaluate, (eval_batches, FLAGS.recal_batches))], n)
     print(f"  path {p}: {row['mflops']:7.1f} MFLOPs  weight {row['super_weight'] * 1e3:7.1f} / "
