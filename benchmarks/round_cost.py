@@ -119,46 +119,63 @@ def _setup(res, batch, eval_images):
   return d, ws, cfg, table
 
 
-def _path_arch(ws, gates):
+def _path_arch(ws, gates, macro):
+  """The architecture of the path that `gates` select from working sets `ws` (flops27)."""
   from nse_tf import arch as arch_lib, spaces  # pylint: disable=g-import-not-at-top
   pool = spaces.get_pool("flops27")
   layers, off = [], 0
   for w in ws:
     layers.append(tuple(pool[i] for i, g in zip(w, gates[off:off + len(w)]) if g > 0))
     off += len(w)
-  return arch_lib.Architecture("flops27", FLAGS.macro, tuple(layers), 1.0)
+  return arch_lib.Architecture("flops27", macro, tuple(layers), 1.0)
 
 
 class Standalone:
-  """One path's network with the search's SGD: training step, recalibration, inference."""
+  """One path's network with the search's SGD: training step, recalibration, inference.
 
-  def __init__(self, arch, data, res, batch, seed):
+  Built and trained under `strategy` (default: the default one) and `mixed_precision`
+  (None, 'bfloat16' or 'float16': the policy while building, float16 with loss scaling,
+  as the search's trainer does).
+  """
+
+  def __init__(self, arch, data, res, batch, seed, strategy=None, mixed_precision=None):
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     import tf_keras as keras  # pylint: disable=g-import-not-at-top
-    from nse_tf import nsenet, optim  # pylint: disable=g-import-not-at-top
+    from nse_tf import loop, nsenet, optim  # pylint: disable=g-import-not-at-top
+    strategy = strategy or tf.distribute.get_strategy()
+    fp16 = mixed_precision == "float16"
     keras.utils.set_random_seed(seed)
-    model = self.model = nsenet.build_nsenet(arch, data.info.num_classes, (res, res, 3))
-    opt = optim.SearchSGD(0.05, momentum=0.9, nesterov=True, l2=4e-5)
-    opt.build(model.trainable_variables)
-    self.train_iter = iter(data.train(batch, seed=seed))
-    self.recal_iter = iter(data.train(batch, seed=seed + 17))
+    with loop.build_policy(mixed_precision), strategy.scope():
+      model = self.model = nsenet.build_nsenet(arch, data.info.num_classes, (res, res, 3))
+      sgd = optim.SearchSGD(0.05, momentum=0.9, nesterov=True, l2=4e-5)
+      opt = keras.mixed_precision.LossScaleOptimizer(sgd) if fp16 else sgd
+      opt.build(model.trainable_variables)
+    self.train_iter = loop.distributed_iterator(strategy,
+                                                data.dataset_fn("train", batch, seed=seed))
+    self.recal_iter = loop.distributed_iterator(strategy,
+                                                data.dataset_fn("train", batch, seed=seed + 17))
     gb = float(batch)
 
-    @tf.function(autograph=False)
-    def train_step(iterator):
-      images, labels = next(iterator)
+    def step_fn(images, labels):
       with tf.GradientTape() as tape:
-        logits = model(images, training=True)
+        logits = tf.cast(model(images, training=True), tf.float32)
         loss = tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(
             labels, logits, from_logits=True)) / gb
-      grads = tape.gradient(loss, model.trainable_variables)
+        scaled = loop.scaled_loss(loss, opt, fp16)
+      grads = loop.gradients(tape, scaled, model.trainable_variables, opt, fp16)
       opt.apply_gradients(zip(grads, model.trainable_variables))
       return loss
 
     @tf.function(autograph=False)
+    def train_step(iterator):
+      loss = strategy.run(step_fn, args=next(iterator))
+      return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+
+    @tf.function(autograph=False)
     def recal_step(iterator):
-      images, _ = next(iterator)
-      return model(images, training=True)[0, 0]
+      out = strategy.run(lambda images, _: tf.cast(model(images, training=True)[0, 0],
+                                                    tf.float32), args=next(iterator))
+      return strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
 
     @tf.function(autograph=False)
     def eval_step(images, labels):
@@ -221,7 +238,7 @@ def run_supernet(res, batch, eval_images):
   rows, nets = [], []
   for p in range(FLAGS.paths):
     gates = sampler.weight_gates(alive, None)
-    arch = _path_arch(ws, gates)
+    arch = _path_arch(ws, gates, FLAGS.macro)
     sa = Standalone(arch, d, res, batch, FLAGS.seed)
     row = {"arch": arch.to_compact(),
            "mflops": cost.arch_cost(arch, res, d.info.num_classes).macs / 1e6,

@@ -49,3 +49,75 @@ def test_round_cost_measures_every_phase_and_reports_ratios(monkeypatch):
   for needle in ("supernet/standalone", "θ step / supernet weight step", "first call",
                  "peak RSS", "round peak / standalone"):
     assert needle in text, text
+
+
+def _device_check(argv=()):
+  dc = _benchmark("device_check")
+  fv = flags.FlagValues()
+  dc.define_flags(fv)
+  fv(["device_check", "--resolution=16", "--macro=tiny", "--max_ops=2", "--paths=2",
+      "--steps=2", "--num_classes=10", "--retrain_arch=flops27@tiny:0|0|0|0|0|0",
+      "--detector_size=128",
+      "--detector_arch=flops27@flops*0.25:-|0|-|-|-|0|-|-|-|0|-|-|-|0|-|-|-|0|-|-|-|0",
+      *argv])
+  return dc, fv
+
+
+def test_device_check_halves_the_batch_on_out_of_memory_only():
+  import tensorflow as tf
+  dc, _ = _device_check()
+  tried = []
+
+  def run(b):
+    tried.append(b)
+    if b > 3:
+      raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    return {"ok": True}
+
+  assert dc.with_batch_fallback(run, 16) == {"ok": True, "per_replica_batch": 2}
+  assert tried == [16, 8, 4, 2]
+
+  def broken(b):
+    raise ValueError("not a memory problem")
+
+  with pytest.raises(ValueError, match="not a memory problem"):
+    dc.with_batch_fallback(broken, 16)
+
+
+def test_device_check_refuses_unknown_precisions_and_sections(monkeypatch):
+  from nse_tf import cli
+  dc, fv = _device_check(["--precisions=float32,float8", "--sections=supernet,tpu"])
+  monkeypatch.setattr(dc, "FLAGS", fv)
+  with pytest.raises(cli.UsageError, match=r"float8.*tpu|tpu.*float8"):
+    dc.main([])
+
+
+@pytest.mark.slow
+def test_device_check_measures_every_section_on_the_cpu(monkeypatch, tmp_path, capsys):
+  """The whole command at tiny sizes, float32, under a one-replica MirroredStrategy (two
+  replicas double every trace; tests/test_trainer.py checks two replicas against one):
+  every section measured, one table row each, the JSON written."""
+  import json
+  import math
+  import tensorflow as tf
+  from nse_tf import distribute
+  monkeypatch.setattr(distribute, "get_strategy",
+                      lambda name: tf.distribute.MirroredStrategy(["/cpu:0"]))
+  dc, fv = _device_check(["--paths=1", "--per_replica_batch=2", "--detector_batch=1",
+                          "--precisions=float32", f"--json_out={tmp_path}/out.json"])
+  monkeypatch.setattr(dc, "FLAGS", fv)
+  dc.main([])
+  text = capsys.readouterr().out
+  out = json.loads((tmp_path / "out.json").read_text())
+  assert [(r["section"], r["precision"]) for r in out] == [
+      ("supernet", "float32"), ("retrain", "float32"), ("detector", "float32")]
+  assert all("error" not in r and r["per_replica_batch"] in (1, 2) for r in out), out
+  sup, retrain, det = out
+  for key in ("weight_step_s", "theta_step_s", "standalone_step_s", "supernet_over_standalone"):
+    assert sup[key] > 0, key
+  assert set(sup["first_call"]) == {"build", "weight_step", "theta_step", "standalone_step"}
+  assert len(sup["paths"]) == 1 and retrain["step_s"] > 0
+  assert det["size"] == 128 and det["step_s"] > 0 and math.isfinite(det["loss"])
+  for needle in ("replica(s)", "supernet weight step", "supernet / standalone", "θ step",
+                 "retrain step", "EfficientDet-D0 128²", "img/s", "wall time"):
+    assert needle in text, text
