@@ -175,6 +175,9 @@ def define_flags():
 
 
 if __name__ == "__main__":
+  # As cli.run does, but before define_flags() imports TensorFlow: no C++ INFO lines
+  # ahead of a flag error or of orbit's own output.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   define_flags()
   if not any(a.startswith(("--verbosity", "-v")) for a in sys.argv[1:]):
     # orbit prints progress and metrics itself; INFO would repeat every line.

@@ -433,3 +433,16 @@ def test_train_driver_reports_missing_data_in_one_line(tmp_path, capsys):
     errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0], err[-2000:]
     assert not (tmp_path / "run").exists()      # nothing written before the checks
+
+
+def test_train_driver_bad_flag_from_the_shell_is_one_line():
+  """Nothing of TensorFlow's start-up log before the error (the driver imports tf-models
+  to define its flags, before absl parses them)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  proc = subprocess.run([sys.executable, os.path.join(root, "detection", "train.py"),
+                         "--no_such_flag=1"], cwd=root, env=env, capture_output=True,
+                        text=True, timeout=120)
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert proc.returncode == 1 and lines == ["error: Unknown command line flag 'no_such_flag'"], \
+      proc.stderr[-3000:]
