@@ -139,21 +139,13 @@ def _precision(p):
 
 def check_supernet(strategy, precision, per_replica):
   """The search's weight and θ steps vs each path's standalone network, img/s."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from nse_tf import cost, spaces, supernet, trainer  # pylint: disable=g-import-not-at-top
+  from nse_tf import cost, supernet, trainer  # pylint: disable=g-import-not-at-top
   res, replicas = FLAGS.resolution, strategy.num_replicas_in_sync
   gb = per_replica * replicas
   data = SyntheticImages(res, FLAGS.num_classes, FLAGS.seed)
-  rng = np.random.default_rng(FLAGS.seed)
-  pool = spaces.get_pool("flops27")
-  ws = [sorted(rng.choice(len(pool), FLAGS.max_ops, replace=False).tolist())
-        for _ in spaces.layer_kinds(FLAGS.macro)]
-  cfg = trainer.TrainConfig(global_batch=gb, epochs=1, steps_per_epoch=10_000,
-                            warmup_epochs=0.01, lr=0.05, tau=1e6, theta_every=1,
-                            progress=False, seed=FLAGS.seed, checkpoint_every=10**9,
-                            mixed_precision=_precision(precision))
-  table = cost.CostTable("flops27", FLAGS.macro, resolution=res)
+  ws, cfg, table = round_cost.round_setup(res, gb, FLAGS.macro, FLAGS.max_ops, FLAGS.seed,
+                                          _precision(precision))
   first = {}
   t0 = time.perf_counter()
   tr = trainer.RoundTrainer(cfg, strategy, data, table, space="flops27", macro=FLAGS.macro,
@@ -161,16 +153,12 @@ def check_supernet(strategy, precision, per_replica):
   first["build"] = time.perf_counter() - t0
   alive = tr.alive_masks()
   sampler = supernet.GateSampler(tr.kinds, [len(w) for w in ws], seed=FLAGS.seed + 1)
-
-  def theta_args():
-    g1, g2, same = tr.sampler.theta_gates(alive, tr.model.thetas_numpy())
-    return (tr.holdout_iter, tf.constant(g1), tf.constant(g2), tf.constant(same),
-            tf.constant(np.concatenate(alive).astype(np.float32)))
+  next_theta_args = lambda: round_cost.theta_args(tr, alive)
 
   gates = [sampler.weight_gates(alive, None) for _ in range(FLAGS.paths)]
   first["weight_step"] = round_cost._first_call(tr._weight_step, tr.train_iter,
                                                 tf.constant(gates[0]))
-  first["theta_step"] = round_cost._first_call(tr._theta_step, *theta_args())
+  first["theta_step"] = round_cost._first_call(tr._theta_step, *next_theta_args())
   nets = []
   for g in gates:   # every standalone network built before timing (see round_cost.py)
     arch = round_cost._path_arch(ws, g, FLAGS.macro)
@@ -178,7 +166,7 @@ def check_supernet(strategy, precision, per_replica):
                                mixed_precision=_precision(precision))
     nets.append((g, arch, sa, round_cost._first_call(sa.train_step, sa.train_iter)))
   round_cost._wait(tr._weight_step(tr.train_iter, tf.constant(gates[0])))
-  round_cost._wait(tr._theta_step(*theta_args()))
+  round_cost._wait(tr._theta_step(*next_theta_args()))
   rows = []
   for g, arch, sa, alone_first in nets:
     round_cost._wait(sa.train_step(sa.train_iter))
@@ -186,7 +174,7 @@ def check_supernet(strategy, precision, per_replica):
     sw, aw = round_cost._interleaved(
         [(tr._weight_step, (tr.train_iter, gt)), (sa.train_step, (sa.train_iter,))],
         FLAGS.steps)
-    st, = round_cost._interleaved([(tr._theta_step, theta_args())], FLAGS.steps)
+    st, = round_cost._interleaved([(tr._theta_step, next_theta_args())], FLAGS.steps)
     rows.append({"arch": arch.to_compact(),
                  "mflops": cost.arch_cost(arch, res, FLAGS.num_classes).macs / 1e6,
                  "super_weight": sw, "alone_weight": aw, "super_theta": st,
@@ -198,7 +186,6 @@ def check_supernet(strategy, precision, per_replica):
          "standalone_step_s": med("alone_weight"),
          "supernet_over_standalone": statistics.median(
              r["super_weight"] / r["alone_weight"] for r in rows)}
-  del tr, nets
   return out
 
 

@@ -103,20 +103,36 @@ def _interleaved(calls, n):
   return [statistics.median(t) for t in times]
 
 
-def _setup(res, batch, eval_images):
-  """The demo_digits_hard data at `res`, the working sets and the round's trainer."""
+def round_setup(res, batch, macro, max_ops, seed, mixed_precision=None):
+  """Random working sets (flops27, `max_ops` per layer), a round's TrainConfig for timing
+  (θ every step, no checkpoints) and the cost table at `res`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from nse_tf import cost, data, spaces, trainer  # pylint: disable=g-import-not-at-top
-  d = data.get_data("demo_digits_hard", image_size=res)
-  rng = np.random.default_rng(FLAGS.seed)
+  from nse_tf import cost, spaces, trainer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
   pool = spaces.get_pool("flops27")
-  ws = [sorted(rng.choice(len(pool), FLAGS.max_ops, replace=False).tolist())
-        for _ in spaces.layer_kinds(FLAGS.macro)]
+  ws = [sorted(rng.choice(len(pool), max_ops, replace=False).tolist())
+        for _ in spaces.layer_kinds(macro)]
   cfg = trainer.TrainConfig(global_batch=batch, epochs=1, steps_per_epoch=10_000,
                             warmup_epochs=0.01, lr=0.05, tau=1e6, theta_every=1,
-                            progress=False, seed=FLAGS.seed, checkpoint_every=10**9)
-  table = cost.CostTable("flops27", FLAGS.macro, resolution=res)
-  return d, ws, cfg, table
+                            progress=False, seed=seed, checkpoint_every=10**9,
+                            mixed_precision=mixed_precision)
+  return ws, cfg, cost.CostTable("flops27", macro, resolution=res)
+
+
+def _setup(res, batch, eval_images):
+  """The demo_digits_hard data at `res`, the working sets and the round's trainer."""
+  from nse_tf import data  # pylint: disable=g-import-not-at-top
+  d = data.get_data("demo_digits_hard", image_size=res)
+  return (d, *round_setup(res, batch, FLAGS.macro, FLAGS.max_ops, FLAGS.seed))
+
+
+def theta_args(tr, alive):
+  """Arguments of RoundTrainer `tr`'s θ step: gates drawn from its θ, as the search does."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  g1, g2, same = tr.sampler.theta_gates(alive, tr.model.thetas_numpy())
+  return (tr.holdout_iter, tf.constant(g1), tf.constant(g2), tf.constant(same),
+          tf.constant(np.concatenate(alive).astype(np.float32)))
 
 
 def _path_arch(ws, gates, macro):
@@ -193,7 +209,6 @@ class Standalone:
 def run_supernet(res, batch, eval_images):
   """One resolution: start-up phases with memory, then per path supernet vs standalone."""
   import types  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from nse_tf import candidate_eval, cost, distribute, supernet, trainer  # pylint: disable=g-import-not-at-top
   d, ws, cfg, table = _setup(res, batch, eval_images)
@@ -211,13 +226,9 @@ def run_supernet(res, batch, eval_images):
   g = tf.constant(tr.sampler.weight_gates(alive, None))
   first["weight_step"] = _first_call(tr._weight_step, tr.train_iter, g)
   peak["weight_step"] = peak_rss_mib()
+  next_theta_args = lambda: theta_args(tr, alive)
 
-  def theta_args():
-    g1, g2, same = tr.sampler.theta_gates(alive, tr.model.thetas_numpy())
-    return (tr.holdout_iter, tf.constant(g1), tf.constant(g2), tf.constant(same),
-            tf.constant(np.concatenate(alive).astype(np.float32)))
-
-  first["theta_step"] = _first_call(tr._theta_step, *theta_args())
+  first["theta_step"] = _first_call(tr._theta_step, *next_theta_args())
   peak["theta_step"] = peak_rss_mib()
   first["catch_up"] = _first_call(tr._catch_up_all)
   ecfg = types.SimpleNamespace(bn_recal_batches=FLAGS.recal_batches, eval_examples=eval_images,
@@ -250,7 +261,7 @@ def run_supernet(res, batch, eval_images):
     _wait(sa.train_step(sa.train_iter))
     sa.evaluate(eval_batches, 1)
   tr._weight_step(tr.train_iter, tf.constant(nets[0][0]))
-  _wait(tr._theta_step(*theta_args()))
+  _wait(tr._theta_step(*next_theta_args()))
   ev.accuracy(nets[0][0])
   n = max(1, FLAGS.steps // 2)
   for p, (row, (gates, sa)) in enumerate(zip(rows, nets)):
@@ -259,7 +270,7 @@ def run_supernet(res, batch, eval_images):
     row["super_weight"], row["alone_weight"] = _interleaved(
         [(tr._weight_step, (tr.train_iter, gt)), (sa.train_step, (sa.train_iter,))],
         FLAGS.steps)
-    row["super_theta"], = _interleaved([(tr._theta_step, theta_args())], FLAGS.steps)
+    row["super_theta"], = _interleaved([(tr._theta_step, next_theta_args())], FLAGS.steps)
     row["super_eval"], row["alone_eval"] = _interleaved(
         [(ev.accuracy, (gates,)), (sa.evaluate, (eval_batches, FLAGS.recal_batches))], n)
     print(f"  path {p}: {row['mflops']:7.1f} MFLOPs  weight {row['super_weight'] * 1e3:7.1f} / "

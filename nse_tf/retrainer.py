@@ -21,21 +21,20 @@ from typing import Any, Callable, Dict, List, Optional
 from nse_tf import errors
 from nse_tf import fileio
 from nse_tf import retrain_run
+from nse_tf import train_config
 from nse_tf.ema import EMA
 
 
 @dataclasses.dataclass
-class RetrainConfig:
+class RetrainConfig(train_config.LoopConfig):
   """Hyper-parameters of a retrain; SPEC §6 (the paper recipe) as defaults."""
   global_batch: int = 2048
   epochs: float = 350.0
-  steps_per_epoch: Optional[int] = None    # default: num_train // global_batch
   lr: float = 0.8
   warmup_epochs: float = 5.0
   warmup_start_lr: float = 0.0
-  momentum: float = 0.9
-  nesterov: bool = True
-  weight_decay: float = 4e-5
+  checkpoint_every: int = 1000
+  log_every: int = 50
   label_smoothing: float = 0.0
   ema_decay: float = 0.9999
   activation: str = "relu"
@@ -45,24 +44,13 @@ class RetrainConfig:
   augment: str = "none"
   randaug_layers: int = 2
   randaug_magnitude: float = 9.0
-  mixed_precision: Optional[str] = None
-  sync_bn: bool = False
-  checkpoint_every: int = 1000
   eval_every: float = 10.0
   eval_batch: int = 256
-  log_every: int = 50
-  seed: int = 0
-  progress: bool = True
 
   def validate(self):
     def bad(msg):
       raise errors.UsageError(msg)
-    if self.global_batch < 1 or self.epochs <= 0:
-      bad(f"--global_batch and --epochs must be positive (got {self.global_batch}, {self.epochs})")
-    if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-      bad(f"--steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-    if self.lr <= 0 or self.weight_decay < 0:
-      bad("--lr must be > 0 and --weight_decay >= 0")
+    self.validate_loop(errors.UsageError)
     if not 0.0 <= self.ema_decay < 1.0:
       bad(f"--ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
     if not 0.0 <= self.label_smoothing < 1.0:
@@ -73,10 +61,8 @@ class RetrainConfig:
       bad(f"--activation must be relu or swish, got {self.activation!r}")
     if self.augment not in ("none", "randaugment", "autoaugment"):
       bad(f"--augment must be none, randaugment or autoaugment, got {self.augment!r}")
-    if self.mixed_precision not in (None, "", "bfloat16", "float16"):
-      bad(f"--mixed_precision must be bfloat16 or float16, got {self.mixed_precision!r}")
-    if self.eval_batch < 1 or self.checkpoint_every < 1 or self.log_every < 1:
-      bad("--eval_batch, --checkpoint_every and --log_every must be >= 1")
+    if self.eval_batch < 1:
+      bad("--eval_batch must be >= 1")
     if self.eval_every < 0:
       bad(f"--eval_every must be >= 0, got {self.eval_every}")
 

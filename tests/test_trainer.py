@@ -209,6 +209,28 @@ def test_config_errors_are_clear():
     distribute.per_replica_batch(10, _FakeStrategy(4))
 
 
+@pytest.mark.parametrize("bad, needle", [
+    (dict(global_batch=0), "--global_batch and --epochs must be positive"),
+    (dict(epochs=0), "--global_batch and --epochs must be positive"),
+    (dict(steps_per_epoch=0), "--steps_per_epoch must be >= 1"),
+    (dict(lr=0.0), "--lr must be > 0"),
+    (dict(weight_decay=-1e-5), "--weight_decay >= 0"),
+    (dict(mixed_precision="int8"), "--mixed_precision must be bfloat16 or float16"),
+    (dict(checkpoint_every=0), "--checkpoint_every and --log_every must be >= 1"),
+    (dict(log_every=0), "--checkpoint_every and --log_every must be >= 1")])
+def test_round_and_retrain_check_the_shared_loop_settings_alike(bad, needle):
+  """One LoopConfig holds what nse_tf/loop.py reads; each config keeps its error type."""
+  from nse_tf import errors, retrainer  # pylint: disable=g-import-not-at-top
+  with pytest.raises(trainer.ConfigError, match=needle):
+    trainer.TrainConfig(**bad).validate()
+  with pytest.raises(errors.UsageError, match=needle):
+    retrainer.RetrainConfig(**bad).validate()
+  # Each keeps its own SPEC defaults (§4 for a round, §6 for the retrain).
+  assert (trainer.TrainConfig().lr, retrainer.RetrainConfig().lr) == (0.4, 0.8)
+  assert (trainer.TrainConfig().global_batch, retrainer.RetrainConfig().global_batch) == (
+      1024, 2048)
+
+
 class _FakeStrategy:
   def __init__(self, n):
     self.num_replicas_in_sync = n
