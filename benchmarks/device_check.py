@@ -28,19 +28,24 @@ prints its error and the command exits 1 at the end.
       --detector_size=128 --detector_batch=2 --detector_arch=<compact>   # CPU smoke run
 """
 
+import importlib.util
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import round_cost  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from nse_tf import cli
 
-from nse_tf import cli  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+try:   # run as a script, benchmarks/ is the first entry of sys.path
+  import round_cost  # pylint: disable=g-import-not-at-top
+except ImportError:   # loaded from its path (the tests)
+  _spec = importlib.util.spec_from_file_location(
+      "round_cost", os.path.join(os.path.dirname(os.path.abspath(__file__)), "round_cost.py"))
+  round_cost = importlib.util.module_from_spec(_spec)
+  _spec.loader.exec_module(round_cost)
 
 PRECISIONS = ("float32", "bfloat16", "float16")
 SECTIONS = ("supernet", "retrain", "detector")

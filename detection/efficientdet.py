@@ -20,7 +20,8 @@ under `coco/` by default, as in tf-models' own COCO experiments; override
 
   efficientdet_d0_nsenet_coco         backbone NSENet (released, levels 3-5)
   efficientdet_d0_efficientnetb0_coco backbone tf-models EfficientNet-B0 (SE 0.25)
-  efficientdet_d0_mobilenetv2_coco    backbone tf-models MobileNetV2 1.0
+  efficientdet_d0_mobilenetv2_coco    backbone tf-models MobileNetV2 1.0, P5 from its
+                                      1280-channel head conv (mobilenet_head)
 
 Example:
   >>> from official.core import exp_factory
@@ -92,9 +93,16 @@ class NSENet(hyperparams.Config):
 
 
 @dataclasses.dataclass
+class MobileNetHead(backbones.MobileNet):
+  """`backbone.mobilenet`'s fields; level 5 is the 1x1 head conv's output
+  (nse_tf_detection/mobilenet_head.py)."""
+
+
+@dataclasses.dataclass
 class Backbone(backbones.Backbone):
-  """tf-models' backbone OneOfConfig plus `nsenet`."""
+  """tf-models' backbone OneOfConfig plus `nsenet` and `mobilenet_head`."""
   nsenet: NSENet = dataclasses.field(default_factory=NSENet)
+  mobilenet_head: MobileNetHead = dataclasses.field(default_factory=MobileNetHead)
 
 
 @dataclasses.dataclass
@@ -204,9 +212,9 @@ def _d0_backbone(name: str) -> Backbone:
   if name == "efficientnetb0":
     return Backbone(type="efficientnet",
                     efficientnet=backbones.EfficientNet(model_id="b0", se_ratio=0.25))
-  if name == "mobilenetv2":
-    return Backbone(type="mobilenet",
-                    mobilenet=backbones.MobileNet(model_id="MobileNetV2", filter_size_scale=1.0))
+  if name == "mobilenetv2":   # P5 from the 1280-channel head conv: see mobilenet_head.py
+    return Backbone(type="mobilenet_head",
+                    mobilenet_head=MobileNetHead(model_id="MobileNetV2", filter_size_scale=1.0))
   raise ValueError(f"unknown D0 backbone {name!r}")
 
 
@@ -295,7 +303,7 @@ def efficientdet_d0_efficientnetb0_coco() -> cfg.ExperimentConfig:
 
 @exp_factory.register_config_factory("efficientdet_d0_mobilenetv2_coco")
 def efficientdet_d0_mobilenetv2_coco() -> cfg.ExperimentConfig:
-  """EfficientDet-D0 on COCO with tf-models' MobileNetV2 1.0 backbone."""
+  """EfficientDet-D0 on COCO with tf-models' MobileNetV2 1.0 backbone (P5: its head conv)."""
   return efficientdet_d0("mobilenetv2")
 
 

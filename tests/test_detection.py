@@ -120,7 +120,7 @@ def test_registered_experiments_are_d0():
     assert opt.learning_rate.cosine.decay_steps == 300 * steps_per_epoch
     assert opt.warmup.type == "linear" and opt.warmup.linear.warmup_steps == steps_per_epoch
   types = [exp_factory.get_exp_config(n).task.model.backbone.type for n in efficientdet.EXPERIMENTS]
-  assert types == ["nsenet", "efficientnet", "mobilenet"]
+  assert types == ["nsenet", "efficientnet", "mobilenet_head"]
   effnet = exp_factory.get_exp_config("efficientdet_d0_efficientnetb0_coco").task.model.backbone
   assert effnet.efficientnet.model_id == "b0" and effnet.efficientnet.se_ratio == 0.25
   assert "nsenet" in backbone_factory._REGISTERED_BACKBONE_CLS
@@ -228,6 +228,37 @@ def test_backbone_and_bifpn_serialize_deserialize():
     assert name.startswith("nse_tf>")
     rebuilt = keras.utils.deserialize_keras_object(keras.utils.serialize_keras_object(obj))
     assert type(rebuilt) is type(obj) and rebuilt.get_config() == obj.get_config()
+
+
+def test_mobilenetv2_feeds_p5_from_its_head_conv():
+  """efficientdet_d0_mobilenetv2_coco: tf-models' MobileNetV2 (same layers and weights),
+  levels 2-4 from its blocks and level 5 from the 1280-channel head conv."""
+  from nse_tf_detection import mobilenet_head  # pylint: disable=import-outside-toplevel
+  params = exp_factory.get_exp_config("efficientdet_d0_mobilenetv2_coco")
+  config = params.task.model.backbone
+  assert config.type == "mobilenet_head" and config.mobilenet_head.model_id == "MobileNetV2"
+  specs = keras.layers.InputSpec(shape=[None, SIZE, SIZE, 3])
+  reg = keras.regularizers.L2(4e-5)
+  norm = params.task.model.norm_activation
+  bb = backbone_factory.build_backbone(specs, config, norm, reg)
+  assert {k: v.as_list() for k, v in bb.output_specs.items()} == {
+      "2": [None, SIZE // 4, SIZE // 4, 24], "3": [None, SIZE // 8, SIZE // 8, 32],
+      "4": [None, SIZE // 16, SIZE // 16, 96], "5": [None, SIZE // 32, SIZE // 32, 1280]}
+  from official.vision.configs import backbones  # pylint: disable=import-outside-toplevel
+  plain = backbone_factory.build_backbone(specs, backbones.Backbone(
+      type="mobilenet", mobilenet=backbones.MobileNet(model_id="MobileNetV2")), norm, reg)
+  assert bb.count_params() == plain.count_params() and len(bb.losses) == len(plain.losses) > 0
+  images = tf.random.normal([1, SIZE, SIZE, 3])
+  plain.set_weights(bb.get_weights())
+  got, want = bb(images, training=False), plain(images, training=False)
+  for level in ("2", "3", "4"):
+    np.testing.assert_array_equal(got[level].numpy(), want[level].numpy())
+  np.testing.assert_array_equal(got["5"].numpy(), want["6"].numpy())   # the head conv
+  again = mobilenet_head.MobileNetHeadBackbone.from_config(bb.get_config())
+  assert again.count_params() == bb.count_params() and len(again.losses) == len(bb.losses)
+  assert keras.utils.get_registered_name(type(bb)).startswith("nse_tf>")
+  rebuilt = keras.utils.deserialize_keras_object(keras.utils.serialize_keras_object(bb))
+  assert type(rebuilt) is type(bb) and rebuilt.count_params() == bb.count_params()
 
 
 def test_fast_fusion_is_normalised():
