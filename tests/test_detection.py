@@ -322,6 +322,36 @@ def test_one_train_step_and_one_eval_step_with_coco_evaluator(task_and_model):
   assert task.coco_metric._annotation_file == params.task.annotation_file  # its GT, not the data
 
 
+def test_float16_step_with_the_weight_ema():
+  """D0 keeps an EMA of the weights; under float16 tf_keras' loss-scale wrapper calls it
+  with an argument tf-models' EMA does not take (TypeError at the first step before)."""
+  params = exp_factory.get_exp_config("efficientdet_d0_nsenet_coco")
+  params.override({"runtime": {"mixed_precision_dtype": "float16"}}, is_strict=True)
+  opt = task_lib.EfficientDetTask.create_optimizer(params.trainer.optimizer_config,
+                                                   params.runtime)
+  assert isinstance(opt, keras.mixed_precision.LossScaleOptimizer)
+  ema = opt.inner_optimizer
+  model = keras.Sequential([keras.layers.Dense(2)])
+  model.build((None, 3))
+  ema.shadow_copy(model)
+  before = [w.numpy().copy() for w in model.trainable_weights]
+
+  @tf.function
+  def step(x):
+    with tf.GradientTape() as tape:
+      scaled = opt.get_scaled_loss(tf.reduce_sum(model(x) ** 2))
+    grads = opt.get_unscaled_gradients(tape.gradient(scaled, model.trainable_variables))
+    opt.apply_gradients(zip(grads, model.trainable_variables))
+
+  step(tf.ones([4, 3]))
+  assert int(opt.iterations.numpy()) == 1
+  assert all(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+  # float32 keeps tf-models' own optimiser untouched.
+  plain = task_lib.EfficientDetTask.create_optimizer(
+      exp_factory.get_exp_config("efficientdet_d0_nsenet_coco").trainer.optimizer_config)
+  assert type(plain).__name__ == "ExponentialMovingAverage"
+
+
 def test_init_from_retrain_run(tmp_path, task_and_model):
   params, _, _ = task_and_model
   arch = tiny_arch()
