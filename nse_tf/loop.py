@@ -8,7 +8,8 @@ Both loops run on the host, one compiled distributed step per iteration, and sha
   gradients()         loss scaling under float16, and zeros for variables without gradient
   distributed_iterator()  a strategy's iterator over a dataset_fn, `skip` global batches on
   iterators_checkpointable()  whether tf.train.Checkpoint can hold the iterators
-  restore_newest_intact(), save_checkpoint()  resume from the newest readable checkpoint;
+  restore_newest_intact(), save_checkpoint()  resume from the newest readable checkpoint
+                      (the same step on every worker);
                       a failed save (full disk) leaves no partial files
   EpochProgress       "epoch i/n" and a Keras progress bar per epoch
 """
@@ -129,7 +130,7 @@ def iterators_checkpointable(*iterators) -> bool:
 
 # ------------------------------------------------------------- checkpoints
 def restore_newest_intact(checkpoint: tf.train.Checkpoint, manager: tf.train.CheckpointManager,
-                          fix: str) -> Optional[str]:
+                          fix: str, strategy=None) -> Optional[str]:
   """Restores the newest checkpoint that reads back whole; returns its path (None: none yet).
 
   A checkpoint cut short (a full disk, a copy interrupted, a bad sector) must not end
@@ -137,7 +138,78 @@ def restore_newest_intact(checkpoint: tf.train.Checkpoint, manager: tf.train.Che
   naming what was skipped. The unreadable files are left in place (the next save of
   that step number overwrites them). When none can be read, CheckpointError says so
   and `fix` says what to do.
+
+  Under MultiWorkerMirroredStrategy (`strategy`) every worker must resume at the same
+  step; a worker killed during a save may hold one checkpoint fewer than the others.
+  The workers exchange their newest intact step and all resume at the lowest
+  (`agree_across_workers`).
   """
+  path = _restore_newest_local(checkpoint, manager, fix)
+  steps = steps_of_workers(strategy, checkpoint_step(path))
+  return path if steps is None else agree_across_workers(checkpoint, manager, path, steps, fix)
+
+
+def checkpoint_step(path: Optional[str]) -> int:
+  """The number of a `ckpt-N` path; -1 for None (no checkpoint)."""
+  return -1 if path is None else int(path.rsplit("-", 1)[1])
+
+
+def steps_of_workers(strategy, step: int) -> Optional[Dict[int, int]]:
+  """{worker index: its `step`}, exchanged with a collective; None with one worker."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return None
+  resolver = strategy.cluster_resolver
+  spec = resolver.cluster_spec()
+  if sum(spec.num_tasks(job) for job in spec.jobs) < 2:
+    return None
+  # A task's place in the cluster, so that messages can name workers ("chief" first).
+  order = [(job, i) for job in sorted(spec.jobs, key=lambda j: j != "chief")
+           for i in range(spec.num_tasks(job))]
+  me = order.index((resolver.task_type, resolver.task_id))
+  mine = tf.constant([[me, step]], tf.int64)
+  gathered = strategy.run(tf.function(
+      lambda: tf.distribute.get_replica_context().all_gather(mine, axis=0)))
+  pairs = strategy.experimental_local_results(gathered)[0].numpy()
+  return {int(i): int(s) for i, s in pairs}
+
+
+def agree_across_workers(checkpoint, manager, path: Optional[str], steps: Dict[int, int],
+                         fix: str) -> Optional[str]:
+  """Given every worker's newest intact step (`steps`), restores the lowest one here too.
+
+  Every worker computes the same decision from the same `steps`. A worker with no
+  checkpoint while others have one cannot be brought to their step: CheckpointError on
+  every worker (nothing is restored differently on any of them).
+  """
+  low, high = min(steps.values()), max(steps.values())
+  if low == high:
+    return path
+  behind = ", ".join(str(w) for w in sorted(steps) if steps[w] == low)
+  if low < 0:
+    raise CheckpointError(
+        f"worker(s) {behind} have no checkpoint while others would resume at step "
+        f"{high}; all workers must resume from the same step. {fix}")
+  mine = checkpoint_step(path)
+  if mine == low:
+    return path
+  target = os.path.join(manager.directory, f"ckpt-{low}")
+  if target not in manager.checkpoints:
+    raise CheckpointError(
+        f"worker(s) {behind} can resume only at step {low}, and this worker has no "
+        f"checkpoint of that step in {manager.directory} (it has "
+        f"{[checkpoint_step(p) for p in manager.checkpoints]}). {fix}")
+  try:
+    checkpoint.restore(target).assert_existing_objects_matched()
+  except (tf.errors.OpError, ValueError, AssertionError, IndexError, OSError,
+          RuntimeError) as e:
+    raise CheckpointError(f"{target} cannot be read back ({str(e).strip()[:200]}), and "
+                          f"worker(s) {behind} can resume only at step {low}. {fix}") from None
+  logging.warning("resuming at step %d, the newest step every worker has (worker(s) %s "
+                  "hold nothing later; this worker had step %d)", low, behind, mine)
+  return target
+
+
+def _restore_newest_local(checkpoint, manager, fix) -> Optional[str]:
   paths = list(reversed(manager.checkpoints))
   if not paths:
     return None

@@ -194,7 +194,8 @@ class Retrainer:
     from nse_tf import loop  # pylint: disable=g-import-not-at-top
     latest = loop.restore_newest_intact(
         self.checkpoint, self.manager,
-        f"delete {self.manager.directory} to retrain from the start, or use --overwrite")
+        f"delete {self.manager.directory} to retrain from the start, or use --overwrite",
+        strategy=self.strategy)
     if not latest:
       return False
     if not self._iterator_in_checkpoint:

@@ -172,7 +172,7 @@ class RoundTrainer:
     restored = loop.restore_newest_intact(
         self.checkpoint, self.manager,
         f"delete {self.model_dir} to train this round again from its start (the search "
-        "resumes there), or start over with --overwrite")
+        "resumes there), or start over with --overwrite", strategy=self.strategy)
     if restored is None:
       return False
     self.sampler.state = self.rng_var.numpy().decode()

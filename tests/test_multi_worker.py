@@ -3,9 +3,11 @@ loopback ports (the way the README runs it without a cluster)."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -46,14 +48,7 @@ def test_worker_task_from_tf_config(monkeypatch):
     run_dir.worker_task("multi_worker")
 
 
-@pytest.mark.slow
-def test_one_round_on_two_workers_chief_writes(tmp_path):
-  out = tmp_path / "round"
-  ports = _free_ports(2)
-  args = [sys.executable, "-m", "nse_tf.train_round", "--dataset=demo_digits_hard",
-          "--image_size=16", "--space=flops27", "--macro=tiny", "--max_ops=1",
-          "--global_batch=16", "--epochs=1", "--steps_per_epoch=4", "--checkpoint_every=2",
-          "--strategy=multi_worker", f"--output_dir={out}"]
+def _run_workers(args, ports):
   procs = []
   for i in range(2):
     env = dict(os.environ, TF_CONFIG=_tf_config(ports, i), TF_CPP_MIN_LOG_LEVEL="2",
@@ -73,10 +68,41 @@ def test_one_round_on_two_workers_chief_writes(tmp_path):
     assert p.returncode == 0, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     assert "wrote" in stdout
+  return results
+
+
+@pytest.mark.slow
+def test_one_round_on_two_workers_chief_writes(tmp_path):
+  """Then: a worker that holds an older checkpoint than the chief (killed during the
+  last save) makes both resume at that step, ending with the same round.json."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "round"
+  args = [sys.executable, "-m", "nse_tf.train_round", "--dataset=demo_digits_hard",
+          "--image_size=16", "--space=flops27", "--macro=tiny", "--max_ops=1",
+          "--global_batch=16", "--epochs=1", "--steps_per_epoch=4", "--checkpoint_every=2",
+          "--strategy=multi_worker", f"--output_dir={out}"]
+  results = _run_workers(args, _free_ports(2))
   summary = json.loads((out / "round.json").read_text())
   assert summary["steps"] == 4
   # The chief wrote the run directory; worker 1 removed its own at the end.
   assert sorted(os.listdir(out)) == [".lock", "ckpt", "round.json", "tb"]
   # Both workers trained the same round: the same survivors and keep-probabilities.
-  assert results[0][0].split("survivors per layer:")[1].split("wrote")[0] == \
-      results[1][0].split("survivors per layer:")[1].split("wrote")[0]
+  survivors = [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in results]
+  assert survivors[0] == survivors[1]
+  # Worker 1 as if killed while both saved step 4: it holds step 2 only (workers hold the
+  # same mirrored values, so the chief's step-2 files are what it wrote).
+  mine = out / ".worker-1" / "ckpt"
+  mine.mkdir(parents=True)
+  for f in (out / "ckpt").glob("ckpt-2.*"):
+    shutil.copy(f, mine / f.name)
+  tf.compat.v1.train.update_checkpoint_state(
+      str(mine), "ckpt-2", all_model_checkpoint_paths=["ckpt-2"],
+      all_model_checkpoint_timestamps=[time.time()])
+  again = _run_workers(args, _free_ports(2))
+  for stdout, _ in again:
+    assert "resuming at step 2 of 4" in stdout, stdout
+  assert "the newest step every worker has" in again[0][1]   # the chief went back
+  resumed = json.loads((out / "round.json").read_text())
+  assert {k: v for k, v in resumed.items() if k != "seconds"} == {
+      k: v for k, v in summary.items() if k != "seconds"}
+  assert [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in again] == survivors

@@ -173,6 +173,32 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, mo
     _trainer(model_dir)
 
 
+def test_workers_resume_at_the_lowest_step_any_of_them_holds(tmp_path, mirrored_two_cpus):
+  """A worker killed during a save holds one checkpoint fewer: every worker resumes at
+  the lowest newest step (the exchange itself runs in tests/test_multi_worker.py)."""
+  v = tf.Variable(0.0)
+  ckpt = tf.train.Checkpoint(v=v)
+  manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=2)
+  for step in (2, 4):
+    v.assign(float(step))
+    manager.save(checkpoint_number=step)
+  assert loop.steps_of_workers(tf.distribute.get_strategy(), 4) is None   # one worker
+  assert loop.steps_of_workers(mirrored_two_cpus, 4) is None              # one worker
+  newest = loop.restore_newest_intact(ckpt, manager, "fix it")
+  assert loop.checkpoint_step(newest) == 4 and float(v.numpy()) == 4.0
+  # All at the same step: nothing more to do.
+  assert loop.agree_across_workers(ckpt, manager, newest, {0: 4, 1: 4}, "fix") == newest
+  # Worker 1 holds step 2 at most: this worker goes back to step 2.
+  back = loop.agree_across_workers(ckpt, manager, newest, {0: 4, 1: 2}, "fix")
+  assert loop.checkpoint_step(back) == 2 and float(v.numpy()) == 2.0
+  with pytest.raises(loop.CheckpointError, match=r"worker\(s\) 1 have no checkpoint while "
+                     r"others would resume at step 4.*delete it"):
+    loop.agree_across_workers(ckpt, manager, newest, {0: 4, 1: -1}, "delete it")
+  with pytest.raises(loop.CheckpointError, match=r"worker\(s\) 0 can resume only at step 1,.*"
+                     r"no checkpoint of that step.*\[2, 4\]"):
+    loop.agree_across_workers(ckpt, manager, newest, {0: 1, 1: 4}, "fix")
+
+
 def test_failed_checkpoint_write_leaves_no_temporary_files(tmp_path):
   """A save that fails half-way (here: the merge step) leaves no ckpt-N_temp behind."""
   model_dir = str(tmp_path / "ckpt")
