@@ -104,3 +104,21 @@ def small_disk(tmp_path):
   yield make
   for path in mounts:
     subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
+
+
+# Reproducers of open issues: not tests that can pass or fail today (the behaviour they
+# check is known to break, intermittently), so they run only when asked for.
+def pytest_addoption(parser):
+  parser.addoption("--known-issues", action="store_true",
+                   help="also run the reproducers of open issues (marker known_issue)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--known-issues"):
+    return
+  for item in items:
+    marker = item.get_closest_marker("known_issue")
+    if marker is not None:
+      item.add_marker(pytest.mark.skip(
+          reason=f"reproducer of {marker.args[0] if marker.args else 'an open issue'}; "
+                 "run with --known-issues"))

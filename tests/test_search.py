@@ -292,12 +292,14 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 14, open: one inter-op thread removed the AddN summation-order race, but "
-    "another run-to-run difference remains (four 20-step demo runs beside each other "
-    "gave three different step-20 losses); with 2 ops per layer it passed both times here"))
+@pytest.mark.known_issue("issue 14")
 def test_same_command_same_result_beside_a_cpu_hog(smoke_run, tmp_path):
   """Two processes, one sharing the CPU with a busy loop, write byte-identical outputs.
+
+  A reproducer of issue 14 (open), run with `--known-issues`: one inter-op thread removed
+  the AddN summation-order race, but another run-to-run difference remains (four 20-step
+  demo runs beside each other gave three different step-20 losses); with 2 ops per layer
+  it passed several times here, so it is not a test that fails reliably either.
 
   The run beside the hog stops after round 1 (--rounds=1): round 1 of a 1-round and of
   a 2-round search compute the same (only space.json's "added next" differs).
