@@ -273,6 +273,12 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   # Every trained network is cached: a second run trains nothing.
   assert cli.invoke(bench.define_flags, bench.main, args) == 0
   assert json.loads((run / "search_quality.json").read_text())["networks_trained"] == 0
+  capsys.readouterr()
+  # --num_rank=0: (b) alone (another search seed, the random networks from the cache).
+  assert cli.invoke(bench.define_flags, bench.main, args + ["--num_rank=0"]) == 0
+  assert "(a) rank fidelity: skipped" in capsys.readouterr().out
+  only_b = json.loads((run / "search_quality.json").read_text())
+  assert "rank_fidelity" not in only_b and only_b["networks_trained"] == 0
   # (a) on uniform draws of the last round's space, evaluated in its supernet checkpoint:
   # the search directory's own files are not touched.
   before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
