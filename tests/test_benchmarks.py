@@ -99,21 +99,26 @@ def test_device_check_refuses_unknown_precisions_and_sections(monkeypatch):
 
 
 @pytest.mark.slow
-def test_device_check_measures_every_section_on_the_cpu(monkeypatch, tmp_path, capsys):
-  """The whole command at tiny sizes, float32, under a one-replica MirroredStrategy (two
-  replicas double every trace; tests/test_trainer.py checks two replicas against one):
-  every section measured, one table row each, the JSON written."""
+def test_device_check_measures_every_section_on_the_cpu(tmp_path):
+  """The whole command from the shell at tiny sizes, float32 (MirroredStrategy, one CPU
+  replica): every section measured, one table row each, the JSON written. A process of
+  its own: compiled steps trace faster there than in a test process full of models."""
   import json
   import math
-  import tensorflow as tf
-  from nse_tf import distribute
-  monkeypatch.setattr(distribute, "get_strategy",
-                      lambda name: tf.distribute.MirroredStrategy(["/cpu:0"]))
-  dc, fv = _device_check(["--paths=1", "--per_replica_batch=2", "--detector_batch=1",
-                          "--precisions=float32", f"--json_out={tmp_path}/out.json"])
-  monkeypatch.setattr(dc, "FLAGS", fv)
-  dc.main([])
-  text = capsys.readouterr().out
+  import subprocess
+  import sys
+  _, fv = _device_check()
+  argv = [f"--{name}={fv[name].value}" for name in
+          ("resolution", "macro", "max_ops", "steps", "num_classes", "retrain_arch",
+           "detector_size", "detector_arch")]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), *argv,
+       "--paths=1", "--per_replica_batch=2", "--detector_batch=1", "--precisions=float32",
+       f"--json_out={tmp_path}/out.json"], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  text = proc.stdout
   out = json.loads((tmp_path / "out.json").read_text())
   assert [(r["section"], r["precision"]) for r in out] == [
       ("supernet", "float32"), ("retrain", "float32"), ("detector", "float32")]
@@ -124,6 +129,7 @@ def test_device_check_measures_every_section_on_the_cpu(monkeypatch, tmp_path, c
   assert set(sup["first_call"]) == {"build", "weight_step", "theta_step", "standalone_step"}
   assert len(sup["paths"]) == 1 and retrain["step_s"] > 0
   assert det["size"] == 128 and det["step_s"] > 0 and math.isfinite(det["loss"])
-  for needle in ("replica(s)", "supernet weight step", "supernet / standalone", "θ step",
-                 "retrain step", "EfficientDet-D0 128²", "img/s", "wall time"):
+  for needle in ("MirroredStrategy with 1 replica(s)", "supernet weight step",
+                 "supernet / standalone", "θ step", "retrain step", "EfficientDet-D0 128²",
+                 "img/s", "wall time"):
     assert needle in text, text
