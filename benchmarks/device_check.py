@@ -322,6 +322,13 @@ def main(_):
       or FLAGS.steps < 1:
     raise cli.UsageError("--per_replica_batch, --detector_batch, --paths and --steps must "
                          "be >= 1")
+  from nse_tf import arch as arch_lib  # pylint: disable=g-import-not-at-top
+  for section, flag in (("retrain", "retrain_arch"), ("detector", "detector_arch")):
+    if section in FLAGS.sections:   # a bad name fails now, not after minutes of timing
+      try:
+        arch_lib.resolve(getattr(FLAGS, flag))
+      except arch_lib.ArchitectureError as e:
+        raise cli.UsageError(f"--{flag}: {e}") from None
   from nse_tf import common_flags, distribute  # pylint: disable=g-import-not-at-top
   common_flags.setup_tensorflow(False)
   strategy = distribute.get_strategy("mirrored")

@@ -96,6 +96,11 @@ def test_device_check_refuses_unknown_precisions_and_sections(monkeypatch):
   monkeypatch.setattr(dc, "FLAGS", fv)
   with pytest.raises(cli.UsageError, match=r"float8.*tpu|tpu.*float8"):
     dc.main([])
+  dc, fv = _device_check(["--precisions=float32", "--retrain_arch=NoSuchNet"])
+  monkeypatch.setattr(dc, "FLAGS", fv)
+  with pytest.raises(cli.UsageError, match=r"--retrain_arch: unknown released network "
+                     r"'NoSuchNet'"):
+    dc.main([])
 
 
 @pytest.mark.slow
