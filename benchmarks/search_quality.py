@@ -220,6 +220,53 @@ def _read_json(out, name):
                          "or point --search_dir at another run") from None
 
 
+def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds):
+  """(a): Kendall τ between supernet and standalone accuracy on --num_rank architectures
+  of the last round (its candidates, or uniform draws of its space); the summary entry."""
+  if fv.rank_set == "candidates":
+    rows = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
+    picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
+    what = f"round-{rounds} candidates"
+  else:
+    srch = last_round_search(out, cfg, runner.data)
+    drawn = uniform_in_space(cfg["space"], macro, cfg["scale"], table,
+                             srch.state.working_sets, lo, hi, fv.num_rank,
+                             np.random.default_rng(fv.seed + 2))
+    print(f"(a) evaluating {len(drawn)} uniform draws of the round-{rounds} space in its "
+          "supernet", flush=True)
+    accs = srch.evaluate_in_last_round(
+        drawn, os.path.join(out, "search_quality_uniform_eval.jsonl"))
+    picked = [{"arch": a.to_compact(), "cost": table.indices_cost(a.indices()), "accuracy": acc}
+              for a, acc in zip(drawn, accs)]
+    what = f"uniform draws of the round-{rounds} space"
+  sup, alone, costs = [], [], []
+  print(f"(a) rank fidelity: {len(picked)} {what} across the interval, "
+        f"{fv.rank_seeds} seed(s) each")
+  archs = [arch_lib.Architecture.from_compact(r["arch"]) for r in picked]
+  for r, a in zip(picked, archs):
+    m, _ = runner.mean(a, fv.rank_seeds)
+    sup.append(r["accuracy"])
+    alone.append(m)
+    costs.append(r["cost"])
+    print(f"  {r['cost']:6.1f}  supernet {100 * r['accuracy']:6.2f} %  standalone "
+          f"{100 * m:6.2f} %  {r['arch']}", flush=True)
+  tau = stats.kendall_tau(sup, alone)
+  tau_cost = stats.kendall_tau(costs, alone)
+  # Weight-sharing bias: does the supernet favour paths with more ops than training alone does?
+  num_ops = [sum(len(l) for l in a.layers) for a in archs]
+  tau_ops_sup, tau_ops_alone = stats.kendall_tau(num_ops, sup), stats.kendall_tau(num_ops, alone)
+  print(f"  Kendall τ(supernet, standalone) = {tau:.3f}; τ(cost, standalone) = {tau_cost:.3f}"
+        f"; τ(supernet, cost) = {stats.kendall_tau(sup, costs):.3f}")
+  print(f"  τ(number of ops, supernet) = {tau_ops_sup:.3f}; τ(number of ops, standalone) = "
+        f"{tau_ops_alone:.3f}; supernet spread {100 * stats.stdev(sup):.2f} points, "
+        f"standalone {100 * stats.stdev(alone):.2f} (std across architectures)\n")
+  return {"rank_set": fv.rank_set, "kendall_tau": tau, "kendall_tau_cost": tau_cost,
+          "kendall_tau_num_ops_supernet": tau_ops_sup,
+          "kendall_tau_num_ops_standalone": tau_ops_alone,
+          "points": [{"arch": r["arch"], "cost": c, "supernet": s, "standalone": s2}
+                     for r, c, s, s2 in zip(picked, costs, sup, alone)]}
+
+
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
   if not fv.search_dir:
@@ -299,51 +346,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   if fv.num_rank < 1:
     print("(a) rank fidelity: skipped (--num_rank=0)\n")
   else:
-    if fv.rank_set == "candidates":
-      rows = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
-      picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
-      what = f"round-{rounds} candidates"
-    else:
-      srch = last_round_search(out, cfg, runner.data)
-      drawn = uniform_in_space(cfg["space"], macro, cfg["scale"], table,
-                               srch.state.working_sets, lo, hi, fv.num_rank,
-                               np.random.default_rng(fv.seed + 2))
-      print(f"(a) evaluating {len(drawn)} uniform draws of the round-{rounds} space in its "
-            "supernet", flush=True)
-      accs = srch.evaluate_in_last_round(
-          drawn, os.path.join(out, "search_quality_uniform_eval.jsonl"))
-      picked = [{"arch": a.to_compact(), "cost": table.indices_cost(a.indices()), "accuracy": acc}
-                for a, acc in zip(drawn, accs)]
-      what = f"uniform draws of the round-{rounds} space"
-    sup, alone, costs = [], [], []
-    print(f"(a) rank fidelity: {len(picked)} {what} across the interval, "
-          f"{fv.rank_seeds} seed(s) each")
-    for r in picked:
-      a = arch_lib.Architecture.from_compact(r["arch"])
-      m, _ = runner.mean(a, fv.rank_seeds)
-      sup.append(r["accuracy"])
-      alone.append(m)
-      costs.append(r["cost"])
-      print(f"  {r['cost']:6.1f}  supernet {100 * r['accuracy']:6.2f} %  standalone "
-            f"{100 * m:6.2f} %  {r['arch']}", flush=True)
-    tau = stats.kendall_tau(sup, alone)
-    tau_cost = stats.kendall_tau(costs, alone)
-    # Weight-sharing bias: does the supernet favour paths with more ops than training alone does?
-    num_ops = [sum(len(l) for l in arch_lib.Architecture.from_compact(r["arch"]).layers)
-               for r in picked]
-    tau_ops_sup, tau_ops_alone = stats.kendall_tau(num_ops, sup), stats.kendall_tau(num_ops, alone)
-    print(f"  Kendall τ(supernet, standalone) = {tau:.3f}; τ(cost, standalone) = {tau_cost:.3f}"
-          f"; τ(supernet, cost) = {stats.kendall_tau(sup, costs):.3f}")
-    print(f"  τ(number of ops, supernet) = {tau_ops_sup:.3f}; τ(number of ops, standalone) = "
-          f"{tau_ops_alone:.3f}; supernet spread {100 * stats.stdev(sup):.2f} points, "
-          f"standalone {100 * stats.stdev(alone):.2f} (std across architectures)\n")
-    summary["rank_fidelity"] = {"rank_set": fv.rank_set, "kendall_tau": tau,
-                                "kendall_tau_cost": tau_cost,
-                                "kendall_tau_num_ops_supernet": tau_ops_sup,
-                                "kendall_tau_num_ops_standalone": tau_ops_alone,
-                                "points": [{"arch": r["arch"], "cost": c, "supernet": s,
-                                            "standalone": s2}
-                                           for r, c, s, s2 in zip(picked, costs, sup, alone)]}
+    summary["rank_fidelity"] = rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi,
+                                             rounds)
 
   # (c) Rounds.
   per_round = []
