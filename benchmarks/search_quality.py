@@ -29,6 +29,7 @@ written to DIR/search_quality.json. CI never runs this (it trains ~40 networks).
 
 import csv
 import json
+import math
 import os
 import time
 
@@ -220,9 +221,13 @@ def _read_json(out, name):
                          "or point --search_dir at another run") from None
 
 
-def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds):
+def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=None):
   """(a): Kendall τ between supernet and standalone accuracy on --num_rank architectures
-  of the last round (its candidates, or uniform draws of its space); the summary entry."""
+  of the last round (its candidates, or uniform draws of its space); the summary entry.
+
+  Also the τ that a perfect ranker would reach against the same standalone numbers, which
+  carry training noise (`stats.tau_ceiling`): with one seed per network the seed noise is
+  `seed_sd`, measured in (b) with the same budget."""
   if fv.rank_set == "candidates":
     rows = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
     picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
@@ -239,12 +244,13 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds):
     picked = [{"arch": a.to_compact(), "cost": table.indices_cost(a.indices()), "accuracy": acc}
               for a, acc in zip(drawn, accs)]
     what = f"uniform draws of the round-{rounds} space"
-  sup, alone, costs = [], [], []
+  sup, alone, costs, groups = [], [], [], []
   print(f"(a) rank fidelity: {len(picked)} {what} across the interval, "
         f"{fv.rank_seeds} seed(s) each")
   archs = [arch_lib.Architecture.from_compact(r["arch"]) for r in picked]
   for r, a in zip(picked, archs):
-    m, _ = runner.mean(a, fv.rank_seeds)
+    m, accs = runner.mean(a, fv.rank_seeds)
+    groups.append(accs)
     sup.append(r["accuracy"])
     alone.append(m)
     costs.append(r["cost"])
@@ -259,8 +265,19 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds):
         f"; τ(supernet, cost) = {stats.kendall_tau(sup, costs):.3f}")
   print(f"  τ(number of ops, supernet) = {tau_ops_sup:.3f}; τ(number of ops, standalone) = "
         f"{tau_ops_alone:.3f}; supernet spread {100 * stats.stdev(sup):.2f} points, "
-        f"standalone {100 * stats.stdev(alone):.2f} (std across architectures)\n")
+        f"standalone {100 * stats.stdev(alone):.2f} (std across architectures)")
+  ceiling = stats.tau_ceiling(groups, seed_sd if fv.rank_seeds < 2 else None)
+  if math.isnan(ceiling["tau_max"]):
+    print("  a perfect ranker's τ against these standalone numbers: not estimated (one seed "
+          "per network and no seed noise from (b))\n")
+  else:
+    print(f"  a perfect ranker's τ against these standalone numbers ≈ {ceiling['tau_max']:.2f}"
+          f" (the {ceiling['seeds']}-seed means' reliability {ceiling['reliability']:.2f}: "
+          f"seed noise {100 * ceiling['seed_sd']:.2f} points"
+          f"{' from (b)' if fv.rank_seeds < 2 else ''}, architectures "
+          f"{100 * ceiling['between_sd']:.2f} beyond it)\n")
   return {"rank_set": fv.rank_set, "kendall_tau": tau, "kendall_tau_cost": tau_cost,
+          "tau_ceiling": ceiling,
           "kendall_tau_num_ops_supernet": tau_ops_sup,
           "kendall_tau_num_ops_standalone": tau_ops_alone,
           "points": [{"arch": r["arch"], "cost": c, "supernet": s, "standalone": s2}
@@ -347,7 +364,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     print("(a) rank fidelity: skipped (--num_rank=0)\n")
   else:
     summary["rank_fidelity"] = rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi,
-                                             rounds)
+                                             rounds, seed_sd=within)
 
   # (c) Rounds.
   per_round = []

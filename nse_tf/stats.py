@@ -7,7 +7,7 @@ hand-made inputs rather than trusted.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 
 def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
@@ -100,3 +100,42 @@ def pooled_seed_stdev(groups: Sequence[Sequence[float]]) -> float:
 def binomial_se(p: float, n: int) -> float:
   """Standard error of an accuracy p measured on n examples."""
   return math.sqrt(max(p * (1 - p), 0.0) / n)
+
+
+def tau_ceiling(groups: Sequence[Sequence[float]], seed_sd: Optional[float] = None) -> dict:
+  """How high a perfect ranker's Kendall τ against these noisy measurements can be.
+
+  groups: per architecture, its accuracy under each training seed (≥ 2 seeds for at least
+  one architecture). A benchmark ranks architectures by their seed mean, which carries
+  training noise: with between-architecture variance V_a of the true accuracies and seed
+  variance s² (pooled over groups), the k-seed mean has reliability
+  ρ = V_a / (V_a + s²/k), where V_a is estimated as var(means) − s²/k (clamped at 0).
+  The best possible correlation of any ranking with the means is then √ρ, and under
+  bivariate normality Kendall's τ is (2/π)·arcsin(Pearson r) (Greiner's relation), so
+
+      τ_max = (2/π)·arcsin(√ρ).
+
+  seed_sd: the seed standard deviation measured elsewhere (e.g. on other networks with
+  the same budget), for groups of one seed each; default: pooled from `groups`.
+
+  Returns {"reliability": ρ, "tau_max": τ_max, "seeds": k, "seed_sd": s,
+  "between_sd": sqrt(V_a)} (nan values where there are too few groups or seeds). An
+  expected value, not a bound on one sample: a small set can land above it by chance.
+  """
+  groups = [list(g) for g in groups if len(g) > 0]
+  out = {"reliability": float("nan"), "tau_max": float("nan"), "seeds": 0,
+         "seed_sd": float("nan"), "between_sd": float("nan")}
+  if len(groups) < 2:
+    return out
+  k = min(len(g) for g in groups)
+  s = pooled_seed_stdev(groups) if seed_sd is None else float(seed_sd)
+  means = [sum(g) / len(g) for g in groups]
+  out.update(seeds=k, seed_sd=s)
+  if math.isnan(s):
+    return out
+  var_means = stdev(means) ** 2
+  var_a = max(var_means - s * s / k, 0.0)
+  rel = var_a / var_means if var_means > 0 else 0.0
+  out.update(reliability=rel, between_sd=math.sqrt(var_a),
+             tau_max=2.0 / math.pi * math.asin(math.sqrt(rel)))
+  return out

@@ -263,8 +263,11 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   stdout, err = capsys.readouterr()
   assert code == 0, err[-3000:]
   assert "Kendall" in stdout and "random:" in stdout
+  # One seed per network: no seed noise to say how far a perfect ranker's τ would get.
+  assert "a perfect ranker's τ against these standalone numbers: not estimated" in stdout
   summary = json.loads((run / "search_quality.json").read_text())
   assert len(summary["rank_fidelity"]["points"]) == 3
+  assert summary["rank_fidelity"]["tau_ceiling"]["seeds"] == 1
   assert len(summary["nse_vs_random"]["random"]) == 2
   # 1 pick + 2 random + 3 ranked; a ranked candidate may be the pick itself (cached).
   trained = summary["networks_trained"]

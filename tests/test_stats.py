@@ -54,3 +54,39 @@ def test_pooled_seed_stdev_and_binomial_se():
   assert math.isnan(stats.pooled_seed_stdev([[1], [2]]))
   assert stats.stdev([2, 4, 4, 4, 5, 5, 7, 9]) == pytest.approx(math.sqrt(32 / 7))
   assert stats.binomial_se(0.5, 2400) == pytest.approx(0.0102, abs=1e-4)
+
+
+def test_tau_ceiling_by_hand():
+  # Seed variance 2 in every group (pooled s² = 2), means 2, 6, 10 (variance 16), k = 2:
+  # V_a = 16 − 2/2 = 15, ρ = 15/16, τ_max = (2/π)·asin(√(15/16)).
+  c = stats.tau_ceiling([[1, 3], [5, 7], [9, 11]])
+  assert c["seeds"] == 2 and c["seed_sd"] == pytest.approx(math.sqrt(2))
+  assert c["reliability"] == pytest.approx(15 / 16)
+  assert c["between_sd"] == pytest.approx(math.sqrt(15))
+  assert c["tau_max"] == pytest.approx(2 / math.pi * math.asin(math.sqrt(15 / 16)))
+  # No seed noise: a perfect ranker reaches τ = 1. Noise as large as the differences
+  # between architectures: nothing is left to rank.
+  assert stats.tau_ceiling([[1, 1], [2, 2], [3, 3]])["tau_max"] == pytest.approx(1.0)
+  assert stats.tau_ceiling([[0, 2], [2, 0], [1, 1]])["tau_max"] == 0.0
+  # One seed per network, or one network: no estimate, unless the seed noise is known.
+  assert math.isnan(stats.tau_ceiling([[1], [2], [3]])["tau_max"])
+  c = stats.tau_ceiling([[2], [6], [10]], seed_sd=math.sqrt(2))   # V_a = 16 − 2, k = 1
+  assert c["seeds"] == 1 and c["reliability"] == pytest.approx(14 / 16)
+  assert math.isnan(stats.tau_ceiling([[1, 2]])["tau_max"])
+
+
+def test_tau_ceiling_matches_a_simulated_perfect_ranker():
+  """True accuracies N(0, 1), two seeds each with noise N(0, 1): ρ = 1/(1 + 1/2), and a
+  ranker that knows the true accuracies scores τ ≈ (2/π)·asin(√ρ) = 0.608 against the
+  measured seed means."""
+  np = pytest.importorskip("numpy")
+  scipy_stats = pytest.importorskip("scipy.stats")
+  rng = np.random.default_rng(0)
+  true = rng.normal(size=20000)
+  seeds = true[:, None] + rng.normal(size=(20000, 2))
+  c = stats.tau_ceiling(seeds.tolist())
+  assert c["reliability"] == pytest.approx(2 / 3, abs=0.02)
+  expected = 2 / math.pi * math.asin(math.sqrt(2 / 3))
+  assert c["tau_max"] == pytest.approx(expected, abs=0.02)
+  achieved = scipy_stats.kendalltau(true, seeds.mean(axis=1))[0]
+  assert achieved == pytest.approx(expected, abs=0.02)
