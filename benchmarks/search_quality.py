@@ -65,6 +65,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                      "(default: the interval's upper bound).", flag_values=fv)
   flags.DEFINE_bool("rounds", True, "Train each round's best front architecture (c).",
                     flag_values=fv)
+  flags.DEFINE_list("aggregate", None, "Instead of benchmarking one search: the directories "
+                    "of several searches of one task (e.g. search seeds), each with a finished "
+                    "search_quality.json against the same random architectures and budget; "
+                    "prints their picks against random search across seeds (mean ± CI, "
+                    "Welch's t-test, Mann-Whitney). Trains nothing.", flag_values=fv)
 
 
 
@@ -284,10 +289,73 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
                      for r, c, s, s2 in zip(picked, costs, sup, alone)]}
 
 
+def aggregate(dirs):
+  """NSE's picks of several searches (seeds) against one random set: the across-seeds
+  verdict (b) asks for. Returns the summary dict; raises UsageError on mismatched inputs."""
+  runs = []
+  for d in dirs:
+    path = os.path.join(d, "search_quality.json")
+    if not os.path.exists(path):
+      raise cli.UsageError(f"--aggregate: {path} does not exist; run "
+                           f"`python benchmarks/search_quality.py --search_dir={d}` first")
+    summary = _read_json(d, "search_quality.json")
+    if "nse_vs_random" not in summary:
+      raise cli.UsageError(f"--aggregate: {path} has no NSE-vs-random result (b)")
+    runs.append((d, summary))
+  if len(runs) < 2:
+    raise cli.UsageError("--aggregate needs at least 2 search directories")
+  d0, s0 = runs[0]
+  rand0 = [r["mean"] for r in s0["nse_vs_random"]["random"]]
+  for d, s in runs[1:]:
+    if s["budget"] != s0["budget"]:
+      raise cli.UsageError(f"--aggregate: {d} was benchmarked with another budget than {d0} "
+                           f"({s['budget']} vs {s0['budget']}); compare equal budgets only")
+    rand = [r["mean"] for r in s["nse_vs_random"]["random"]]
+    if rand != rand0:
+      raise cli.UsageError(f"--aggregate: {d} compares against other random architectures "
+                           f"than {d0} (another --seed or --num_random?); benchmark both "
+                           "against one random set")
+  rm, rh = stats.mean_ci(rand0)
+  picks = [s["nse_vs_random"]["nse"]["mean"] for _, s in runs]
+  b0 = s0["budget"]
+  print(f"NSE's pick across {len(runs)} searches against the same {len(rand0)} random "
+        f"architectures; every network {b0['steps']} steps of {b0['batch']}, lr {b0['lr']}, "
+        f"weight decay {b0['weight_decay']}, {b0['seeds']} seed(s)")
+  for d, s in runs:
+    b = s["nse_vs_random"]
+    accs = ", ".join(f"{100 * x:.2f}" for x in b["nse"]["accuracies"])
+    print(f"  {b['nse']['cost']:6.1f}  {100 * b['nse']['mean']:6.2f} % ({accs})  "
+          f"{'above' if b['nse']['mean'] >= rm + rh else 'not above'} the random CI; "
+          f"cost-matched {100 * b['cost_matched_residual']:+.2f}  {d}")
+  pm, ph = stats.mean_ci(picks)
+  t, p_t = stats.welch_t_test(picks, rand0)
+  u, p_u = stats.mann_whitney_greater(picks, rand0)
+  above = sum(x >= rm + rh for x in picks)
+  resid = [s["nse_vs_random"]["cost_matched_residual"] for _, s in runs]
+  print(f"  NSE picks: {100 * pm:.2f} ± {100 * ph:.2f} % (mean ± 95 % CI, n={len(picks)}; std "
+        f"{100 * stats.stdev(picks):.2f}); random: {100 * rm:.2f} ± {100 * rh:.2f} % (n="
+        f"{len(rand0)}; std {100 * stats.stdev(rand0):.2f})")
+  print(f"  mean pick − random mean {100 * (pm - rm):+.2f} points (cost-matched "
+        f"{100 * float(np.mean(resid)):+.2f}); {above} of {len(picks)} picks above the random "
+        f"mean + CI half-width ({100 * (rm + rh):.2f} %); mean pick "
+        f"{'above' if pm >= rm + rh else 'NOT above'} it")
+  print(f"  Welch's t = {t:.2f}, two-sided p = {p_t:.3f}; Mann-Whitney U = {u:g}, one-sided "
+        f"p (picks > random) = {p_u:.3f}: the difference is "
+        f"{'' if p_t < 0.05 else 'NOT '}significant at 5 % (Welch)")
+  return {"dirs": [os.path.abspath(d) for d, _ in runs], "picks": picks, "pick_mean": pm,
+          "pick_ci95": ph, "random_mean": rm, "random_ci95": rh, "above_ci": above,
+          "welch_t": t, "welch_p": p_t, "mann_whitney_u": u, "mann_whitney_p": p_u,
+          "cost_matched_mean": float(np.mean(resid))}
+
+
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   del argv
+  if fv.aggregate:
+    aggregate(fv.aggregate)
+    return
   if not fv.search_dir:
-    raise cli.UsageError("--search_dir is required (the --output_dir of a finished search)")
+    raise cli.UsageError("--search_dir is required (the --output_dir of a finished search), "
+                         "or --aggregate=DIR,DIR,…")
   out = fv.search_dir
   cfg = _read_json(out, "config.json")
   state = _read_json(out, "state.json")
@@ -353,7 +421,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   summary["nse_vs_random"] = {
       "nse": {"arch": nse.to_compact(), "cost": table.arch_cost(nse), "accuracies": nse_accs,
               "mean": nse_mean},
-      "random": [{"accuracies": g, "mean": m} for g, m in zip(rand_groups, rand_means)],
+      "random": [{"arch": k, "accuracies": g, "mean": m}
+                 for k, g, m in zip(rand_keys, rand_groups, rand_means)],
       "random_mean": rm, "random_ci95": rh, "nse_above_ci": bool(beats),
       "random_costs": rand_costs, "cost_matched_residual": float(nse_resid),
       "random_residual_std": float(resid_sd),

@@ -139,3 +139,23 @@ def tau_ceiling(groups: Sequence[Sequence[float]], seed_sd: Optional[float] = No
   out.update(reliability=rel, between_sd=math.sqrt(var_a),
              tau_max=2.0 / math.pi * math.asin(math.sqrt(rel)))
   return out
+
+
+def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
+  """(t, two-sided p) of Welch's t-test for mean(a) ≠ mean(b), unequal variances (scipy)."""
+  if len(a) < 2 or len(b) < 2:
+    raise ValueError(f"welch_t_test needs at least 2 values per sample, got {len(a)} and "
+                     f"{len(b)}")
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  r = stats.ttest_ind(list(a), list(b), equal_var=False)
+  return float(r.statistic), float(r.pvalue)
+
+
+def mann_whitney_greater(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
+  """(U, one-sided p) of the Mann-Whitney test that values of `a` tend to exceed those of
+  `b` (no normality assumed; ties get half credit). scipy's exact p for small samples."""
+  if not a or not b:
+    raise ValueError("mann_whitney_greater needs values in both samples")
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  r = stats.mannwhitneyu(list(a), list(b), alternative="greater")
+  return float(r.statistic), float(r.pvalue)

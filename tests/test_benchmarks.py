@@ -144,3 +144,48 @@ def test_device_check_measures_every_section_on_the_cpu(tmp_path):
                  "supernet / standalone", "θ step", "retrain step", "EfficientDet-D0 128²",
                  "img/s", "wall time"):
     assert needle in text, text
+
+
+def _quality_summary(directory, pick, random_means, budget=None):
+  import json
+  os.makedirs(directory, exist_ok=True)
+  summary = {"budget": budget or {"steps": 600, "batch": 64, "lr": 0.1, "weight_decay": 4e-5,
+                                  "seeds": 2},
+             "nse_vs_random": {"nse": {"cost": 270.0, "accuracies": [pick, pick], "mean": pick},
+                               "random": [{"mean": m, "accuracies": [m, m]}
+                                          for m in random_means],
+                               "cost_matched_residual": pick - 0.87}}
+  with open(os.path.join(directory, "search_quality.json"), "w", encoding="utf-8") as f:
+    json.dump(summary, f)
+
+
+def test_search_quality_aggregates_search_seeds_against_one_random_set(tmp_path, capsys):
+  from nse_tf import cli, stats
+  bench = _benchmark("search_quality")
+  rand = [0.86, 0.87, 0.88, 0.89, 0.85]
+  picks = [0.90, 0.91, 0.86]
+  dirs = [str(tmp_path / f"s{i}") for i in range(3)]
+  for d, p in zip(dirs, picks):
+    _quality_summary(d, p, rand)
+  out = bench.aggregate(dirs)
+  text = capsys.readouterr().out
+  rm, rh = stats.mean_ci(rand)
+  assert out["random_mean"] == pytest.approx(rm) and out["random_ci95"] == pytest.approx(rh)
+  assert out["pick_mean"] == pytest.approx(sum(picks) / 3)
+  assert out["above_ci"] == sum(p >= rm + rh for p in picks) == 2
+  assert (out["welch_t"], out["welch_p"]) == pytest.approx(stats.welch_t_test(picks, rand))
+  assert out["mann_whitney_p"] == pytest.approx(stats.mann_whitney_greater(picks, rand)[1])
+  assert "2 of 3 picks above the random mean + CI half-width" in text
+  assert "NOT significant at 5 % (Welch)" in text
+  # Mismatched inputs are refused with what differs, not averaged.
+  _quality_summary(str(tmp_path / "other_random"), 0.9, rand[:-1] + [0.80])
+  _quality_summary(str(tmp_path / "other_budget"), 0.9, rand,
+                   budget={"steps": 300, "batch": 64, "lr": 0.1, "weight_decay": 4e-5,
+                           "seeds": 2})
+  for extra, message in (("other_random", "other random architectures"),
+                         ("other_budget", "another budget"),
+                         ("missing", "does not exist")):
+    with pytest.raises(cli.UsageError, match=message):
+      bench.aggregate([dirs[0], str(tmp_path / extra)])
+  with pytest.raises(cli.UsageError, match="at least 2"):
+    bench.aggregate(dirs[:1])

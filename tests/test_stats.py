@@ -90,3 +90,18 @@ def test_tau_ceiling_matches_a_simulated_perfect_ranker():
   assert c["tau_max"] == pytest.approx(expected, abs=0.02)
   achieved = scipy_stats.kendalltau(true, seeds.mean(axis=1))[0]
   assert achieved == pytest.approx(expected, abs=0.02)
+
+
+def test_two_sample_tests_by_hand():
+  # Welch: means 2 and 5, variances 1 and 1, n 3 and 3: t = −3/sqrt(1/3 + 1/3), df = 4.
+  t, p = stats.welch_t_test([1, 2, 3], [4, 5, 6])
+  assert t == pytest.approx(-3 / math.sqrt(2 / 3))
+  scipy_stats = pytest.importorskip("scipy.stats")
+  assert p == pytest.approx(2 * scipy_stats.t.sf(abs(t), 4))
+  with pytest.raises(ValueError, match="at least 2 values"):
+    stats.welch_t_test([1], [1, 2])
+  # Mann-Whitney: every a above every b: U = n_a·n_b = 9, exact one-sided p = 1/C(6,3).
+  u, p = stats.mann_whitney_greater([4, 5, 6], [1, 2, 3])
+  assert u == 9 and p == pytest.approx(1 / 20)
+  u, p = stats.mann_whitney_greater([1, 2, 3], [4, 5, 6])
+  assert u == 0 and p == pytest.approx(1.0)
