@@ -99,7 +99,10 @@ def define_supernet_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "'off' shortens a large supernet's start-up on a CPU (flops macro, K = 5: "
                     "first calls of the weight and θ steps ~35-45 s shorter each, steps as "
                     "fast) at a higher memory peak, and costs ~7 % on small ones (the demo); "
-                    "results agree to float rounding, not bit for bit (README Benchmarks).",
+                    "results agree to float rounding, not bit for bit (README Benchmarks). "
+                    "With 'on', separate processes of a large supernet can differ in θ's "
+                    "last bits (grappler's rewrites differ between processes; README, "
+                    "The search): 'off' for bit-reproducible runs.",
                     flag_values=fv)
 
 
@@ -127,7 +130,10 @@ def setup_tensorflow(deterministic: bool, graph_optimization: Optional[str] = No
   the stem's gradient took one of two values from call to call in one process (7 of
   30 calls differed); with one inter-op thread, 40 of 40 calls agreed, also next to
   CPU-hogging processes. Kernels still use every core (intra-op threads). This is
-  not the only source: separate processes of the demo still diverge (README).
+  not the only source: with grappler on, separate processes of a large supernet (the
+  flops macro) differ in θ's last bits from the first θ step, though their traced
+  graphs are identical; with graph_optimization='off' three processes side by side
+  agreed to the bit (README, issue 14).
 
   graph_optimization: None leaves TensorFlow's graph optimiser as it is; 'on'/'off' as
   the flag. Measured on the 2-core CPU: for the flops supernet (22 layers, K = 5)
