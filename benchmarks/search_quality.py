@@ -213,17 +213,22 @@ class Runner:
     return float(np.mean(accs)), accs
 
 
-def _read_json(out, name):
+def _read_json(out, name, fix=None):
+  """DIR/name as JSON; a missing or unreadable file is one UsageError that says what to do
+  (`fix`, default: point --search_dir at a finished search / re-run it)."""
   path = os.path.join(out, name)
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except FileNotFoundError:
+    if fix:
+      raise cli.UsageError(f"{path} does not exist; {fix}") from None
     raise cli.UsageError(f"--search_dir={out}: no {name}; point it at the --output_dir of "
                          "a finished python -m nse_tf.search run") from None
   except (OSError, json.JSONDecodeError) as e:
-    raise cli.UsageError(f"{path} is unreadable ({e}); re-run the search with --overwrite "
-                         "or point --search_dir at another run") from None
+    raise cli.UsageError(f"{path} is unreadable ({e}); " + (
+        fix or "re-run the search with --overwrite or point --search_dir at another run")
+                         ) from None
 
 
 def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=None):
@@ -294,13 +299,12 @@ def aggregate(dirs):
   verdict (b) asks for. Returns the summary dict; raises UsageError on mismatched inputs."""
   runs = []
   for d in dirs:
-    path = os.path.join(d, "search_quality.json")
-    if not os.path.exists(path):
-      raise cli.UsageError(f"--aggregate: {path} does not exist; run "
-                           f"`python benchmarks/search_quality.py --search_dir={d}` first")
-    summary = _read_json(d, "search_quality.json")
+    summary = _read_json(d, "search_quality.json", fix=(
+        f"--aggregate needs it: run `python benchmarks/search_quality.py --search_dir={d}` "
+        "(again)"))
     if "nse_vs_random" not in summary:
-      raise cli.UsageError(f"--aggregate: {path} has no NSE-vs-random result (b)")
+      raise cli.UsageError(f"--aggregate: {d}/search_quality.json has no NSE-vs-random "
+                           "result (b)")
     runs.append((d, summary))
   if len(runs) < 2:
     raise cli.UsageError("--aggregate needs at least 2 search directories")
@@ -321,22 +325,24 @@ def aggregate(dirs):
   print(f"NSE's pick across {len(runs)} searches against the same {len(rand0)} random "
         f"architectures; every network {b0['steps']} steps of {b0['batch']}, lr {b0['lr']}, "
         f"weight decay {b0['weight_decay']}, {b0['seeds']} seed(s)")
-  for d, s in runs:
-    b = s["nse_vs_random"]
-    accs = ", ".join(f"{100 * x:.2f}" for x in b["nse"]["accuracies"])
-    print(f"  {b['nse']['cost']:6.1f}  {100 * b['nse']['mean']:6.2f} % ({accs})  "
-          f"{'above' if b['nse']['mean'] >= rm + rh else 'not above'} the random CI; "
-          f"cost-matched {100 * b['cost_matched_residual']:+.2f}  {d}")
+  resid = [s["nse_vs_random"]["cost_matched_residual"] for _, s in runs]
+  is_above = [x >= rm + rh for x in picks]
+  for (d, s), above_ci, r in zip(runs, is_above, resid):
+    nse = s["nse_vs_random"]["nse"]
+    accs = ", ".join(f"{100 * x:.2f}" for x in nse["accuracies"])
+    print(f"  {nse['cost']:6.1f}  {100 * nse['mean']:6.2f} % ({accs})  "
+          f"{'above' if above_ci else 'not above'} the random CI; cost-matched "
+          f"{100 * r:+.2f}  {d}")
   pm, ph = stats.mean_ci(picks)
   t, p_t = stats.welch_t_test(picks, rand0)
   u, p_u = stats.mann_whitney_greater(picks, rand0)
-  above = sum(x >= rm + rh for x in picks)
-  resid = [s["nse_vs_random"]["cost_matched_residual"] for _, s in runs]
+  above = sum(is_above)
+  resid_mean = float(np.mean(resid))
   print(f"  NSE picks: {100 * pm:.2f} ± {100 * ph:.2f} % (mean ± 95 % CI, n={len(picks)}; std "
         f"{100 * stats.stdev(picks):.2f}); random: {100 * rm:.2f} ± {100 * rh:.2f} % (n="
         f"{len(rand0)}; std {100 * stats.stdev(rand0):.2f})")
   print(f"  mean pick − random mean {100 * (pm - rm):+.2f} points (cost-matched "
-        f"{100 * float(np.mean(resid)):+.2f}); {above} of {len(picks)} picks above the random "
+        f"{100 * resid_mean:+.2f}); {above} of {len(picks)} picks above the random "
         f"mean + CI half-width ({100 * (rm + rh):.2f} %); mean pick "
         f"{'above' if pm >= rm + rh else 'NOT above'} it")
   print(f"  Welch's t = {t:.2f}, two-sided p = {p_t:.3f}; Mann-Whitney U = {u:g}, one-sided "
@@ -345,7 +351,7 @@ def aggregate(dirs):
   return {"dirs": [os.path.abspath(d) for d, _ in runs], "picks": picks, "pick_mean": pm,
           "pick_ci95": ph, "random_mean": rm, "random_ci95": rh, "above_ci": above,
           "welch_t": t, "welch_p": p_t, "mann_whitney_u": u, "mann_whitney_p": p_u,
-          "cost_matched_mean": float(np.mean(resid))}
+          "cost_matched_mean": resid_mean}
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):

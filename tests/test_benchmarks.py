@@ -184,8 +184,12 @@ def test_search_quality_aggregates_search_seeds_against_one_random_set(tmp_path,
                            "seeds": 2})
   for extra, message in (("other_random", "other random architectures"),
                          ("other_budget", "another budget"),
-                         ("missing", "does not exist")):
+                         ("missing", "search_quality.json does not exist; --aggregate needs it")):
     with pytest.raises(cli.UsageError, match=message):
       bench.aggregate([dirs[0], str(tmp_path / extra)])
   with pytest.raises(cli.UsageError, match="at least 2"):
     bench.aggregate(dirs[:1])
+  (tmp_path / "corrupt").mkdir()
+  (tmp_path / "corrupt" / "search_quality.json").write_text("{not json")
+  with pytest.raises(cli.UsageError, match=r"unreadable .*--aggregate needs it"):
+    bench.aggregate([dirs[0], str(tmp_path / "corrupt")])
