@@ -330,11 +330,12 @@ def test_same_command_same_result_beside_a_cpu_hog(smoke_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
+def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path, capsys):
   ref, _, _ = smoke_run
   out = tmp_path / "killed"
   # Kill once mid-evaluation of round 1 and once mid-training of round 2. While the
-  # first run works, a second search on its directory is refused (one writer per run).
+  # first run works, a second search on its directory is refused (one writer per run;
+  # the second search runs in this process: the lock is taken before anything else).
   for marker in ("round_01/evaluated.jsonl", "round_02/ckpt/checkpoint"):
     p = _cli(SMOKE, str(out))
     deadline = time.time() + 600
@@ -346,7 +347,7 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path):
       time.sleep(0.2)
     assert p.poll() is None, "the run ended before it could be killed"
     if marker.endswith(".jsonl"):
-      code, _, err = _run(SMOKE, str(out), timeout=120)
+      code, _, err = _invoke(SMOKE, out, capsys)
       assert code == 2 and f"pid {p.pid}" in err and "Traceback" not in err, err[-2000:]
       assert err.strip().splitlines()[-1].startswith("error: ")
     p.send_signal(signal.SIGKILL)
