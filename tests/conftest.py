@@ -106,6 +106,40 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", path], capture_output=True, timeout=30)
 
 
+@pytest.fixture
+def one_error_line(capsys):
+  """check(module, argv, needles, preexec_fn=None) -> the last line of stderr.
+
+  Runs `python -m nse_tf.<module> ARGV` and asserts what a user must see when it fails:
+  exit status 2, a last line 'error: …' that contains one of `needles`, no traceback. In
+  this process (`cli.invoke` on the command's own flags), or in a child process where
+  `preexec_fn` is given (a simulated full disk: the child's own file-size limit).
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  def check(module, argv, needles, preexec_fn=None):
+    if preexec_fn is None:
+      from nse_tf import cli  # pylint: disable=g-import-not-at-top
+      command = importlib.import_module(f"nse_tf.{module}")
+      code = cli.invoke(command.define_flags, command.main, argv)
+      err = capsys.readouterr().err
+    else:
+      root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+      env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+      proc = subprocess.run([sys.executable, "-m", f"nse_tf.{module}", *argv], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=600,
+                            preexec_fn=preexec_fn)
+      code, err = proc.returncode, proc.stderr
+    assert code == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in err, err[-3000:]
+    assert any(n in last for n in needles), last
+    return last
+
+  return check
+
+
 # Reproducers of open issues: not tests that can pass or fail today (the behaviour they
 # check is known to break, intermittently), so they run only when asked for.
 def pytest_addoption(parser):
