@@ -335,6 +335,8 @@ def aggregate(dirs):
           f"{100 * r:+.2f}  {d}")
   pm, ph = stats.mean_ci(picks)
   t, p_t = stats.welch_t_test(picks, rand0)
+  p_one = p_t / 2 if t > 0 else 1 - p_t / 2          # Welch, picks > random
+  _, lo, hi = stats.welch_difference_ci(picks, rand0)
   u, p_u = stats.mann_whitney_greater(picks, rand0)
   above = sum(is_above)
   resid_mean = float(np.mean(resid))
@@ -345,12 +347,15 @@ def aggregate(dirs):
         f"{100 * resid_mean:+.2f}); {above} of {len(picks)} picks above the random "
         f"mean + CI half-width ({100 * (rm + rh):.2f} %); mean pick "
         f"{'above' if pm >= rm + rh else 'NOT above'} it")
-  print(f"  Welch's t = {t:.2f}, two-sided p = {p_t:.3f}; Mann-Whitney U = {u:g}, one-sided "
-        f"p (picks > random) = {p_u:.3f}: the difference is "
-        f"{'' if p_t < 0.05 else 'NOT '}significant at 5 % (Welch)")
+  print(f"  difference 95 % CI (Welch) {100 * lo:+.2f} to {100 * hi:+.2f} points")
+  print(f"  Welch's t = {t:.2f}, two-sided p = {p_t:.3f} (one-sided, picks > random: "
+        f"{p_one:.3f}); Mann-Whitney U = {u:g}, one-sided p (picks > random) = {p_u:.3f}: "
+        f"the difference is {'' if p_t < 0.05 else 'NOT '}significant at 5 % (Welch, "
+        "two-sided)")
   return {"dirs": [os.path.abspath(d) for d, _ in runs], "picks": picks, "pick_mean": pm,
           "pick_ci95": ph, "random_mean": rm, "random_ci95": rh, "above_ci": above,
-          "welch_t": t, "welch_p": p_t, "mann_whitney_u": u, "mann_whitney_p": p_u,
+          "welch_t": t, "welch_p": p_t, "welch_p_greater": p_one,
+          "difference_ci95": [lo, hi], "mann_whitney_u": u, "mann_whitney_p": p_u,
           "cost_matched_mean": resid_mean}
 
 

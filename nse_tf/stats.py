@@ -151,6 +151,25 @@ def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
   return float(r.statistic), float(r.pvalue)
 
 
+def welch_difference_ci(a: Sequence[float], b: Sequence[float],
+                        level: float = 0.95) -> Tuple[float, float, float]:
+  """(mean(a) − mean(b), low, high): the confidence interval of the difference of means
+  with Welch's standard error and Welch–Satterthwaite degrees of freedom (unequal
+  variances; the interval that goes with `welch_t_test`)."""
+  if len(a) < 2 or len(b) < 2:
+    raise ValueError(f"welch_difference_ci needs at least 2 values per sample, got {len(a)} "
+                     f"and {len(b)}")
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  va, vb = stdev(a) ** 2 / len(a), stdev(b) ** 2 / len(b)
+  diff = sum(a) / len(a) - sum(b) / len(b)
+  se = math.sqrt(va + vb)
+  if se == 0:
+    return diff, diff, diff
+  df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  half = float(stats.t.ppf(0.5 + level / 2, df)) * se
+  return diff, diff - half, diff + half
+
+
 def mann_whitney_greater(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
   """(U, one-sided p) of the Mann-Whitney test that values of `a` tend to exceed those of
   `b` (no normality assumed; ties get half credit). scipy's exact p for small samples."""

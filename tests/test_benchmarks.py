@@ -176,7 +176,12 @@ def test_search_quality_aggregates_search_seeds_against_one_random_set(tmp_path,
   assert (out["welch_t"], out["welch_p"]) == pytest.approx(stats.welch_t_test(picks, rand))
   assert out["mann_whitney_p"] == pytest.approx(stats.mann_whitney_greater(picks, rand)[1])
   assert "2 of 3 picks above the random mean + CI half-width" in text
-  assert "NOT significant at 5 % (Welch)" in text
+  assert "NOT significant at 5 % (Welch, two-sided)" in text
+  t, p = stats.welch_t_test(picks, rand)
+  assert out["welch_p_greater"] == pytest.approx(p / 2 if t > 0 else 1 - p / 2)
+  _, lo, hi = stats.welch_difference_ci(picks, rand)
+  assert out["difference_ci95"] == pytest.approx([lo, hi]) and lo < out["pick_mean"] - rm < hi
+  assert f"difference 95 % CI (Welch) {100 * lo:+.2f} to {100 * hi:+.2f} points" in text
   # Mismatched inputs are refused with what differs, not averaged.
   _quality_summary(str(tmp_path / "other_random"), 0.9, rand[:-1] + [0.80])
   _quality_summary(str(tmp_path / "other_budget"), 0.9, rand,

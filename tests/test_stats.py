@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from nse_tf import stats
@@ -100,6 +101,19 @@ def test_two_sample_tests_by_hand():
   assert p == pytest.approx(2 * scipy_stats.t.sf(abs(t), 4))
   with pytest.raises(ValueError, match="at least 2 values"):
     stats.welch_t_test([1], [1, 2])
+  # Its interval: −3 ± t_{0.975, 4}·sqrt(2/3) (equal variances and sizes: df = 4).
+  diff, lo, hi = stats.welch_difference_ci([1, 2, 3], [4, 5, 6])
+  half = scipy_stats.t.ppf(0.975, 4) * math.sqrt(2 / 3)
+  assert (diff, lo, hi) == pytest.approx((-3, -3 - half, -3 + half))
+  # Unequal variances: Welch–Satterthwaite df, by hand.
+  a, b = [1.0, 2.0, 4.0, 7.0], [2.0, 2.5, 3.0]
+  va, vb = np.var(a, ddof=1) / 4, np.var(b, ddof=1) / 3
+  df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+  half = scipy_stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+  d = np.mean(a) - np.mean(b)
+  assert stats.welch_difference_ci(a, b) == pytest.approx((d, d - half, d + half))
+  with pytest.raises(ValueError, match="at least 2 values"):
+    stats.welch_difference_ci([1], [1, 2])
   # Mann-Whitney: every a above every b: U = n_a·n_b = 9, exact one-sided p = 1/C(6,3).
   u, p = stats.mann_whitney_greater([4, 5, 6], [1, 2, 3])
   assert u == 9 and p == pytest.approx(1 / 20)
