@@ -335,7 +335,7 @@ def aggregate(dirs):
           f"{100 * r:+.2f}  {d}")
   pm, ph = stats.mean_ci(picks)
   t, p_t = stats.welch_t_test(picks, rand0)
-  p_one = p_t / 2 if t > 0 else 1 - p_t / 2          # Welch, picks > random
+  _, p_one = stats.welch_t_test(picks, rand0, alternative="greater")
   _, lo, hi = stats.welch_difference_ci(picks, rand0)
   u, p_u = stats.mann_whitney_greater(picks, rand0)
   above = sum(is_above)

@@ -141,13 +141,15 @@ def tau_ceiling(groups: Sequence[Sequence[float]], seed_sd: Optional[float] = No
   return out
 
 
-def welch_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
-  """(t, two-sided p) of Welch's t-test for mean(a) ≠ mean(b), unequal variances (scipy)."""
+def welch_t_test(a: Sequence[float], b: Sequence[float],
+                 alternative: str = "two-sided") -> Tuple[float, float]:
+  """(t, p) of Welch's t-test, unequal variances (scipy): p for mean(a) ≠ mean(b), or with
+  alternative='greater' the one-sided p for mean(a) > mean(b)."""
   if len(a) < 2 or len(b) < 2:
     raise ValueError(f"welch_t_test needs at least 2 values per sample, got {len(a)} and "
                      f"{len(b)}")
   from scipy import stats  # pylint: disable=g-import-not-at-top
-  r = stats.ttest_ind(list(a), list(b), equal_var=False)
+  r = stats.ttest_ind(list(a), list(b), equal_var=False, alternative=alternative)
   return float(r.statistic), float(r.pvalue)
 
 

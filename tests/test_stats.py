@@ -99,6 +99,9 @@ def test_two_sample_tests_by_hand():
   assert t == pytest.approx(-3 / math.sqrt(2 / 3))
   scipy_stats = pytest.importorskip("scipy.stats")
   assert p == pytest.approx(2 * scipy_stats.t.sf(abs(t), 4))
+  # One-sided: half the two-sided p in the direction of t, the rest against it.
+  assert stats.welch_t_test([4, 5, 6], [1, 2, 3], "greater")[1] == pytest.approx(p / 2)
+  assert stats.welch_t_test([1, 2, 3], [4, 5, 6], "greater")[1] == pytest.approx(1 - p / 2)
   with pytest.raises(ValueError, match="at least 2 values"):
     stats.welch_t_test([1], [1, 2])
   # Its interval: −3 ± t_{0.975, 4}·sqrt(2/3) (equal variances and sizes: df = 4).
