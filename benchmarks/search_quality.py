@@ -18,6 +18,11 @@ seen by the search), and prints:
   (c) rounds: per round, the front's best supernet accuracy at cost ≤ --fixed_cost, and
       that front architecture trained standalone (--seeds seeds): do later rounds find
       better networks at the same cost?
+  (e) with --ablation, which part of the method earns the pick's accuracy: the pick of
+      round 1's front (same rule: the search without its later rounds) and a candidate drawn
+      at random from the last round's θ-sampled candidates (θ's distribution without the
+      supernet's ranking), trained like the pick; --aggregate compares each with the
+      final pick, paired by search seed.
 
 Every trained network is appended to DIR/search_quality_runs.jsonl (keyed by architecture,
 seed and budget), so an interrupted benchmark continues where it stopped; the summary is
@@ -65,6 +70,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                      "(default: the interval's upper bound).", flag_values=fv)
   flags.DEFINE_bool("rounds", True, "Train each round's best front architecture (c).",
                     flag_values=fv)
+  flags.DEFINE_bool("ablation", False, "(e) Which part of the method earns the pick's "
+                    "accuracy: also train the pick of round 1's front by the same rule (the "
+                    "search without its later rounds) and one of the last round's θ-sampled "
+                    "candidates drawn at random (θ's distribution without the supernet's "
+                    "ranking), --seeds seeds each.", flag_values=fv)
   flags.DEFINE_list("aggregate", None, "Instead of benchmarking one search: the directories "
                     "of several searches of one task (e.g. search seeds), each with a finished "
                     "search_quality.json against the same random architectures and budget; "
@@ -294,6 +304,35 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
                      for r, c, s, s2 in zip(picked, costs, sup, alone)]}
 
 
+def ablation(fv, out, cfg, runner, table, rounds):
+  """(e): the pick without the later rounds, and a θ sample without the ranking; the entry."""
+  from nse_tf import pareto  # pylint: disable=g-import-not-at-top
+  front1 = [arch_lib.Architecture.from_dict(d) for d in _read_json(out, "round_01/front.json")]
+  if not front1:
+    raise cli.UsageError(f"{out}/round_01/front.json is empty; re-run the search")
+  i = pareto.select([a.metadata["cost"] for a in front1],
+                    [a.metadata["accuracy"] for a in front1], list(range(len(front1))),
+                    cfg["select"])
+  samples = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
+  drawn = samples[np.random.default_rng(fv.seed + 3).integers(len(samples))]
+  variants = [("round1_pick", f"round 1's {cfg['select']} pick", front1[i],
+               front1[i].metadata["accuracy"]),
+              ("theta_sample", f"a random round-{rounds} θ sample",
+               arch_lib.Architecture.from_compact(drawn["arch"]), drawn["accuracy"])]
+  print(f"(e) ablation, {fv.seeds} seeds per network")
+  entry = {}
+  for key, what, a, sup in variants:
+    a = a.with_scale(cfg["scale"])
+    m, accs = runner.mean(a, fv.seeds)
+    c = table.arch_cost(a)
+    entry[key] = {"arch": a.to_compact(), "cost": c, "supernet": sup, "accuracies": accs,
+                  "mean": m}
+    print(f"  {what:28s} {c:6.1f}  supernet {100 * sup:6.2f} %  standalone {100 * m:6.2f} % "
+          f"({', '.join(f'{100 * x:.2f}' for x in accs)})  {a.to_compact()}", flush=True)
+  print()
+  return entry
+
+
 def aggregate(dirs):
   """NSE's picks of several searches (seeds) against one random set: the across-seeds
   verdict (b) asks for. Returns the summary dict; raises UsageError on mismatched inputs."""
@@ -352,11 +391,38 @@ def aggregate(dirs):
         f"{p_one:.3f}); Mann-Whitney U = {u:g}, one-sided p (picks > random) = {p_u:.3f}: "
         f"the difference is {'' if p_t < 0.05 else 'NOT '}significant at 5 % (Welch, "
         "two-sided)")
+  ablation_out = _aggregate_ablation(runs, picks, rand0) if all(
+      "ablation" in s for _, s in runs) else None
   return {"dirs": [os.path.abspath(d) for d, _ in runs], "picks": picks, "pick_mean": pm,
           "pick_ci95": ph, "random_mean": rm, "random_ci95": rh, "above_ci": above,
           "welch_t": t, "welch_p": p_t, "welch_p_greater": p_one,
           "difference_ci95": [lo, hi], "mann_whitney_u": u, "mann_whitney_p": p_u,
-          "cost_matched_mean": resid_mean}
+          "cost_matched_mean": resid_mean, "ablation": ablation_out}
+
+
+def _aggregate_ablation(runs, picks, rand):
+  """(e) across searches: each variant against random search, and the final pick against
+  each variant paired by search (the same search seed)."""
+  rm = float(np.mean(rand))
+  print(f"  (e) ablation over the {len(runs)} searches (final pick − variant: paired by "
+        "search, mean ± 95 % CI, paired t-test)")
+  out = {}
+  for key, what in (("round1_pick", "round 1's pick (no later rounds)"),
+                    ("theta_sample", "a last-round θ sample (no ranking)")):
+    vals = [s["ablation"][key]["mean"] for _, s in runs]
+    vm, vh = stats.mean_ci(vals)
+    diffs = [p - v for p, v in zip(picks, vals)]
+    dm, dh = stats.mean_ci(diffs)
+    t, p_pair = stats.paired_t_test(picks, vals)
+    _, p_rand = stats.welch_t_test(vals, rand, alternative="greater")
+    print(f"    {what}: {100 * vm:.2f} ± {100 * vh:.2f} %, {100 * (vm - rm):+.2f} points over "
+          f"random (Welch one-sided p {p_rand:.3f}); final pick − it {100 * dm:+.2f} ± "
+          f"{100 * dh:.2f} points (paired t = {t:.2f}, two-sided p = {p_pair:.3f}); the final "
+          f"pick is higher in {sum(d > 0 for d in diffs)} of {len(diffs)} searches")
+    out[key] = {"values": vals, "mean": vm, "ci95": vh, "minus_random": vm - rm,
+                "welch_p_greater_than_random": p_rand, "pick_minus_variant": dm,
+                "pick_minus_variant_ci95": dh, "paired_t": t, "paired_p": p_pair}
+  return out
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
@@ -445,6 +511,9 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   else:
     summary["rank_fidelity"] = rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi,
                                              rounds, seed_sd=within)
+
+  if fv.ablation:
+    summary["ablation"] = ablation(fv, out, cfg, runner, table, rounds)
 
   # (c) Rounds.
   per_round = []

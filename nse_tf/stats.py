@@ -153,6 +153,17 @@ def welch_t_test(a: Sequence[float], b: Sequence[float],
   return float(r.statistic), float(r.pvalue)
 
 
+def paired_t_test(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float]:
+  """(t, two-sided p) of the paired t-test of mean(a − b) = 0 (scipy), for values that
+  belong together pair by pair (e.g. two picks of the same search seed)."""
+  if len(a) != len(b) or len(a) < 2:
+    raise ValueError(f"paired_t_test needs two samples of one length ≥ 2, got {len(a)} and "
+                     f"{len(b)}")
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  r = stats.ttest_rel(list(a), list(b))
+  return float(r.statistic), float(r.pvalue)
+
+
 def welch_difference_ci(a: Sequence[float], b: Sequence[float],
                         level: float = 0.95) -> Tuple[float, float, float]:
   """(mean(a) − mean(b), low, high): the confidence interval of the difference of means

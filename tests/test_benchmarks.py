@@ -4,6 +4,7 @@ not belong in tests)."""
 import importlib.util
 import os
 
+import numpy as np
 import pytest
 from absl import flags
 
@@ -198,3 +199,72 @@ def test_search_quality_aggregates_search_seeds_against_one_random_set(tmp_path,
   (tmp_path / "corrupt" / "search_quality.json").write_text("{not json")
   with pytest.raises(cli.UsageError, match=r"unreadable .*--aggregate needs it"):
     bench.aggregate([dirs[0], str(tmp_path / "corrupt")])
+
+
+def test_search_quality_ablation_picks_round_one_knee_and_a_theta_sample(tmp_path, capsys):
+  import json
+  import types
+  from nse_tf import arch as arch_lib, pareto
+  bench = _benchmark("search_quality")
+  out = tmp_path / "search"
+  for r in (1, 3):
+    (out / f"round_{r:02d}").mkdir(parents=True)
+  front = [("flops27@tiny:0|0|0|0|0|0", 250.0, 0.70), ("flops27@tiny:1|1|1|1|1|1", 270.0, 0.78),
+           ("flops27@tiny:2|2|2|2|2|2", 299.0, 0.79)]
+  (out / "round_01" / "front.json").write_text(json.dumps([
+      arch_lib.Architecture.from_compact(a).with_metadata(cost=c, accuracy=acc).to_dict()
+      for a, c, acc in front]))
+  rows = ["arch_id,kind,cost,accuracy,is_pareto,arch",
+          "0,edge,245.0,0.9,0,flops27@tiny:3|3|3|3|3|3",
+          "1,sample,260.0,0.75,0,flops27@tiny:4|4|4|4|4|4",
+          "2,prev_front,280.0,0.8,1,flops27@tiny:5|5|5|5|5|5",
+          "3,sample,290.0,0.76,1,flops27@tiny:6|6|6|6|6|6"]
+  (out / "round_03" / "candidates.csv").write_text("\n".join(rows) + "\n")
+  trained = []
+
+  class FakeRunner:
+    def mean(self, a, seeds):
+      trained.append((a.to_compact(), seeds))
+      return 0.8, [0.79, 0.81]
+
+  table = types.SimpleNamespace(arch_cost=lambda a: 123.0)
+  fv = types.SimpleNamespace(seeds=2, seed=0)
+  entry = bench.ablation(fv, str(out), {"select": "knee", "scale": 1.0}, FakeRunner(), table, 3)
+  knee = pareto.select([c for _, c, _ in front], [a for _, _, a in front], [0, 1, 2], "knee")
+  assert entry["round1_pick"]["arch"] == front[knee][0]
+  assert entry["round1_pick"]["supernet"] == front[knee][2]
+  # The θ sample is one of the last round's sampled candidates, never an edge or a front.
+  assert entry["theta_sample"]["arch"] in ("flops27@tiny:4|4|4|4|4|4", "flops27@tiny:6|6|6|6|6|6")
+  assert trained == [(front[knee][0], 2), (entry["theta_sample"]["arch"], 2)]
+  assert entry["theta_sample"]["accuracies"] == [0.79, 0.81]
+  assert "(e) ablation, 2 seeds per network" in capsys.readouterr().out
+
+
+def test_search_quality_aggregates_the_ablation_paired_by_search(tmp_path, capsys):
+  import json
+  from nse_tf import stats
+  bench = _benchmark("search_quality")
+  rand = [0.86, 0.87, 0.88, 0.89, 0.85]
+  picks, round1, theta = [0.90, 0.91, 0.86], [0.88, 0.90, 0.87], [0.85, 0.86, 0.84]
+  dirs = [str(tmp_path / f"s{i}") for i in range(3)]
+  for d, p, r1, th in zip(dirs, picks, round1, theta):
+    _quality_summary(d, p, rand)
+    path = os.path.join(d, "search_quality.json")
+    summary = json.load(open(path, encoding="utf-8"))
+    summary["ablation"] = {"round1_pick": {"mean": r1}, "theta_sample": {"mean": th}}
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(summary, f)
+  out = bench.aggregate(dirs)["ablation"]
+  text = capsys.readouterr().out
+  for key, vals in (("round1_pick", round1), ("theta_sample", theta)):
+    diffs = [p - v for p, v in zip(picks, vals)]
+    assert out[key]["pick_minus_variant"] == pytest.approx(np.mean(diffs))
+    assert out[key]["pick_minus_variant_ci95"] == pytest.approx(stats.mean_ci(diffs)[1])
+    assert out[key]["paired_p"] == pytest.approx(stats.paired_t_test(picks, vals)[1])
+    assert out[key]["minus_random"] == pytest.approx(np.mean(vals) - np.mean(rand))
+  assert "the final pick is higher in 2 of 3 searches" in text     # round 1: +2, +1, −1
+  assert "the final pick is higher in 3 of 3 searches" in text     # θ sample
+  # Without the ablation in every summary there is no (e).
+  os.remove(os.path.join(dirs[2], "search_quality.json"))
+  _quality_summary(dirs[2], picks[2], rand)
+  assert bench.aggregate(dirs)["ablation"] is None

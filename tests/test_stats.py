@@ -117,6 +117,13 @@ def test_two_sample_tests_by_hand():
   assert stats.welch_difference_ci(a, b) == pytest.approx((d, d - half, d + half))
   with pytest.raises(ValueError, match="at least 2 values"):
     stats.welch_difference_ci([1], [1, 2])
+  # Paired: differences 1, 2, 3 (mean 2, sd 1, n 3): t = 2 / (1/sqrt(3)), df = 2.
+  t, p = stats.paired_t_test([2, 4, 6], [1, 2, 3])
+  assert t == pytest.approx(2 * math.sqrt(3))
+  assert p == pytest.approx(2 * scipy_stats.t.sf(t, 2))
+  assert stats.paired_t_test([1, 2, 3], [2, 4, 6])[0] == pytest.approx(-t)
+  with pytest.raises(ValueError, match="one length"):
+    stats.paired_t_test([1, 2, 3], [1, 2])
   # Mann-Whitney: every a above every b: U = n_a·n_b = 9, exact one-sided p = 1/C(6,3).
   u, p = stats.mann_whitney_greater([4, 5, 6], [1, 2, 3])
   assert u == 9 and p == pytest.approx(1 / 20)
