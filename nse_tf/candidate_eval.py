@@ -10,7 +10,7 @@ on the held-out split, and whether the candidates' ranking is above noise.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -63,7 +63,12 @@ class CandidateEvaluator:
   however few batches are used.
   """
 
-  def __init__(self, trainer, data, cfg: SearchConfig, start_index: int = 0):
+  def __init__(self, trainer, data, cfg: SearchConfig, start_index: int = 0,
+               local: bool = False):
+    """local: this worker alone, on its first device, whole batches, no collectives (each
+    worker evaluates its own share of the candidates: `--split_evaluation`); otherwise every
+    candidate over all replicas of the strategy. Under the default strategy both compute
+    the same."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.tf = tf
     self.model = trainer.model
@@ -74,37 +79,61 @@ class CandidateEvaluator:
     gb = trainer.cfg.global_batch
     recal_fn = data.dataset_fn("train", gb, seed=cfg.seed + 17)
     skip = start_index * self.n_recal
-    self.recal_iter = iter(self.strategy.distribute_datasets_from_function(
-        lambda ctx: recal_fn(ctx).skip(skip * ctx.num_replicas_in_sync // ctx.num_input_pipelines)))
     eval_batch = cfg.eval_batch
     n = self.num_eval = eval_count(data, cfg)
-    self.eval_ds = self.strategy.distribute_datasets_from_function(
-        lambda ctx: data.holdout(eval_batch, repeat=False, shuffle=False,
-                                 input_context=ctx).unbatch().take(n // ctx.num_input_pipelines)
-        .batch(ctx.get_per_replica_batch_size(eval_batch)))
     model, strategy = self.model, self.strategy
 
-    @tf.function(autograph=False)
-    def recal_step(iterator, gates):
-      images, _ = next(iterator)
-      strategy.run(lambda x: model(x, gates=gates, training=True), args=(images,))
+    def eval_counts(x, y, gates):
+      logits = model(x, gates=gates, training=False)
+      pred = tf.argmax(logits, -1, output_type=tf.int32)
+      hit = tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32)
+      return tf.stack([tf.reduce_sum(hit), tf.cast(tf.size(hit), tf.float32)])
 
-    @tf.function(autograph=False)
-    def eval_step(images, labels, gates):
-      def fn(x, y):
-        logits = model(x, gates=gates, training=False)
-        pred = tf.argmax(logits, -1, output_type=tf.int32)
-        hit = tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32)
-        return tf.stack([tf.reduce_sum(hit), tf.cast(tf.size(hit), tf.float32)])
-      counts = strategy.run(fn, args=(images, labels))
-      return strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
+    if local:
+      self.recal_iter = iter(recal_fn(tf.distribute.InputContext()).skip(skip))
+      self.eval_ds = (data.holdout(eval_batch, repeat=False, shuffle=False).unbatch().take(n)
+                      .batch(eval_batch))
 
+      @tf.function(autograph=False)
+      def recal_step(iterator, gates):
+        images, _ = next(iterator)
+        model(images, gates=gates, training=True)
+
+      @tf.function(autograph=False)
+      def eval_step(images, labels, gates):
+        return eval_counts(images, labels, gates)
+    else:
+      self.recal_iter = iter(strategy.distribute_datasets_from_function(
+          lambda ctx: recal_fn(ctx).skip(
+              skip * ctx.num_replicas_in_sync // ctx.num_input_pipelines)))
+      self.eval_ds = strategy.distribute_datasets_from_function(
+          lambda ctx: data.holdout(eval_batch, repeat=False, shuffle=False,
+                                   input_context=ctx).unbatch().take(n // ctx.num_input_pipelines)
+          .batch(ctx.get_per_replica_batch_size(eval_batch)))
+
+      @tf.function(autograph=False)
+      def recal_step(iterator, gates):
+        images, _ = next(iterator)
+        strategy.run(lambda x: model(x, gates=gates, training=True), args=(images,))
+
+      @tf.function(autograph=False)
+      def eval_step(images, labels, gates):
+        counts = strategy.run(lambda x, y: eval_counts(x, y, gates), args=(images, labels))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
+
+    self.local = local
     self.recal_step, self.eval_step = recal_step, eval_step
     # A held-out set that fits in 1 GiB is decoded once and kept: every candidate
     # is evaluated on the same batches without rebuilding the input pipeline.
     size = self.num_eval * cfg.image_size ** 2 * 3 * 4   # float32 bytes
     self.eval_batches = list(self.eval_ds) if size <= 1 << 30 else None
     self.scale_bn = tf.function(self._scale_bn_stats, autograph=False)
+
+  def skip_candidate(self):
+    """Passes over one candidate's recalibration batches (another worker evaluates it), so
+    that every candidate recalibrates on the same batches however the work is split."""
+    for _ in range(self.n_recal):
+      next(self.recal_iter)
 
   def _scale_bn_stats(self, factor: float):
     for bn in self.bns:
@@ -126,6 +155,14 @@ class CandidateEvaluator:
     batches = self.eval_batches if self.eval_batches is not None else self.eval_ds
     for b, (images, labels) in enumerate(batches):
       counts[b % 2] += self.eval_step(images, labels, g).numpy()
-    self.last_halves = (tuple(float(c / n) for c, n in counts) if counts[1, 1] > 0
-                        else None)
-    return float(counts[:, 0].sum() / max(1, self.num_eval))
+    self.last_counts = counts
+    acc, self.last_halves = from_counts(counts, self.num_eval)
+    return acc
+
+
+def from_counts(counts, num_eval: int) -> Tuple[float, Optional[Tuple[float, float]]]:
+  """(accuracy, (even-half, odd-half) accuracy or None) from a candidate's [[correct,
+  seen] of the even batches, [correct, seen] of the odd ones]."""
+  counts = np.asarray(counts, np.float64)
+  halves = tuple(float(c / n) for c, n in counts) if counts[1, 1] > 0 else None
+  return float(counts[:, 0].sum() / max(1, num_eval)), halves

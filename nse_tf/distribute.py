@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from nse_tf import errors
@@ -84,6 +85,40 @@ def per_replica_batch(global_batch: int, strategy: tf.distribute.Strategy) -> in
 # command with the same flags (TF_CONFIG tells it its task); the chief writes the run
 # directory, the other workers write what they must (their checkpoints, which saving
 # reads through collectives) to a location of their own that they delete at the end.
+
+
+def worker_rank(strategy) -> Optional[Tuple[int, int]]:
+  """(this worker's index, number of workers) under MultiWorkerMirroredStrategy with two
+  or more tasks, "chief" first (so that messages can name workers); None otherwise."""
+  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    return None
+  resolver = strategy.cluster_resolver
+  spec = resolver.cluster_spec()
+  order = [(job, i) for job in sorted(spec.jobs, key=lambda j: j != "chief")
+           for i in range(spec.num_tasks(job))]
+  if len(order) < 2:
+    return None
+  return order.index((resolver.task_type, resolver.task_id)), len(order)
+
+
+def gather_from_workers(strategy, rows: np.ndarray) -> Dict[int, np.ndarray]:
+  """{worker index: its `rows`}: every worker passes an array of one shape and dtype
+  (float64 or int64) and gets all of them, exchanged with one all-gather. With one worker
+  (or another strategy) only its own."""
+  rank = worker_rank(strategy)
+  if rank is None:
+    return {0: np.asarray(rows)}
+  me, _ = rank
+  rows = np.asarray(rows)
+  mine = tf.constant(np.concatenate([np.full((1,) + rows.shape[1:], me, rows.dtype),
+                                     rows], axis=0)[None])   # [1, 1 + n, ...]
+  gathered = strategy.run(tf.function(
+      lambda: tf.distribute.get_replica_context().all_gather(mine, axis=0)))
+  # One row per replica: a worker with several local replicas appears once per replica.
+  out = {}
+  for block in strategy.experimental_local_results(gathered)[0].numpy():
+    out[int(block[0].flat[0])] = block[1:]
+  return out
 
 
 def finish_workers(strategy, output_dir: str, worker_dir: str) -> None:

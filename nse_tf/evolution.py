@@ -32,10 +32,12 @@ from nse_tf.arch import Architecture
 from nse_tf import fileio
 from nse_tf.fileio import atomic_write_text, read_jsonl
 from nse_tf import errors
-from nse_tf.candidate_eval import CandidateEvaluator, eval_count, split_half_reliability
+from nse_tf.candidate_eval import (CandidateEvaluator, eval_count, from_counts,
+                                   split_half_reliability)
 
 STATE_VERSION = 1
 KIND_PRIORITY = {"sample": 0, "edge": 0, "prev_front": 1}   # ties go to new samples
+EVAL_BLOCK = 4      # --split_evaluation: candidates per worker between two exchanges
 
 
 class SearchError(errors.NSEError):
@@ -60,6 +62,7 @@ class SearchConfig:
   bn_recal_batches: int = 50
   eval_examples: Optional[int] = None
   eval_batch: int = 256
+  split_evaluation: bool = False       # each worker evaluates a share of the candidates
   select: str = "knee"
   final_target: Optional[float] = None
   final_scale: Optional[float] = None
@@ -551,7 +554,14 @@ class Search:
 
   # ------------------------------------------------------------- evaluation
   def _evaluate(self, trainer, cands, log_path: str) -> Dict[int, float]:
-    """Accuracy of every candidate on the held-out split (BN recalibrated first)."""
+    """Accuracy of every candidate on the held-out split (BN recalibrated first).
+
+    Every worker logs every result (the chief in the run directory). With
+    `split_evaluation` each worker evaluates candidates j ≡ its index (mod workers) of
+    every block of EVAL_BLOCK per worker, and the block's results are exchanged before
+    they are logged.
+    """
+    from nse_tf import distribute  # pylint: disable=g-import-not-at-top
     done: Dict[int, float] = {}
     self.halves: Dict[int, Tuple[float, float]] = {}
     keys = [self._key(c) for _, c in cands]
@@ -560,12 +570,24 @@ class Search:
         done[rec["i"]] = rec["accuracy"]
         if rec.get("halves"):
           self.halves[rec["i"]] = tuple(rec["halves"])
+    rank = distribute.worker_rank(self.strategy)
+    if rank is not None:
+      # A worker killed while logging may hold fewer results than the others: all go on
+      # from the shortest log, so that every worker evaluates the same candidates.
+      prefix = next(i for i in range(len(cands) + 1) if i not in done)
+      agreed = min(int(v[0]) for v in distribute.gather_from_workers(
+          self.strategy, np.array([prefix], np.int64)).values())
+      done = {i: a for i, a in done.items() if i < agreed}
+      self.halves = {i: h for i, h in self.halves.items() if i < agreed}
     todo = [i for i in range(len(cands)) if i not in done]
     if not todo:
       return done
     # Candidate i recalibrates on training batches [i·n, (i+1)·n) of one fixed
     # stream, so a resumed evaluation sees the batches an uninterrupted one would.
-    evaluator = CandidateEvaluator(trainer, self.data, self.cfg, start_index=todo[0])
+    split = self.cfg.split_evaluation
+    evaluator = CandidateEvaluator(trainer, self.data, self.cfg, start_index=todo[0],
+                                   local=split)
+    me, workers = rank if (split and rank is not None) else (0, 1)
     bar = None
     if self.progress:
       import tf_keras as keras  # pylint: disable=g-import-not-at-top
@@ -575,14 +597,35 @@ class Search:
     atomic_write_text(log_path, "".join(
         json.dumps({"i": i, "key": keys[i], "accuracy": done[i],
                     "halves": self.halves.get(i)}) + "\n" for i in sorted(done)))
+    block = EVAL_BLOCK * workers if split else 1
     with open(log_path, "a", encoding="utf-8") as log:
-      for n, i in enumerate(todo):
-        acc = evaluator.accuracy(self._gates(trainer, cands[i][1]))
-        done[i] = acc
-        if evaluator.last_halves is not None:
-          self.halves[i] = evaluator.last_halves
-        log.write(json.dumps({"i": i, "key": keys[i], "accuracy": acc,
-                              "halves": self.halves.get(i)}) + "\n")
+      for start in range(0, len(todo), block):
+        chunk = todo[start:start + block]
+        if split:
+          # Rows [candidate, correct/seen of the even batches, of the odd ones]; -1: none.
+          rows = np.full((EVAL_BLOCK, 5), -1.0)
+          mine = 0
+          for j, i in enumerate(chunk):
+            if j % workers != me:
+              evaluator.skip_candidate()
+              continue
+            evaluator.accuracy(self._gates(trainer, cands[i][1]))
+            rows[mine] = [i, *evaluator.last_counts.ravel()]
+            mine += 1
+          results = {int(r[0]): from_counts(r[1:].reshape(2, 2), evaluator.num_eval)
+                     for block_rows in distribute.gather_from_workers(
+                         self.strategy, rows).values() for r in block_rows if r[0] >= 0}
+        else:
+          i = chunk[0]
+          acc = evaluator.accuracy(self._gates(trainer, cands[i][1]))
+          results = {i: (acc, evaluator.last_halves)}
+        for i in chunk:
+          acc, halves = results[i]
+          done[i] = acc
+          if halves is not None:
+            self.halves[i] = halves
+          log.write(json.dumps({"i": i, "key": keys[i], "accuracy": acc,
+                                "halves": self.halves.get(i)}) + "\n")
         log.flush()
         os.fsync(log.fileno())
         if bar is not None:

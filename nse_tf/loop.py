@@ -23,6 +23,7 @@ import os
 import shutil
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
+import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 from absl import logging
@@ -156,21 +157,11 @@ def checkpoint_step(path: Optional[str]) -> int:
 
 def steps_of_workers(strategy, step: int) -> Optional[Dict[int, int]]:
   """{worker index: its `step`}, exchanged with a collective; None with one worker."""
-  if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+  from nse_tf import distribute  # pylint: disable=g-import-not-at-top
+  if distribute.worker_rank(strategy) is None:
     return None
-  resolver = strategy.cluster_resolver
-  spec = resolver.cluster_spec()
-  if sum(spec.num_tasks(job) for job in spec.jobs) < 2:
-    return None
-  # A task's place in the cluster, so that messages can name workers ("chief" first).
-  order = [(job, i) for job in sorted(spec.jobs, key=lambda j: j != "chief")
-           for i in range(spec.num_tasks(job))]
-  me = order.index((resolver.task_type, resolver.task_id))
-  mine = tf.constant([[me, step]], tf.int64)
-  gathered = strategy.run(tf.function(
-      lambda: tf.distribute.get_replica_context().all_gather(mine, axis=0)))
-  pairs = strategy.experimental_local_results(gathered)[0].numpy()
-  return {int(i): int(s) for i, s in pairs}
+  return {w: int(v[0]) for w, v in
+          distribute.gather_from_workers(strategy, np.array([step], np.int64)).items()}
 
 
 def agree_across_workers(checkpoint, manager, path: Optional[str], steps: Dict[int, int],

@@ -50,6 +50,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("eval_examples", None, "Evaluate candidates on at most this many held-out "
                        "examples (default: the whole held-out split).", flag_values=fv)
   flags.DEFINE_integer("eval_batch", 256, "Batch of candidate evaluation.", flag_values=fv)
+  flags.DEFINE_bool("split_evaluation", False, "With --strategy=multi_worker: each worker "
+                    "evaluates its own share of the candidates (on its first device, whole "
+                    "batches, no collectives; results exchanged every few candidates) instead "
+                    "of every worker taking part in every candidate. A candidate's result is "
+                    "then the same however many workers run it (with one process it equals "
+                    "the default).", flag_values=fv)
   flags.DEFINE_string("select", "knee", "Final pick from the last front: knee | max_acc | "
                       "min_cost | closest:COST.", flag_values=fv)
   flags.DEFINE_float("final_target", None, "Solve the channel scale of the final network for "
@@ -82,9 +88,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 
 # Flags that do not change the result: a resume may change them. (--graph_optimization
-# changes it only in the float rounding, as another machine would; older runs lack it.)
+# changes it only in the float rounding, as another machine would, and --split_evaluation
+# where the work is done, as --strategy does; older runs lack them.)
 _RESUME_FREE = {"output_dir", "overwrite", "progress", "checkpoint_every", "data_dir",
-                "strategy", "tpu", "cpu_replicas", "graph_optimization"}
+                "strategy", "tpu", "cpu_replicas", "graph_optimization", "split_evaluation"}
 _OUTPUTS = ("config.json", "state.json", "final_arch.json", "space_evolution.png", "tb")
 
 
@@ -126,7 +133,8 @@ def search_config(fv: flags.FlagValues):
       num_samples=fv.num_samples, num_edge=fv.num_edge, interval=(lo, hi),
       edge_lo=fv.edge_lo, max_draws=fv.max_draws,
       bn_recal_batches=fv.bn_recal_batches, eval_examples=fv.eval_examples,
-      eval_batch=fv.eval_batch, select=fv.select, final_target=fv.final_target,
+      eval_batch=fv.eval_batch, split_evaluation=fv.split_evaluation, select=fv.select,
+      final_target=fv.final_target,
       final_scale=fv.final_scale, init_from=fv.init_from, seed=fv.seed,
       constraint=fv.constraint, latency_lut=latency_lut_path(fv))
   cfg.validate()
@@ -201,6 +209,11 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   from nse_tf import data, distribute, evolution, spaces  # pylint: disable=g-import-not-at-top
   from nse_tf import trainer  # pylint: disable=g-import-not-at-top
   trainer.check_strategy_name(train_cfg, fv.strategy)
+  if fv.split_evaluation and fv.strategy not in ("default", "multi_worker"):
+    raise cli.UsageError(
+        f"--split_evaluation splits the candidates across the workers of "
+        f"--strategy=multi_worker; under --strategy={fv.strategy} (one process) every "
+        "candidate already runs on all devices: leave --split_evaluation out")
   common_flags.setup_tensorflow(fv.deterministic, fv.graph_optimization)
   strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
   trainer.check_strategy(train_cfg, strategy)

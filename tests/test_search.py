@@ -443,3 +443,36 @@ def test_latency_search_with_a_missing_table_is_one_error_line(tmp_path, capsys)
   last = err.strip().splitlines()[-1]
   assert last.startswith("error: --latency_lut=") and "tools/build_latency_lut.py" in last
   assert not (out / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, tmp_path):
+  """--split_evaluation's per-worker evaluator (whole batches, no strategy.run) gives every
+  candidate the bits of the default evaluator in one process, block by block, also when
+  a cut log is resumed."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from nse_tf import data as data_lib  # pylint: disable=g-import-not-at-top
+  out, _, _ = smoke_run
+  run = tmp_path / "run"
+  shutil.copytree(out, run)
+  cfg = json.loads((run / "config.json").read_text())
+  bench = _benchmark("search_quality")
+  d = data_lib.get_data(cfg["dataset"], image_size=cfg["image_size"])
+  srch = bench.last_round_search(str(run), cfg, d)
+  rows = list(csv.DictReader(open(run / "round_02" / "candidates.csv")))
+  archs = [arch_lib.Architecture.from_compact(r["arch"]) for r in rows[:6]]   # blocks 4 + 2
+  plain = srch.evaluate_in_last_round(archs, str(tmp_path / "plain.jsonl"))
+  plain_halves = dict(srch.halves)
+  assert len(plain) == 6 and len(plain_halves) == 6
+  srch.cfg = dataclasses.replace(srch.cfg, split_evaluation=True)
+  split_log = tmp_path / "split.jsonl"
+  assert srch.evaluate_in_last_round(archs, str(split_log)) == plain
+  assert srch.halves == plain_halves
+  assert split_log.read_text() == (tmp_path / "plain.jsonl").read_text()
+  # A log cut inside its fourth line: the three whole lines are kept, the rest evaluated
+  # again (candidate 3 recalibrates on its own batches, not on candidate 0's).
+  lines = split_log.read_text().splitlines(keepends=True)
+  split_log.write_text("".join(lines[:3]) + lines[3][:10])
+  assert srch.evaluate_in_last_round(archs, str(split_log)) == plain
+  assert split_log.read_text() == (tmp_path / "plain.jsonl").read_text()
