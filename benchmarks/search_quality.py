@@ -21,8 +21,9 @@ seen by the search), and prints:
   (e) with --ablation, which part of the method earns the pick's accuracy: the pick of
       round 1's front (same rule: the search without its later rounds) and a candidate drawn
       at random from the last round's θ-sampled candidates (θ's distribution without the
-      supernet's ranking), trained like the pick; --aggregate compares each with the
-      final pick, paired by search seed.
+      supernet's ranking) and one drawn uniformly from the last round's surviving ops
+      (the evolved space without θ), trained like the pick; --aggregate compares each with
+      random search and with the final pick, paired by search seed.
 
 Every trained network is appended to DIR/search_quality_runs.jsonl (keyed by architecture,
 seed and budget), so an interrupted benchmark continues where it stopped; the summary is
@@ -74,7 +75,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "accuracy: also train the pick of round 1's front by the same rule (the "
                     "search without its later rounds) and one of the last round's θ-sampled "
                     "candidates drawn at random (θ's distribution without the supernet's "
-                    "ranking), --seeds seeds each.", flag_values=fv)
+                    "ranking) and one architecture drawn uniformly from the last round's space "
+                    "(the ops that survived, each on with p = 0.5: the evolved space without "
+                    "θ), --seeds seeds each.", flag_values=fv)
   flags.DEFINE_list("aggregate", None, "Instead of benchmarking one search: the directories "
                     "of several searches of one task (e.g. search seeds), each with a finished "
                     "search_quality.json against the same random architectures and budget; "
@@ -315,10 +318,20 @@ def ablation(fv, out, cfg, runner, table, rounds):
                     cfg["select"])
   samples = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
   drawn = samples[np.random.default_rng(fv.seed + 3).integers(len(samples))]
+  # The last round's space as θ left it (pruned ops out), every op on with p = 0.5.
+  pool = spaces.get_pool(cfg["space"])
+  layers = _read_json(out, f"round_{rounds:02d}/space.json")["layers"]
+  alive = [[pool.index(op) for op in l["working_set"]
+            if op not in {e["op"] for e in l["pruned"]}] for l in layers]
+  lo, hi = (float(v) for v in cfg["interval"])
+  uniform = uniform_in_space(cfg["space"], cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]],
+                             cfg["scale"], table, alive, lo, hi, 1,
+                             np.random.default_rng(fv.seed + 4))[0]
   variants = [("round1_pick", f"round 1's {cfg['select']} pick", front1[i],
                front1[i].metadata["accuracy"]),
               ("theta_sample", f"a random round-{rounds} θ sample",
-               arch_lib.Architecture.from_compact(drawn["arch"]), drawn["accuracy"])]
+               arch_lib.Architecture.from_compact(drawn["arch"]), drawn["accuracy"]),
+              ("space_sample", f"uniform in the round-{rounds} space", uniform, None)]
   print(f"(e) ablation, {fv.seeds} seeds per network")
   entry = {}
   for key, what, a, sup in variants:
@@ -327,7 +340,8 @@ def ablation(fv, out, cfg, runner, table, rounds):
     c = table.arch_cost(a)
     entry[key] = {"arch": a.to_compact(), "cost": c, "supernet": sup, "accuracies": accs,
                   "mean": m}
-    print(f"  {what:28s} {c:6.1f}  supernet {100 * sup:6.2f} %  standalone {100 * m:6.2f} % "
+    sup_text = "     -  " if sup is None else f"{100 * sup:6.2f} %"
+    print(f"  {what:32s} {c:6.1f}  supernet {sup_text}  standalone {100 * m:6.2f} % "
           f"({', '.join(f'{100 * x:.2f}' for x in accs)})  {a.to_compact()}", flush=True)
   print()
   return entry
@@ -408,7 +422,10 @@ def _aggregate_ablation(runs, picks, rand):
         "search, mean ± 95 % CI, paired t-test)")
   out = {}
   for key, what in (("round1_pick", "round 1's pick (no later rounds)"),
-                    ("theta_sample", "a last-round θ sample (no ranking)")):
+                    ("theta_sample", "a last-round θ sample (no ranking)"),
+                    ("space_sample", "uniform in the last space (no θ, no ranking)")):
+    if not all(key in s["ablation"] for _, s in runs):
+      continue
     vals = [s["ablation"][key]["mean"] for _, s in runs]
     vm, vh = stats.mean_ci(vals)
     diffs = [p - v for p, v in zip(picks, vals)]

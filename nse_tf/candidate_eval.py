@@ -65,10 +65,10 @@ class CandidateEvaluator:
 
   def __init__(self, trainer, data, cfg: SearchConfig, start_index: int = 0,
                local: bool = False):
-    """local: this worker alone, on its first device, whole batches, no collectives (each
-    worker evaluates its own share of the candidates: `--split_evaluation`); otherwise every
-    candidate over all replicas of the strategy. Under the default strategy both compute
-    the same."""
+    """local: this worker alone, whole batches on each of its replicas, no collectives
+    (each worker evaluates its own share of the candidates: `--split_evaluation`);
+    otherwise every candidate over all replicas of the strategy, batches split. Under the
+    default strategy both compute the same."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.tf = tf
     self.model = trainer.model
@@ -89,19 +89,15 @@ class CandidateEvaluator:
       hit = tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32)
       return tf.stack([tf.reduce_sum(hit), tf.cast(tf.size(hit), tf.float32)])
 
+    # In split mode (`local`) the steps still run inside strategy.run, each local replica
+    # given the whole batch: in a replica context the batch norms' statistics (ON_READ
+    # variables) are read and written on the replica alone, while in a cross-replica
+    # context every read of them would be an all-reduce over the workers, each busy with
+    # another candidate.
     if local:
       self.recal_iter = iter(recal_fn(tf.distribute.InputContext()).skip(skip))
       self.eval_ds = (data.holdout(eval_batch, repeat=False, shuffle=False).unbatch().take(n)
                       .batch(eval_batch))
-
-      @tf.function(autograph=False)
-      def recal_step(iterator, gates):
-        images, _ = next(iterator)
-        model(images, gates=gates, training=True)
-
-      @tf.function(autograph=False)
-      def eval_step(images, labels, gates):
-        return eval_counts(images, labels, gates)
     else:
       self.recal_iter = iter(strategy.distribute_datasets_from_function(
           lambda ctx: recal_fn(ctx).skip(
@@ -111,23 +107,26 @@ class CandidateEvaluator:
                                    input_context=ctx).unbatch().take(n // ctx.num_input_pipelines)
           .batch(ctx.get_per_replica_batch_size(eval_batch)))
 
-      @tf.function(autograph=False)
-      def recal_step(iterator, gates):
-        images, _ = next(iterator)
-        strategy.run(lambda x: model(x, gates=gates, training=True), args=(images,))
+    @tf.function(autograph=False)
+    def recal_step(iterator, gates):
+      images, _ = next(iterator)
+      strategy.run(lambda x: model(x, gates=gates, training=True), args=(images,))
 
-      @tf.function(autograph=False)
-      def eval_step(images, labels, gates):
-        counts = strategy.run(lambda x, y: eval_counts(x, y, gates), args=(images, labels))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
+    @tf.function(autograph=False)
+    def eval_step(images, labels, gates):
+      counts = strategy.run(eval_counts, args=(images, labels, gates))
+      if local:
+        return strategy.experimental_local_results(counts)[0]
+      return strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
 
-    self.local = local
     self.recal_step, self.eval_step = recal_step, eval_step
     # A held-out set that fits in 1 GiB is decoded once and kept: every candidate
     # is evaluated on the same batches without rebuilding the input pipeline.
     size = self.num_eval * cfg.image_size ** 2 * 3 * 4   # float32 bytes
     self.eval_batches = list(self.eval_ds) if size <= 1 << 30 else None
-    self.scale_bn = tf.function(self._scale_bn_stats, autograph=False)
+    scale = self._scale_bn_stats
+    self.scale_bn = tf.function(
+        (lambda f: strategy.run(scale, args=(f,))) if local else scale, autograph=False)
 
   def skip_candidate(self):
     """Passes over one candidate's recalibration batches (another worker evaluates it), so

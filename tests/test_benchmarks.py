@@ -220,6 +220,10 @@ def test_search_quality_ablation_picks_round_one_knee_and_a_theta_sample(tmp_pat
           "2,prev_front,280.0,0.8,1,flops27@tiny:5|5|5|5|5|5",
           "3,sample,290.0,0.76,1,flops27@tiny:6|6|6|6|6|6"]
   (out / "round_03" / "candidates.csv").write_text("\n".join(rows) + "\n")
+  # The last space: two ops per layer, layer 0's second pruned (the uniform draw skips it).
+  layers = [{"kind": "N", "working_set": ["dw_k3_e1", "dw_k5_e3"],
+             "pruned": [{"op": "dw_k5_e3"}] if l == 0 else []} for l in range(6)]
+  (out / "round_03" / "space.json").write_text(json.dumps({"round": 3, "layers": layers}))
   trained = []
 
   class FakeRunner:
@@ -227,15 +231,22 @@ def test_search_quality_ablation_picks_round_one_knee_and_a_theta_sample(tmp_pat
       trained.append((a.to_compact(), seeds))
       return 0.8, [0.79, 0.81]
 
-  table = types.SimpleNamespace(arch_cost=lambda a: 123.0)
+  table = types.SimpleNamespace(arch_cost=lambda a: 123.0, indices_cost=lambda layers: 275.0)
   fv = types.SimpleNamespace(seeds=2, seed=0)
-  entry = bench.ablation(fv, str(out), {"select": "knee", "scale": 1.0}, FakeRunner(), table, 3)
+  cfg = {"select": "knee", "scale": 1.0, "space": "flops27", "macro": "tiny",
+         "interval": ["250", "300"]}
+  entry = bench.ablation(fv, str(out), cfg, FakeRunner(), table, 3)
   knee = pareto.select([c for _, c, _ in front], [a for _, _, a in front], [0, 1, 2], "knee")
   assert entry["round1_pick"]["arch"] == front[knee][0]
   assert entry["round1_pick"]["supernet"] == front[knee][2]
   # The θ sample is one of the last round's sampled candidates, never an edge or a front.
   assert entry["theta_sample"]["arch"] in ("flops27@tiny:4|4|4|4|4|4", "flops27@tiny:6|6|6|6|6|6")
-  assert trained == [(front[knee][0], 2), (entry["theta_sample"]["arch"], 2)]
+  uniform = arch_lib.Architecture.from_compact(entry["space_sample"]["arch"])
+  assert uniform.layers[0] in ((), ("dw_k3_e1",))       # never the pruned op
+  assert all(set(l) <= {"dw_k3_e1", "dw_k5_e3"} for l in uniform.layers)
+  assert entry["space_sample"]["supernet"] is None
+  assert trained == [(front[knee][0], 2), (entry["theta_sample"]["arch"], 2),
+                     (entry["space_sample"]["arch"], 2)]
   assert entry["theta_sample"]["accuracies"] == [0.79, 0.81]
   assert "(e) ablation, 2 seeds per network" in capsys.readouterr().out
 
@@ -252,6 +263,8 @@ def test_search_quality_aggregates_the_ablation_paired_by_search(tmp_path, capsy
     path = os.path.join(d, "search_quality.json")
     summary = json.load(open(path, encoding="utf-8"))
     summary["ablation"] = {"round1_pick": {"mean": r1}, "theta_sample": {"mean": th}}
+    if d != dirs[0]:     # a variant missing from one summary is left out, not guessed
+      summary["ablation"]["space_sample"] = {"mean": 0.5}
     with open(path, "w", encoding="utf-8") as f:
       json.dump(summary, f)
   out = bench.aggregate(dirs)["ablation"]
@@ -264,6 +277,7 @@ def test_search_quality_aggregates_the_ablation_paired_by_search(tmp_path, capsy
     assert out[key]["minus_random"] == pytest.approx(np.mean(vals) - np.mean(rand))
   assert "the final pick is higher in 2 of 3 searches" in text     # round 1: +2, +1, −1
   assert "the final pick is higher in 3 of 3 searches" in text     # θ sample
+  assert "space_sample" not in out and "uniform in the last space" not in text
   # Without the ablation in every summary there is no (e).
   os.remove(os.path.join(dirs[2], "search_quality.json"))
   _quality_summary(dirs[2], picks[2], rand)

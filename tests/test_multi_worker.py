@@ -106,3 +106,42 @@ def test_one_round_on_two_workers_chief_writes(tmp_path):
   assert {k: v for k, v in resumed.items() if k != "seconds"} == {
       k: v for k, v in summary.items() if k != "seconds"}
   assert [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in again] == survivors
+
+
+@pytest.mark.slow
+def test_search_splits_candidate_evaluation_across_two_workers(tmp_path, monkeypatch):
+  """--split_evaluation: each worker evaluates its share, the chief logs every result, and
+  each result is the one a single process computes from the same checkpoint."""
+  import csv  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from nse_tf import arch as arch_lib, data as data_lib  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "search"
+  args = [sys.executable, "-m", "nse_tf.search", "--dataset=demo_digits_hard",
+          "--image_size=16", "--space=flops27", "--macro=tiny", "--max_ops=2", "--rounds=1",
+          "--global_batch=16", "--epochs=1", "--steps_per_epoch=4", "--num_samples=9",
+          "--num_edge=1", "--bn_recal_batches=2", "--eval_examples=32", "--eval_batch=16",
+          "--interval=150,1000", "--edge_lo=0", "--tau=250", "--progress=false",
+          "--strategy=multi_worker", "--split_evaluation", f"--output_dir={out}"]
+  _run_workers(args, _free_ports(2))
+  assert not (out / ".worker-1").exists()
+  log = [json.loads(line) for line in (out / "round_01" / "evaluated.jsonl").read_text()
+         .splitlines()]
+  rows = list(csv.DictReader(open(out / "round_01" / "candidates.csv", encoding="utf-8")))
+  assert [r["i"] for r in log] == list(range(len(rows))) and len(rows) >= 9
+  # One process, the chief's finished checkpoint, the same candidates: the same results.
+  # (Under MirroredStrategy on one device: like MultiWorkerMirroredStrategy, it keeps no
+  # data iterators in the checkpoint.)
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from nse_tf import distribute  # pylint: disable=import-outside-toplevel
+  one_device = tf.distribute.MirroredStrategy(["/cpu:0"])
+  monkeypatch.setattr(distribute, "get_strategy", lambda *a: one_device)
+  spec = importlib.util.spec_from_file_location(
+      "bench_search_quality", os.path.join(ROOT, "benchmarks", "search_quality.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  cfg = json.loads((out / "config.json").read_text())
+  srch = bench.last_round_search(str(out), cfg, data_lib.get_data(
+      cfg["dataset"], image_size=cfg["image_size"]))
+  archs = [arch_lib.Architecture.from_compact(r["arch"]) for r in rows]
+  again = srch.evaluate_in_last_round(archs, str(tmp_path / "again.jsonl"))
+  assert again == [r["accuracy"] for r in log]
