@@ -588,6 +588,11 @@ class Search:
     evaluator = CandidateEvaluator(trainer, self.data, self.cfg, start_index=todo[0],
                                    local=split)
     me, workers = rank if (split and rank is not None) else (0, 1)
+    local_replicas = self.strategy.num_replicas_in_sync // workers
+    if split and local_replicas > 1:
+      logging.warning("--split_evaluation with %d devices per worker: each of them evaluates "
+                      "this worker's candidate on the whole batch, so the extra devices do not "
+                      "help; it pays with one device per worker", local_replicas)
     bar = None
     if self.progress:
       import tf_keras as keras  # pylint: disable=g-import-not-at-top

@@ -446,7 +446,8 @@ def test_latency_search_with_a_missing_table_is_one_error_line(tmp_path, capsys)
 
 
 @pytest.mark.slow
-def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, tmp_path):
+def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, tmp_path,
+                                                                     monkeypatch):
   """--split_evaluation's per-worker evaluator (whole batches, no strategy.run) gives every
   candidate the bits of the default evaluator in one process, block by block, also when
   a cut log is resumed."""
@@ -476,3 +477,17 @@ def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, 
   split_log.write_text("".join(lines[:3]) + lines[3][:10])
   assert srch.evaluate_in_last_round(archs, str(split_log)) == plain
   assert split_log.read_text() == (tmp_path / "plain.jsonl").read_text()
+  # Several workers: another worker (simulated) logged only 2 results, so this one, which
+  # logged all 6, goes back to the third candidate with it.
+  from nse_tf import distribute  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(distribute, "worker_rank", lambda strategy: (0, 2))
+  monkeypatch.setattr(   # its log holds 2 results (this one's 6); the same checkpoint step
+      distribute, "gather_from_workers",
+      lambda strategy, rows: {0: rows, 1: np.array([2]) if rows[0] == 6 else rows})
+  calls = []
+  accuracy = candidate_eval.CandidateEvaluator.accuracy
+  monkeypatch.setattr(candidate_eval.CandidateEvaluator, "accuracy",
+                      lambda self, g: calls.append(1) or accuracy(self, g))
+  srch.cfg = dataclasses.replace(srch.cfg, split_evaluation=False)
+  assert srch.evaluate_in_last_round(archs, str(tmp_path / "plain.jsonl")) == plain
+  assert len(calls) == 4
