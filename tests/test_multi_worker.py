@@ -121,7 +121,8 @@ def test_search_splits_candidate_evaluation_across_two_workers(tmp_path, monkeyp
           "--global_batch=16", "--epochs=1", "--steps_per_epoch=4", "--num_samples=9",
           "--num_edge=1", "--bn_recal_batches=2", "--eval_examples=32", "--eval_batch=16",
           "--interval=150,1000", "--edge_lo=0", "--tau=250", "--progress=false",
-          "--strategy=multi_worker", "--split_evaluation", f"--output_dir={out}"]
+          "--strategy=multi_worker", "--split_evaluation", "--graph_optimization=off",
+          f"--output_dir={out}"]
   _run_workers(args, _free_ports(2))
   assert not (out / ".worker-1").exists()
   log = [json.loads(line) for line in (out / "round_01" / "evaluated.jsonl").read_text()
