@@ -80,7 +80,7 @@ def test_one_round_on_two_workers_chief_writes(tmp_path):
   args = [sys.executable, "-m", "nse_tf.train_round", "--dataset=demo_digits_hard",
           "--image_size=16", "--space=flops27", "--macro=tiny", "--max_ops=1",
           "--global_batch=16", "--epochs=1", "--steps_per_epoch=4", "--checkpoint_every=2",
-          "--strategy=multi_worker", f"--output_dir={out}"]
+          "--strategy=multi_worker", "--graph_optimization=off", f"--output_dir={out}"]
   results = _run_workers(args, _free_ports(2))
   summary = json.loads((out / "round.json").read_text())
   assert summary["steps"] == 4
