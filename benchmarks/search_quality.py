@@ -308,7 +308,8 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
 
 
 def ablation(fv, out, cfg, runner, table, rounds):
-  """(e): the pick without the later rounds, and a θ sample without the ranking; the entry."""
+  """(e): round 1's pick (no later rounds), a random last-round θ sample (no ranking) and a
+  uniform draw of the last round's surviving ops (no θ), trained like the pick; the entry."""
   from nse_tf import pareto  # pylint: disable=g-import-not-at-top
   front1 = [arch_lib.Architecture.from_dict(d) for d in _read_json(out, "round_01/front.json")]
   if not front1:
@@ -321,8 +322,9 @@ def ablation(fv, out, cfg, runner, table, rounds):
   # The last round's space as θ left it (pruned ops out), every op on with p = 0.5.
   pool = spaces.get_pool(cfg["space"])
   layers = _read_json(out, f"round_{rounds:02d}/space.json")["layers"]
-  alive = [[pool.index(op) for op in l["working_set"]
-            if op not in {e["op"] for e in l["pruned"]}] for l in layers]
+  pruned = [{e["op"] for e in l["pruned"]} for l in layers]
+  alive = [[pool.index(op) for op in l["working_set"] if op not in gone]
+           for l, gone in zip(layers, pruned)]
   lo, hi = (float(v) for v in cfg["interval"])
   uniform = uniform_in_space(cfg["space"], cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]],
                              cfg["scale"], table, alive, lo, hi, 1,

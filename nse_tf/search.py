@@ -51,8 +51,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        "examples (default: the whole held-out split).", flag_values=fv)
   flags.DEFINE_integer("eval_batch", 256, "Batch of candidate evaluation.", flag_values=fv)
   flags.DEFINE_bool("split_evaluation", False, "With --strategy=multi_worker: each worker "
-                    "evaluates its own share of the candidates (on its first device, whole "
-                    "batches, no collectives; results exchanged every few candidates) instead "
+                    "evaluates its own share of the candidates (whole batches, no collectives; "
+                    "results exchanged every few candidates; one device per worker) instead "
                     "of every worker taking part in every candidate. A candidate's result is "
                     "then the same however many workers run it (with one process it equals "
                     "the default).", flag_values=fv)
