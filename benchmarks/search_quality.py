@@ -307,9 +307,27 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
                      for r, c, s, s2 in zip(picked, costs, sup, alone)]}
 
 
+def read_space(out, r, drop_pruned):
+  """Round r's working sets (pool indices) from round_NN/space.json: as the round started
+  them, or, with `drop_pruned`, without the ops that θ pruned during the round."""
+  pool = spaces.get_pool(_read_json(out, "config.json")["space"])
+  layers = _read_json(out, f"round_{r:02d}/space.json")["layers"]
+  return [[pool.index(op) for op in l["working_set"]
+           if not (drop_pruned and op in {e["op"] for e in l["pruned"]})] for l in layers]
+
+
+def space_draw(cfg, table, working_sets, seed):
+  """One architecture of `working_sets` in the search's interval, every op on with p = 0.5."""
+  lo, hi = (float(v) for v in cfg["interval"])
+  return uniform_in_space(cfg["space"], cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]],
+                          cfg["scale"], table, working_sets, lo, hi, 1,
+                          np.random.default_rng(seed))[0]
+
+
 def ablation(fv, out, cfg, runner, table, rounds):
-  """(e): round 1's pick (no later rounds), a random last-round θ sample (no ranking) and a
-  uniform draw of the last round's surviving ops (no θ), trained like the pick; the entry."""
+  """(e): round 1's pick (no later rounds), a random last-round θ sample (no ranking), a
+  uniform draw of the last round's surviving ops (no θ) and, the control, a uniform draw
+  of round 1's initial space (no search at all), trained like the pick; the entry."""
   from nse_tf import pareto  # pylint: disable=g-import-not-at-top
   front1 = [arch_lib.Architecture.from_dict(d) for d in _read_json(out, "round_01/front.json")]
   if not front1:
@@ -319,21 +337,19 @@ def ablation(fv, out, cfg, runner, table, rounds):
                     cfg["select"])
   samples = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
   drawn = samples[np.random.default_rng(fv.seed + 3).integers(len(samples))]
-  # The last round's space as θ left it (pruned ops out), every op on with p = 0.5.
-  pool = spaces.get_pool(cfg["space"])
-  layers = _read_json(out, f"round_{rounds:02d}/space.json")["layers"]
-  pruned = [{e["op"] for e in l["pruned"]} for l in layers]
-  alive = [[pool.index(op) for op in l["working_set"] if op not in gone]
-           for l, gone in zip(layers, pruned)]
-  lo, hi = (float(v) for v in cfg["interval"])
-  uniform = uniform_in_space(cfg["space"], cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]],
-                             cfg["scale"], table, alive, lo, hi, 1,
-                             np.random.default_rng(fv.seed + 4))[0]
+  # The last round's space as θ left it (pruned ops out), and the control: round 1's
+  # space as the search started it (no pruning, no inheritance, no refill); in each, every
+  # op on with p = 0.5, as the supernet is trained.
   variants = [("round1_pick", f"round 1's {cfg['select']} pick", front1[i],
                front1[i].metadata["accuracy"]),
               ("theta_sample", f"a random round-{rounds} θ sample",
                arch_lib.Architecture.from_compact(drawn["arch"]), drawn["accuracy"]),
-              ("space_sample", f"uniform in the round-{rounds} space", uniform, None)]
+              ("space_sample", f"uniform in the round-{rounds} space",
+               space_draw(cfg, table, read_space(out, rounds, drop_pruned=True), fv.seed + 4),
+               None),
+              ("initial_space_sample", "uniform in round 1's initial space",
+               space_draw(cfg, table, read_space(out, 1, drop_pruned=False), fv.seed + 5),
+               None)]
   print(f"(e) ablation, {fv.seeds} seeds per network")
   entry = {}
   for key, what, a, sup in variants:
@@ -425,7 +441,8 @@ def _aggregate_ablation(runs, picks, rand):
   out = {}
   for key, what in (("round1_pick", "round 1's pick (no later rounds)"),
                     ("theta_sample", "a last-round θ sample (no ranking)"),
-                    ("space_sample", "uniform in the last space (no θ, no ranking)")):
+                    ("space_sample", "uniform in the last space (no θ, no ranking)"),
+                    ("initial_space_sample", "uniform in round 1's initial space (no search)")):
     if not all(key in s["ablation"] for _, s in runs):
       continue
     vals = [s["ablation"][key]["mean"] for _, s in runs]
@@ -441,6 +458,17 @@ def _aggregate_ablation(runs, picks, rand):
     out[key] = {"values": vals, "mean": vm, "ci95": vh, "minus_random": vm - rm,
                 "welch_p_greater_than_random": p_rand, "pick_minus_variant": dm,
                 "pick_minus_variant_ci95": dh, "paired_t": t, "paired_p": p_pair}
+  if "space_sample" in out and "initial_space_sample" in out:
+    # Does the evolved space itself help? The same draw in the last space and in round 1's.
+    last, first = out["space_sample"]["values"], out["initial_space_sample"]["values"]
+    diffs = [a - b for a, b in zip(last, first)]
+    dm, dh = stats.mean_ci(diffs)
+    t, p_pair = stats.paired_t_test(last, first)
+    print(f"    uniform in the last space − uniform in round 1's: {100 * dm:+.2f} ± "
+          f"{100 * dh:.2f} points (paired t = {t:.2f}, two-sided p = {p_pair:.3f}); higher "
+          f"in {sum(d > 0 for d in diffs)} of {len(diffs)} searches")
+    out["last_minus_initial_space"] = {"mean": dm, "ci95": dh, "paired_t": t,
+                                       "paired_p": p_pair}
   return out
 
 

@@ -209,6 +209,7 @@ def test_search_quality_ablation_picks_round_one_knee_and_a_theta_sample(tmp_pat
   out = tmp_path / "search"
   for r in (1, 3):
     (out / f"round_{r:02d}").mkdir(parents=True)
+  (out / "config.json").write_text(json.dumps({"space": "flops27"}))
   front = [("flops27@tiny:0|0|0|0|0|0", 250.0, 0.70), ("flops27@tiny:1|1|1|1|1|1", 270.0, 0.78),
            ("flops27@tiny:2|2|2|2|2|2", 299.0, 0.79)]
   (out / "round_01" / "front.json").write_text(json.dumps([
@@ -224,6 +225,10 @@ def test_search_quality_ablation_picks_round_one_knee_and_a_theta_sample(tmp_pat
   layers = [{"kind": "N", "working_set": ["dw_k3_e1", "dw_k5_e3"],
              "pruned": [{"op": "dw_k5_e3"}] if l == 0 else []} for l in range(6)]
   (out / "round_03" / "space.json").write_text(json.dumps({"round": 3, "layers": layers}))
+  # Round 1's initial space: other ops, one of them pruned in round 1 (the control keeps it).
+  first = [{"kind": "N", "working_set": ["dw_k7_e6", "dw_k9_e6"],
+            "pruned": [{"op": "dw_k9_e6"}]} for _ in range(6)]
+  (out / "round_01" / "space.json").write_text(json.dumps({"round": 1, "layers": first}))
   trained = []
 
   class FakeRunner:
@@ -245,8 +250,11 @@ def test_search_quality_ablation_picks_round_one_knee_and_a_theta_sample(tmp_pat
   assert uniform.layers[0] in ((), ("dw_k3_e1",))       # never the pruned op
   assert all(set(l) <= {"dw_k3_e1", "dw_k5_e3"} for l in uniform.layers)
   assert entry["space_sample"]["supernet"] is None
+  control = arch_lib.Architecture.from_compact(entry["initial_space_sample"]["arch"])
+  assert all(set(l) <= {"dw_k7_e6", "dw_k9_e6"} for l in control.layers)
+  assert "dw_k9_e6" in {op for l in control.layers for op in l}   # pruned later: still drawn
   assert trained == [(front[knee][0], 2), (entry["theta_sample"]["arch"], 2),
-                     (entry["space_sample"]["arch"], 2)]
+                     (entry["space_sample"]["arch"], 2), (entry["initial_space_sample"]["arch"], 2)]
   assert entry["theta_sample"]["accuracies"] == [0.79, 0.81]
   assert "(e) ablation, 2 seeds per network" in capsys.readouterr().out
 
@@ -265,6 +273,7 @@ def test_search_quality_aggregates_the_ablation_paired_by_search(tmp_path, capsy
     summary["ablation"] = {"round1_pick": {"mean": r1}, "theta_sample": {"mean": th}}
     if d != dirs[0]:     # a variant missing from one summary is left out, not guessed
       summary["ablation"]["space_sample"] = {"mean": 0.5}
+    summary["ablation"]["initial_space_sample"] = {"mean": r1 - 0.01}
     with open(path, "w", encoding="utf-8") as f:
       json.dump(summary, f)
   out = bench.aggregate(dirs)["ablation"]
@@ -278,6 +287,16 @@ def test_search_quality_aggregates_the_ablation_paired_by_search(tmp_path, capsy
   assert "the final pick is higher in 2 of 3 searches" in text     # round 1: +2, +1, −1
   assert "the final pick is higher in 3 of 3 searches" in text     # θ sample
   assert "space_sample" not in out and "uniform in the last space" not in text
+  assert out["initial_space_sample"]["values"] == pytest.approx([r - 0.01 for r in round1])
+  assert "last_minus_initial_space" not in out     # needs both draws in every search
+  path = os.path.join(dirs[0], "search_quality.json")
+  summary = json.load(open(path, encoding="utf-8"))
+  summary["ablation"]["space_sample"] = {"mean": 0.5}
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(summary, f)
+  both = bench.aggregate(dirs)["ablation"]["last_minus_initial_space"]
+  assert both["mean"] == pytest.approx(np.mean([0.5 - (r - 0.01) for r in round1]))
+  assert "uniform in the last space − uniform in round 1's" in capsys.readouterr().out
   # Without the ablation in every summary there is no (e).
   os.remove(os.path.join(dirs[2], "search_quality.json"))
   _quality_summary(dirs[2], picks[2], rand)
