@@ -22,8 +22,10 @@ seen by the search), and prints:
       round 1's front (same rule: the search without its later rounds) and a candidate drawn
       at random from the last round's θ-sampled candidates (θ's distribution without the
       supernet's ranking) and one drawn uniformly from the last round's surviving ops
-      (the evolved space without θ), trained like the pick; --aggregate compares each with
-      random search and with the final pick, paired by search seed.
+      (the evolved space without θ) and, the control, one drawn the same way from round
+      1's initial space (the sampling scheme without any search), trained like the pick;
+      --aggregate compares each with random search and with the final pick, paired by
+      search seed, and the last space's draw with the initial space's.
 
 Every trained network is appended to DIR/search_quality_runs.jsonl (keyed by architecture,
 seed and budget), so an interrupted benchmark continues where it stopped; the summary is
@@ -77,7 +79,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "candidates drawn at random (θ's distribution without the supernet's "
                     "ranking) and one architecture drawn uniformly from the last round's space "
                     "(the ops that survived, each on with p = 0.5: the evolved space without "
-                    "θ), --seeds seeds each.", flag_values=fv)
+                    "θ) and, the control, one drawn the same way from round 1's initial space "
+                    "(no search), --seeds seeds each.", flag_values=fv)
   flags.DEFINE_list("aggregate", None, "Instead of benchmarking one search: the directories "
                     "of several searches of one task (e.g. search seeds), each with a finished "
                     "search_quality.json against the same random architectures and budget; "
