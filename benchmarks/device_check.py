@@ -37,7 +37,7 @@ import time
 
 from absl import flags
 
-from nse_tf import cli
+from nse_tf import cli, common_flags
 
 try:   # run as a script, benchmarks/ is the first entry of sys.path
   import round_cost  # pylint: disable=g-import-not-at-top
@@ -75,6 +75,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("detector_arch", "NSENet", "Backbone: released name or compact "
                       "architecture.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of working sets, gates and inputs.", flag_values=fv)
+  flags.DEFINE_enum("graph_optimization", "on", list(common_flags.GRAPH_OPTIMIZATION),
+                    "As the search's flag: TensorFlow's graph optimiser on or off (first "
+                    "calls are shorter with it off; step times may differ).", flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write the results as JSON here.",
                       flag_values=fv)
 
@@ -329,10 +332,10 @@ def main(_):
         arch_lib.resolve(getattr(FLAGS, flag))
       except arch_lib.ArchitectureError as e:
         raise cli.UsageError(f"--{flag}: {e}") from None
-  from nse_tf import common_flags, distribute  # pylint: disable=g-import-not-at-top
-  common_flags.setup_tensorflow(False)
+  from nse_tf import distribute  # pylint: disable=g-import-not-at-top
+  common_flags.setup_tensorflow(False, FLAGS.graph_optimization)
   strategy = distribute.get_strategy("mirrored")
-  print(_devices(strategy), flush=True)
+  print(f"{_devices(strategy)}; --graph_optimization={FLAGS.graph_optimization}", flush=True)
   t_start = time.perf_counter()
   results, failed = [], []
   for section in FLAGS.sections:

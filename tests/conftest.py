@@ -73,6 +73,24 @@ def _global_state_restored():
 
 
 @pytest.fixture
+def grappler_off():
+  """TensorFlow's graph optimiser (grappler) off for this test, as `--graph_optimization=off`
+  does (the autouse fixture above turns it back on).
+
+  For tests whose claim does not depend on it: two computations compared with each other
+  (a resumed round against an uninterrupted one, two strategies, float32 against a mixed
+  policy) run under the same setting either way. Grappler's passes take about half of a
+  tiny supernet step's first call (tiny macro, K = 2: 4.3 s against 1.3 s after tracing)
+  and change no result beyond float rounding. The benchmark tests and the full-disk
+  search pass `--graph_optimization=off` to their processes for the same reason; the
+  search's end-to-end tests (`tests/test_search.py`: the smoke search, its SIGKILL resume,
+  the evaluation checks) keep the default, which is what a user runs.
+  """
+  tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+  yield
+
+
+@pytest.fixture
 def small_disk(tmp_path):
   """make(size_kib) -> (directory, preexec_fn): a child process runs out of space there.
 

@@ -31,7 +31,7 @@ def test_round_cost_measures_every_phase_and_reports_ratios(monkeypatch, tmp_pat
   rc.define_flags(fv)
   fv(["round_cost", "--resolutions=16", "--batches=16", "--eval_images=32", "--paths=2",
       "--steps=2", "--macro=tiny", "--max_ops=2", "--recal_batches=2",
-      f"--json_out={tmp_path}/out.json"])
+      "--graph_optimization=off", f"--json_out={tmp_path}/out.json"])
   monkeypatch.setattr(rc, "FLAGS", fv)
   rc.main([])
   text = capsys.readouterr().out
@@ -127,7 +127,7 @@ def test_device_check_measures_every_section_on_the_cpu(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), *argv,
        "--paths=1", "--per_replica_batch=2", "--detector_batch=1", "--precisions=float32",
-       f"--json_out={tmp_path}/out.json"], cwd=ROOT, env=env, capture_output=True, text=True,
+       "--graph_optimization=off", f"--json_out={tmp_path}/out.json"], cwd=ROOT, env=env, capture_output=True, text=True,
       timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = proc.stdout

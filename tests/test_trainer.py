@@ -26,7 +26,7 @@ def _trainer(model_dir, **overrides):
 
 
 @pytest.mark.slow
-def test_killed_round_resumes_on_the_same_trajectory(tmp_path):
+def test_killed_round_resumes_on_the_same_trajectory(tmp_path, grappler_off):
   tf.config.experimental.enable_op_determinism()
   uninterrupted = _trainer(str(tmp_path / "a"))
   uninterrupted.train(stop_at=3)
@@ -337,7 +337,7 @@ MIRRORED_WS = [[0, 21], [3], [12], [6, 25], [1], [13]]
 
 
 @pytest.mark.slow
-def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn(mirrored_two_cpus):
+def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn(mirrored_two_cpus, grappler_off):
   res = _mirrored_vs_default(MIRRORED_WS, mirrored_two_cpus)
   a, b = res["default"], res["mirrored"]
   assert abs(a["loss"] - b["loss"]) < 1e-6                # logits are cast to float32
@@ -351,7 +351,7 @@ def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn(mirrored_two_cp
 
 
 @pytest.mark.slow
-def test_mixed_precision_bfloat16_keeps_theta_and_cost_in_float32(tmp_path):
+def test_mixed_precision_bfloat16_keeps_theta_and_cost_in_float32(tmp_path, grappler_off):
   t = _trainer(None, mixed_precision="bfloat16", steps_per_epoch=2)
   assert t.model.mbls[0].branches[0].compute_dtype == "bfloat16"
   assert t.model.theta_variables[0].dtype == tf.float32
