@@ -127,8 +127,8 @@ def test_device_check_measures_every_section_on_the_cpu(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "benchmarks", "device_check.py"), *argv,
        "--paths=1", "--per_replica_batch=2", "--detector_batch=1", "--precisions=float32",
-       "--graph_optimization=off", f"--json_out={tmp_path}/out.json"], cwd=ROOT, env=env, capture_output=True, text=True,
-      timeout=900)
+       "--graph_optimization=off", f"--json_out={tmp_path}/out.json"], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = proc.stdout
   out = json.loads((tmp_path / "out.json").read_text())
