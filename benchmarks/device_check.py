@@ -76,8 +76,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                       "architecture.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of working sets, gates and inputs.", flag_values=fv)
   flags.DEFINE_enum("graph_optimization", "on", list(common_flags.GRAPH_OPTIMIZATION),
-                    "As the search's flag: TensorFlow's graph optimiser on or off (first "
-                    "calls are shorter with it off; step times may differ).", flag_values=fv)
+                    "As the search's flag: TensorFlow's graph optimiser on or off (with it "
+                    "off, shorter first calls but, on a CPU, slower steps).", flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write the results as JSON here.",
                       flag_values=fv)
 

@@ -75,7 +75,7 @@ def _global_state_restored():
 @pytest.fixture
 def grappler_off():
   """TensorFlow's graph optimiser (grappler) off for this test, as `--graph_optimization=off`
-  does (the autouse fixture above turns it back on).
+  does (the autouse fixture above turns it back on, and the log levels it also sets).
 
   For tests whose claim does not depend on it: two computations compared with each other
   (a resumed round against an uninterrupted one, two strategies, float32 against a mixed
@@ -86,7 +86,8 @@ def grappler_off():
   search's end-to-end tests (`tests/test_search.py`: the smoke search, its SIGKILL resume,
   the evaluation checks) keep the default, which is what a user runs.
   """
-  tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+  from nse_tf import common_flags  # pylint: disable=g-import-not-at-top
+  common_flags.setup_tensorflow(False, "off")    # what --graph_optimization=off does
   yield
 
 
