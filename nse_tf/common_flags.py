@@ -64,10 +64,11 @@ def define_training_flags(fv: flags.FlagValues = flags.FLAGS,
                        "checkpoints.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of queues, gates, data order and initialisation.",
                        flag_values=fv)
-  flags.DEFINE_bool("deterministic", True, "TensorFlow op determinism and one op at a time "
-                    "(inter-op parallelism 1; each op still uses every core), so that a run "
-                    "depends less on thread timing. Runs in separate processes can still "
-                    "differ in the last bits (see README, issue 14).", flag_values=fv)
+  flags.DEFINE_bool("deterministic", True, "The same command gives the same bits: "
+                    "TensorFlow op determinism, one op at a time (inter-op parallelism 1; "
+                    "each op still uses every core) and grappler's memory optimiser off "
+                    "(its accumulations sum in thread order; README, The search).",
+                    flag_values=fv)
 
 
 def define_supernet_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -99,10 +100,7 @@ def define_supernet_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "'off' shortens a large supernet's start-up on a CPU (flops macro, K = 5: "
                     "first calls of the weight and θ steps ~35-45 s shorter each, steps as "
                     "fast) at a higher memory peak, and costs ~7 % on small ones (the demo); "
-                    "results agree to float rounding, not bit for bit (README Benchmarks). "
-                    "With 'on', separate processes of a large supernet can differ in θ's "
-                    "last bits (grappler's rewrites differ between processes; README, "
-                    "The search): 'off' for bit-reproducible runs.",
+                    "results agree to float rounding, not bit for bit (README Benchmarks).",
                     flag_values=fv)
 
 
@@ -121,19 +119,27 @@ GRAPH_OPTIMIZATION = ("on", "off")
 def setup_tensorflow(deterministic: bool, graph_optimization: Optional[str] = None):
   """--deterministic, and TensorFlow's INFO chatter off. Call before TensorFlow runs an op.
 
-  Op determinism alone is not enough on CPU: TensorFlow's AddN (which sums the
-  gradients of every tensor with three or more consumers, e.g. a layer's input feeding
-  the identity and several branches) reuses the first input buffer it finds free and
-  moves it to the front of the sum. Which buffer is free depends on which other ops
-  have finished, so with concurrent ops the summation order, and the last bits of the
-  gradients, change from run to run, more under load. Measured on the tiny supernet:
-  the stem's gradient took one of two values from call to call in one process (7 of
-  30 calls differed); with one inter-op thread, 40 of 40 calls agreed, also next to
-  CPU-hogging processes. Kernels still use every core (intra-op threads). This is
-  not the only source: with grappler on, separate processes of a large supernet (the
-  flops macro) differ in θ's last bits from the first θ step, though their traced
-  graphs are identical; with graph_optimization='off' three processes side by side
-  agreed to the bit (README, issue 14).
+  Op determinism alone is not enough on CPU; two more things make the order of float
+  sums depend on which op happens to run first, and --deterministic removes both:
+  - TensorFlow's AddN (which sums the gradients of every tensor with three or more
+    consumers, e.g. a layer's input feeding the identity and several branches) reuses
+    the first input buffer it finds free and moves it to the front of the sum; with
+    concurrent ops which one is free changes from run to run. Measured on the tiny
+    supernet: the stem's gradient took one of two values from call to call in one
+    process (7 of 30 calls differed); with one inter-op thread 40 of 40 agreed, also
+    next to CPU-hogging processes. Kernels still use every core (intra-op threads).
+  - Grappler's memory optimiser rewrites a large AddN into an accumulation (a
+    TemporaryVariable plus one AssignAdd per input) that adds the inputs in the order
+    they become ready. It does so when its static estimate of the graph's peak memory
+    passes 80 % of the device's nominal size, 256 MiB for a CPU: every large step
+    function (the flops supernet, a retrain at 224x224), not the tiny ones. That order is the executor's, which follows the node order of
+    the optimised graph, and that order differs between processes (oneDNN's layout
+    pass, which runs after grappler, numbers the nodes it rewrites in an order that
+    changes from process to process): on the flops supernet three processes fed
+    identical graphs and inputs gave three different expected costs after one θ step
+    (issue 14). With the memory optimiser off (RewriterConfig.memory_optimization =
+    NO_MEM_OPT; tf.config has no switch for it, so the context's base ConfigProto
+    carries it) the three agreed to the bit.
 
   graph_optimization: None leaves TensorFlow's graph optimiser as it is; 'on'/'off' as
   the flag. Measured on the 2-core CPU: for the flops supernet (22 layers, K = 5)
@@ -159,6 +165,7 @@ def setup_tensorflow(deterministic: bool, graph_optimization: Optional[str] = No
         {"disable_meta_optimizer": graph_optimization == "off"})
   if deterministic:
     tf.config.experimental.enable_op_determinism()
+    set_memory_optimizer(False)
     try:
       tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:   # TensorFlow already started: the caller set it up before us
@@ -166,6 +173,43 @@ def setup_tensorflow(deterministic: bool, graph_optimization: Optional[str] = No
         logging.warning("--deterministic: TensorFlow started before the inter-op thread "
                         "count could be set to 1; results may differ between runs")
 
+
+def set_memory_optimizer(enabled: bool) -> None:
+  """Grappler's memory optimiser on (TensorFlow's default) or off, for every tf.function
+  call from now on.
+
+  Its AddN-to-accumulation rewrite sums in execution order (see setup_tensorflow).
+  tf.config.optimizer has no switch for it, so the eager context's base ConfigProto,
+  which every function call's grappler config starts from, carries the setting.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import rewriter_config_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+  rc = rewriter_config_pb2.RewriterConfig
+  ctx = context.context()
+  try:
+    config = config_pb2.ConfigProto()
+    if ctx._config is not None:  # pylint: disable=protected-access
+      config.CopyFrom(ctx._config)  # pylint: disable=protected-access
+    config.graph_options.rewrite_options.memory_optimization = (
+        rc.DEFAULT_MEM_OPT if enabled else rc.NO_MEM_OPT)
+    ctx._config = config  # pylint: disable=protected-access
+    ctx._thread_local_data.function_call_options = None  # pylint: disable=protected-access
+  except AttributeError as e:   # a TensorFlow whose eager context is laid out differently
+    logging.warning("could not turn grappler's memory optimiser %s (%s); separate "
+                    "processes may differ in the last bits", "on" if enabled else "off", e)
+
+
+def memory_optimizer_enabled() -> bool:
+  """Whether the next tf.function call runs grappler's memory optimiser."""
+  from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import rewriter_config_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+  config = config_pb2.ConfigProto.FromString(
+      context.context().function_call_options.config_proto_serialized)
+  return (config.graph_options.rewrite_options.memory_optimization
+          != rewriter_config_pb2.RewriterConfig.NO_MEM_OPT)
 
 def train_config(fv: flags.FlagValues):
   """train_config.TrainConfig from a round's flags (validated; no TensorFlow import)."""

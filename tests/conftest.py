@@ -43,7 +43,8 @@ def mirrored_two_cpus():
 @pytest.fixture(autouse=True)
 def _global_state_restored():
   """Every test leaves TensorFlow's, Keras', NumPy's and absl's global settings as it found
-  them (op determinism, seeds, mixed-precision policy, graph optimiser, log verbosity), so
+  them (op determinism, seeds, mixed-precision policy, graph optimiser and its memory
+  optimiser, log verbosity), so
   that no test depends on which ran before it."""
   import random  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -51,13 +52,17 @@ def _global_state_restored():
   import tf_keras as keras  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   from tensorflow.python.framework import config as tf_config  # pylint: disable=g-import-not-at-top
+  from nse_tf import common_flags  # pylint: disable=g-import-not-at-top
   determinism = tf_config.is_op_determinism_enabled()
   policy = keras.mixed_precision.global_policy().name
   seed, _ = tf.compat.v1.get_seed(None)
   py_state, np_state = random.getstate(), np.random.get_state()
   verbosity, tf_level = logging.get_verbosity(), tf.get_logger().level
   grappler = tf.config.optimizer.get_experimental_options()
+  memory_optimizer = common_flags.memory_optimizer_enabled()
   yield
+  if common_flags.memory_optimizer_enabled() != memory_optimizer:
+    common_flags.set_memory_optimizer(memory_optimizer)
   if tf.config.optimizer.get_experimental_options() != grappler:
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": bool(grappler.get("disable_meta_optimizer", False))})
@@ -157,21 +162,3 @@ def one_error_line(capsys):
     return last
 
   return check
-
-
-# Reproducers of open issues: not tests that can pass or fail today (the behaviour they
-# check is known to break, intermittently), so they run only when asked for.
-def pytest_addoption(parser):
-  parser.addoption("--known-issues", action="store_true",
-                   help="also run the reproducers of open issues (marker known_issue)")
-
-
-def pytest_collection_modifyitems(config, items):
-  if config.getoption("--known-issues"):
-    return
-  for item in items:
-    marker = item.get_closest_marker("known_issue")
-    if marker is not None:
-      item.add_marker(pytest.mark.skip(
-          reason=f"reproducer of {marker.args[0] if marker.args else 'an open issue'}; "
-                 "run with --known-issues"))

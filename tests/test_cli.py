@@ -139,6 +139,59 @@ def test_lost_worker_is_one_line_naming_it(capsys):
   assert cli.lost_worker_error(ValueError("Connection reset by peer")) is None
 
 
+def _optimised_ops(fn, *args):
+  """The op types of the graph that a tf.function call runs after grappler."""
+  from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+  context.enable_run_metadata()
+  try:
+    fn(*args)
+    metadata = context.export_run_metadata()
+  finally:
+    context.disable_run_metadata()
+  return {n.op for f in metadata.function_graphs for g in f.partition_graphs for n in g.node}
+
+
+def test_deterministic_turns_grapplers_memory_optimiser_off():
+  """--deterministic turns off grappler's memory optimiser, whose AddN-to-accumulation
+  rewrite sums in the order the executor happens to run (issue 14: three processes of the
+  flops supernet, three expected costs after one θ step); --nodeterministic leaves
+  TensorFlow's default (the autouse fixture restores it).
+
+  The rewrite happens when grappler's static estimate of a function's peak memory passes
+  80 % of the CPU device's nominal 256 MiB: here four 64 MiB products summed by one AddN.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.eager import context  # pylint: disable=g-import-not-at-top
+
+  def sum_of_products(x):
+    return tf.add_n([x * 2.0, x * 3.0, x * 4.0, x * 5.0])
+
+  x = tf.ones([2 ** 24])
+  common_flags.set_memory_optimizer(True)
+  common_flags.setup_tensorflow(False, "on")
+  assert common_flags.memory_optimizer_enabled()
+  rewritten = _optimised_ops(tf.function(sum_of_products), x)
+  assert {"TemporaryVariable", "AssignAdd"} <= rewritten and "AddN" not in rewritten
+  common_flags.setup_tensorflow(True, "on")
+  assert not common_flags.memory_optimizer_enabled()
+  kept = _optimised_ops(tf.function(sum_of_products), x)
+  assert "AddN" in kept and not {"TemporaryVariable", "AssignAdd"} & kept
+  common_flags.setup_tensorflow(False, "off")   # --graph_optimization leaves it as it is
+  assert not common_flags.memory_optimizer_enabled()
+
+  def call_config():   # what a tf.function call hands grappler
+    config = config_pb2.ConfigProto.FromString(
+        context.context().function_call_options.config_proto_serialized)
+    config.graph_options.rewrite_options.ClearField("memory_optimization")
+    return config
+
+  before = call_config()
+  common_flags.set_memory_optimizer(True)
+  assert common_flags.memory_optimizer_enabled()
+  assert call_config() == before     # nothing else in the config changed
+
+
 def test_graph_optimization_setting():
   """--graph_optimization (search, train_round) turns grappler on or off; the autouse
   fixture restores TensorFlow's setting after the test."""
