@@ -60,6 +60,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_enum("graph_optimization", "on", list(common_flags.GRAPH_OPTIMIZATION),
                     "As the search's flag: TensorFlow's graph optimiser on or off.",
                     flag_values=fv)
+  flags.DEFINE_bool("deterministic", True, "As the search's flag (default on, as there): "
+                    "op determinism, one inter-op thread, grappler's memory optimiser off.",
+                    flag_values=fv)
   flags.DEFINE_string("json_out", None, "Also write the results as JSON here.", flag_values=fv)
   # Internal: one resolution in this process ('supernet') or the standalone memory probe.
   flags.DEFINE_enum("_worker", None, ["supernet", "standalone"], "internal", flag_values=fv)
@@ -304,7 +307,8 @@ def _common_args():
   return [f"--paths={FLAGS.paths}", f"--steps={FLAGS.steps}", f"--macro={FLAGS.macro}",
           f"--max_ops={FLAGS.max_ops}", f"--seed={FLAGS.seed}",
           f"--recal_batches={FLAGS.recal_batches}",
-          f"--graph_optimization={FLAGS.graph_optimization}"]
+          f"--graph_optimization={FLAGS.graph_optimization}",
+          f"--{'' if FLAGS.deterministic else 'no'}deterministic"]
 
 
 def _med(rows, key):
@@ -344,7 +348,7 @@ def main(_):
     raise cli.UsageError("--resolutions, --batches and --eval_images need the same number "
                          "of entries")
   if FLAGS._worker:
-    common_flags.setup_tensorflow(False, FLAGS.graph_optimization)
+    common_flags.setup_tensorflow(FLAGS.deterministic, FLAGS.graph_optimization)
   if FLAGS._worker == "supernet":
     res, batch, n = int(FLAGS.resolutions[0]), int(FLAGS.batches[0]), int(FLAGS.eval_images[0])
     print(json.dumps(run_supernet(res, batch, n)))
@@ -355,7 +359,8 @@ def main(_):
     return
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   print(f"TensorFlow {tf.__version__}; {os.cpu_count()} CPUs; each resolution in its own "
-        f"process; --graph_optimization={FLAGS.graph_optimization}", flush=True)
+        f"process; --graph_optimization={FLAGS.graph_optimization}, "
+        f"--{'' if FLAGS.deterministic else 'no'}deterministic", flush=True)
   results = []
   for res, batch, n in zip(FLAGS.resolutions, FLAGS.batches, FLAGS.eval_images):
     t0 = time.perf_counter()
