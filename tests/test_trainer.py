@@ -26,7 +26,10 @@ def _trainer(model_dir, **overrides):
 
 
 @pytest.mark.slow
-def test_killed_round_resumes_on_the_same_trajectory(tmp_path, grappler_off):
+def test_killed_round_resumes_on_the_same_trajectory(tmp_path, grappler_off, monkeypatch):
+  """Also: tracing the θ step and the catch-up ahead, in a thread during the weight
+  step's first call (the uninterrupted run), computes what tracing them on their first
+  call does (the resumed run, trace-ahead off), and traces each function once."""
   tf.config.experimental.enable_op_determinism()
   uninterrupted = _trainer(str(tmp_path / "a"))
   uninterrupted.train(stop_at=3)
@@ -34,6 +37,10 @@ def test_killed_round_resumes_on_the_same_trajectory(tmp_path, grappler_off):
   # What a kill at step 3 leaves on disk: the checkpoint of step 3, nothing later.
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   straight = uninterrupted.train()
+  for fn in (uninterrupted._weight_step, uninterrupted._theta_step,
+             uninterrupted._catch_up_all):
+    assert fn.experimental_get_tracing_count() == 1
+  monkeypatch.setattr(trainer.RoundTrainer, "_trace_ahead", lambda self: None)
   resumed = _trainer(str(tmp_path / "b"))
   assert resumed.restored and int(resumed.step.numpy()) == 3
   result = resumed.train()
@@ -52,6 +59,17 @@ def test_killed_round_resumes_on_the_same_trajectory(tmp_path, grappler_off):
   w_b = result.model.weight_variables
   for va, vb in zip(w_a, w_b):
     np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
+
+
+def test_background_work_reraises_its_error_on_join():
+  def fail():
+    raise ValueError("tracing failed")
+  work = trainer._Background(fail, name="test")
+  with pytest.raises(ValueError, match="tracing failed"):
+    work.join()
+  done = []
+  trainer._Background(lambda: done.append(1), name="test").join()
+  assert done == [1]
 
 
 def test_warmup_cosine_schedule():
