@@ -295,9 +295,11 @@ class RoundTrainer:
     A compiled step's first call is Python tracing (holds the GIL) and then graph
     optimisation and the first run (C++, without the GIL). Tracing the weight step
     here, then the others in a thread during its first call, overlaps the two on a CPU
-    with two or more cores: the flops supernet's round (32x32, K = 3) started 14 s
-    (18 %) sooner on the 2-core CPU, with bit-identical results, since the functions
-    and their input signatures are those the loop calls them with. Not under
+    with two or more cores. On the 2-core CPU the flops supernet's first three steps
+    (build, two weight steps, a θ step, the catch-up) took 114-122 s instead of
+    139-149 s at 224x224, K = 5, batch 8 (peak memory +3 %), and 14 s less at 32x32,
+    K = 3; results bit-identical, since the functions and their input signatures are
+    those the loop calls them with. Not under
     multi-worker or TPU strategies, where every worker must create its collective ops
     in one order.
     """
