@@ -132,14 +132,14 @@ def setup_tensorflow(deterministic: bool, graph_optimization: Optional[str] = No
     TemporaryVariable plus one AssignAdd per input) that adds the inputs in the order
     they become ready. It does so when its static estimate of the graph's peak memory
     passes 80 % of the device's nominal size, 256 MiB for a CPU: every large step
-    function (the flops supernet, a retrain at 224x224), not the tiny ones. That order is the executor's, which follows the node order of
-    the optimised graph, and that order differs between processes (oneDNN's layout
-    pass, which runs after grappler, numbers the nodes it rewrites in an order that
-    changes from process to process): on the flops supernet three processes fed
-    identical graphs and inputs gave three different expected costs after one θ step
-    (issue 14). With the memory optimiser off (RewriterConfig.memory_optimization =
-    NO_MEM_OPT; tf.config has no switch for it, so the context's base ConfigProto
-    carries it) the three agreed to the bit.
+    function (the flops supernet, a retrain at 224x224), not the tiny ones. The ready
+    order is the executor's, which follows the node order of the final graph, and that
+    order differs between processes (dumps of the θ step: identical through grappler;
+    after partitioning and oneDNN's layout pass the same nodes in another order). On
+    the flops supernet three processes fed identical graphs and inputs gave three
+    different expected costs after one θ step (issue 14). With the memory optimiser
+    off (RewriterConfig.memory_optimization = NO_MEM_OPT; tf.config has no switch for
+    it, so the context's base ConfigProto carries it) the three agreed to the bit.
 
   graph_optimization: None leaves TensorFlow's graph optimiser as it is; 'on'/'off' as
   the flag. Measured on the 2-core CPU: for the flops supernet (22 layers, K = 5)
@@ -210,6 +210,7 @@ def memory_optimizer_enabled() -> bool:
       context.context().function_call_options.config_proto_serialized)
   return (config.graph_options.rewrite_options.memory_optimization
           != rewriter_config_pb2.RewriterConfig.NO_MEM_OPT)
+
 
 def train_config(fv: flags.FlagValues):
   """train_config.TrainConfig from a round's flags (validated; no TensorFlow import)."""
