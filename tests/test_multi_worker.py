@@ -48,7 +48,7 @@ def test_worker_task_from_tf_config(monkeypatch):
     run_dir.worker_task("multi_worker")
 
 
-def _run_workers(args, ports):
+def _start_workers(args, ports):
   procs = []
   for i in range(2):
     env = dict(os.environ, TF_CONFIG=_tf_config(ports, i), TF_CPP_MIN_LOG_LEVEL="2",
@@ -56,6 +56,11 @@ def _run_workers(args, ports):
     env.pop("PYTHONPATH", None)
     procs.append(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _run_workers(args, ports):
+  procs = _start_workers(args, ports)
   results = []
   for p in procs:
     try:
@@ -106,6 +111,44 @@ def test_one_round_on_two_workers_chief_writes(tmp_path):
   assert {k: v for k, v in resumed.items() if k != "seconds"} == {
       k: v for k, v in summary.items() if k != "seconds"}
   assert [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in again] == survivors
+
+
+@pytest.mark.slow
+def test_a_lost_worker_ends_the_other_with_one_line_and_both_resume(tmp_path):
+  """Worker 0 killed mid-round: worker 1 stops within 60 s with one `error:` line that
+  names the lost worker and says how to resume; the same command on both then resumes
+  from the last checkpoint and finishes the round."""
+  out = tmp_path / "round"
+  args = [sys.executable, "-m", "nse_tf.train_round", "--dataset=demo_digits_hard",
+          "--image_size=16", "--space=flops27", "--macro=tiny", "--max_ops=1",
+          "--global_batch=16", "--epochs=1", "--steps_per_epoch=40", "--checkpoint_every=10",
+          "--strategy=multi_worker", "--graph_optimization=off",
+          f"--output_dir={out}"]
+  chief, worker = _start_workers(args, _free_ports(2))
+  try:
+    deadline = time.time() + 300
+    while (time.time() < deadline and chief.poll() is None and worker.poll() is None
+           and not (out / "ckpt" / "checkpoint").exists()):
+      time.sleep(0.2)
+    assert chief.poll() is None and worker.poll() is None, "a worker ended before the kill"
+    chief.kill()
+    chief.wait()
+    killed = time.time()
+    _, err = worker.communicate(timeout=60)
+    assert time.time() - killed < 60
+  finally:
+    for p in (chief, worker):
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  assert worker.returncode == 2 and "Traceback" not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("error: lost contact with") and "worker 0" in last, last
+  assert "Re-run the same command on every worker" in last, last
+  resumed = _run_workers(args, _free_ports(2))
+  for stdout, _ in resumed:
+    assert "resuming at step" in stdout, stdout
+  assert json.loads((out / "round.json").read_text())["steps"] == 40
 
 
 @pytest.mark.slow
