@@ -307,8 +307,11 @@ def _common_args():
   return [f"--paths={FLAGS.paths}", f"--steps={FLAGS.steps}", f"--macro={FLAGS.macro}",
           f"--max_ops={FLAGS.max_ops}", f"--seed={FLAGS.seed}",
           f"--recal_batches={FLAGS.recal_batches}",
-          f"--graph_optimization={FLAGS.graph_optimization}",
-          f"--{'' if FLAGS.deterministic else 'no'}deterministic"]
+          f"--graph_optimization={FLAGS.graph_optimization}", _determinism_flag()]
+
+
+def _determinism_flag():
+  return f"--{'' if FLAGS.deterministic else 'no'}deterministic"
 
 
 def _med(rows, key):
@@ -360,7 +363,7 @@ def main(_):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   print(f"TensorFlow {tf.__version__}; {os.cpu_count()} CPUs; each resolution in its own "
         f"process; --graph_optimization={FLAGS.graph_optimization}, "
-        f"--{'' if FLAGS.deterministic else 'no'}deterministic", flush=True)
+        f"{_determinism_flag()}", flush=True)
   results = []
   for res, batch, n in zip(FLAGS.resolutions, FLAGS.batches, FLAGS.eval_images):
     t0 = time.perf_counter()

@@ -180,7 +180,9 @@ def set_memory_optimizer(enabled: bool) -> None:
 
   Its AddN-to-accumulation rewrite sums in execution order (see setup_tensorflow).
   tf.config.optimizer has no switch for it, so the eager context's base ConfigProto,
-  which every function call's grappler config starts from, carries the setting.
+  which every function call's grappler config starts from, carries the setting. Call
+  it before other threads make calls: each thread caches its call options on its first
+  call (this resets the calling thread's cache only).
   """
   from absl import logging  # pylint: disable=g-import-not-at-top
   from tensorflow.core.protobuf import config_pb2  # pylint: disable=g-import-not-at-top

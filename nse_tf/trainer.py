@@ -299,9 +299,8 @@ class RoundTrainer:
     (build, two weight steps, a θ step, the catch-up) took 114-122 s instead of
     139-149 s at 224x224, K = 5, batch 8 (peak memory +3 %), and 14 s less at 32x32,
     K = 3; results bit-identical, since the functions and their input signatures are
-    those the loop calls them with. Not under
-    multi-worker or TPU strategies, where every worker must create its collective ops
-    in one order.
+    those the loop calls them with. Not under multi-worker or TPU strategies, where
+    every worker must create its collective ops in one order.
     """
     if (self._weight_step.experimental_get_tracing_count() or
         isinstance(self.strategy, (tf.distribute.MultiWorkerMirroredStrategy,

@@ -44,8 +44,7 @@ def mirrored_two_cpus():
 def _global_state_restored():
   """Every test leaves TensorFlow's, Keras', NumPy's and absl's global settings as it found
   them (op determinism, seeds, mixed-precision policy, graph optimiser and its memory
-  optimiser, log verbosity), so
-  that no test depends on which ran before it."""
+  optimiser, log verbosity), so that no test depends on which ran before it."""
   import random  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
