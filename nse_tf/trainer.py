@@ -182,7 +182,12 @@ class RoundTrainer:
     # Inlined into both steps, not called there as one shared tf.function: a nested
     # function call that updates the weights was not ordered before the θ step's
     # read-only uses of them (θ drifted by 1e-3 over 120 steps of the demo).
-    self._catch_up_all = tf.function(self.sgd.catch_up, autograph=False)
+    # The round-end catch-up runs once per round: eagerly (a fraction of a second,
+    # the same element-wise arithmetic) rather than compiled (12 s of tracing and
+    # graph optimisation for the flops supernet at 224x224); compiled on TPUs.
+    self._catch_up_all = (tf.function(self.sgd.catch_up, autograph=False)
+                          if isinstance(strategy, tf.distribute.TPUStrategy)
+                          else self.sgd.catch_up)
     self.history: List[Dict[str, float]] = []
     self.restored = self._restore()
 
@@ -289,8 +294,8 @@ class RoundTrainer:
     return theta_step
 
   def _trace_ahead(self) -> Optional[_Background]:
-    """Traces the θ step and the round-end catch-up in a background thread while the
-    weight step's first call optimises its graph and runs.
+    """Traces the θ step (and the round-end catch-up where it is compiled) in a
+    background thread while the weight step's first call optimises its graph and runs.
 
     A compiled step's first call is Python tracing (holds the GIL) and then graph
     optimisation and the first run (C++, without the GIL). Tracing the weight step
@@ -313,7 +318,8 @@ class RoundTrainer:
     def trace():
       self._theta_step.get_concrete_function(self.holdout_iter, gates, gates,
                                              tf.TensorSpec([layers], tf.bool), gates)
-      self._catch_up_all.get_concrete_function()
+      if hasattr(self._catch_up_all, "get_concrete_function"):
+        self._catch_up_all.get_concrete_function()
 
     return _Background(trace, name="nse-trace-ahead")
 
