@@ -128,6 +128,17 @@ class CandidateEvaluator:
     self.scale_bn = tf.function(
         (lambda f: strategy.run(scale, args=(f,))) if local else scale, autograph=False)
 
+  def trace(self, num_gates: int) -> None:
+    """Traces the recalibration, BN-scaling and evaluation steps without running them
+    (e.g. in a thread while the round trains: `RoundTrainer.train(trace_also=…)`)."""
+    tf = self.tf
+    gates = tf.TensorSpec([num_gates], tf.float32)
+    self.recal_step.get_concrete_function(self.recal_iter, gates)
+    self.scale_bn.get_concrete_function(tf.TensorSpec([], tf.float32))
+    if self.eval_batches:
+      images, labels = self.eval_batches[0]
+      self.eval_step.get_concrete_function(images, labels, gates)
+
   def skip_candidate(self):
     """Passes over one candidate's recalibration batches (another worker evaluates it), so
     that every candidate recalibrates on the same batches however the work is split."""

@@ -421,6 +421,7 @@ class Search:
     self.state = state
     if not os.path.exists(self.state_path):
       self.state.save(self.state_path)
+    self._traced_evaluator = None   # built and traced while a round trains
 
   def round_dir(self, r: int) -> str:
     d = os.path.join(self.out, f"round_{r:02d}")
@@ -468,8 +469,9 @@ class Search:
     rdir = self.round_dir(r)
     t0 = time.time()
     trainer = self._trainer(r)
+    self._traced_evaluator = None
     if self.state.phase == "train":
-      trainer.train()
+      trainer.train(trace_also=lambda: self._trace_evaluator(trainer))
       self.state.phase = "evaluate"
       self.state.save(self.state_path)
     elif trainer.step.numpy() < trainer.total_steps:
@@ -553,6 +555,14 @@ class Search:
                 "round")
 
   # ------------------------------------------------------------- evaluation
+  def _trace_evaluator(self, trainer) -> None:
+    """Builds the round's evaluator and traces its steps while the round trains (in the
+    trainer's trace-ahead thread); `_evaluate` uses it when it starts at candidate 0."""
+    evaluator = CandidateEvaluator(trainer, self.data, self.cfg,
+                                   local=self.cfg.split_evaluation)
+    evaluator.trace(trainer.model.total_ops)
+    self._traced_evaluator = evaluator
+
   def _evaluate(self, trainer, cands, log_path: str) -> Dict[int, float]:
     """Accuracy of every candidate on the held-out split (BN recalibrated first).
 
@@ -585,8 +595,10 @@ class Search:
     # Candidate i recalibrates on training batches [i·n, (i+1)·n) of one fixed
     # stream, so a resumed evaluation sees the batches an uninterrupted one would.
     split = self.cfg.split_evaluation
-    evaluator = CandidateEvaluator(trainer, self.data, self.cfg, start_index=todo[0],
-                                   local=split)
+    evaluator, self._traced_evaluator = self._traced_evaluator, None
+    if evaluator is None or todo[0] != 0 or evaluator.model is not trainer.model:
+      evaluator = CandidateEvaluator(trainer, self.data, self.cfg, start_index=todo[0],
+                                     local=split)
     me, workers = rank if (split and rank is not None) else (0, 1)
     local_replicas = self.strategy.num_replicas_in_sync // workers
     if split and local_replicas > 1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -293,7 +293,8 @@ class RoundTrainer:
 
     return theta_step
 
-  def _trace_ahead(self) -> Optional[_Background]:
+  def _trace_ahead(self, also: Optional[Callable[[], None]] = None
+                   ) -> Tuple[Optional[_Background], List[_Background]]:
     """Traces the θ step (and the round-end catch-up where it is compiled) in a
     background thread while the weight step's first call optimises its graph and runs.
 
@@ -306,11 +307,16 @@ class RoundTrainer:
     K = 3; results bit-identical, since the functions and their input signatures are
     those the loop calls them with. Not under multi-worker or TPU strategies, where
     every worker must create its collective ops in one order.
+
+    `also` (e.g. tracing the round's candidate evaluation) runs in a second thread once
+    the θ step is traced; the loop waits for it at the round's end. Returns the θ
+    thread (joined before the first θ step) and the list that receives the other.
     """
+    later: List[_Background] = []
     if (self._weight_step.experimental_get_tracing_count() or
         isinstance(self.strategy, (tf.distribute.MultiWorkerMirroredStrategy,
                                    tf.distribute.TPUStrategy))):
-      return None
+      return None, later
     n, layers = self.model.total_ops, len(self.model.mbls)
     gates = tf.TensorSpec([n], tf.float32)
     self._weight_step.get_concrete_function(self.train_iter, gates)
@@ -320,12 +326,19 @@ class RoundTrainer:
                                              tf.TensorSpec([layers], tf.bool), gates)
       if hasattr(self._catch_up_all, "get_concrete_function"):
         self._catch_up_all.get_concrete_function()
+      if also is not None:
+        later.append(_Background(also, name="nse-trace-ahead-2"))
 
-    return _Background(trace, name="nse-trace-ahead")
+    return _Background(trace, name="nse-trace-ahead"), later
 
   # -------------------------------------------------------------------- loop
-  def train(self, stop_at: Optional[int] = None) -> RoundResult:
-    """Trains to the end of the round (or up to step `stop_at`, for tests)."""
+  def train(self, stop_at: Optional[int] = None,
+            trace_also: Optional[Callable[[], None]] = None) -> RoundResult:
+    """Trains to the end of the round (or up to step `stop_at`, for tests).
+
+    trace_also: work to overlap with training where the loop traces ahead (tracing
+    what runs after the round); it must not change any state the round reads.
+    """
     cfg = self.cfg
     end = self.total_steps if stop_at is None else min(stop_at, self.total_steps)
     alive = self.alive_masks()
@@ -333,7 +346,7 @@ class RoundTrainer:
     step = int(self.step.numpy())
     progress = loop.EpochProgress(self.schedule, ["loss", "acc", "cost", "alive"], cfg.progress)
     last: Dict[str, float] = {}
-    ahead = self._trace_ahead() if step < end else None
+    ahead, later = self._trace_ahead(trace_also) if step < end else (None, [])
     while step < end:
       progress.start_step(step)
       thetas = self.model.thetas_numpy()
@@ -374,6 +387,8 @@ class RoundTrainer:
         self.save()
     if ahead is not None:
       ahead.join()
+    for work in later:
+      work.join()
     self._catch_up_all()   # the weights as if every off step had been applied
     return RoundResult(self.model, self.alive_masks(), self.model.thetas_numpy(), self.pruned,
                        int(self.step.numpy()), self.history)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nse_tf import arch as arch_lib
-from nse_tf import candidate_eval, cli, cost, evolution, search, spaces
+from nse_tf import candidate_eval, cli, cost, evolution, fileio, search, spaces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -450,6 +450,12 @@ def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, 
   plain = srch.evaluate_in_last_round(archs, str(tmp_path / "plain.jsonl"))
   plain_halves = dict(srch.halves)
   assert len(plain) == 6 and len(plain_halves) == 6
+  # The search built its evaluator and traced it while round 2 trained (trace-ahead);
+  # a fresh one on the finished round gives its candidates the same bits.
+  logged = {rec["i"]: rec["accuracy"] for rec in fileio.read_jsonl(
+      str(run / "round_02" / "evaluated.jsonl"))}
+  assert [int(r["arch_id"]) for r in rows[:6]] == list(range(6))
+  assert plain == [logged[i] for i in range(6)]
   srch.cfg = dataclasses.replace(srch.cfg, split_evaluation=True)
   split_log = tmp_path / "split.jsonl"
   assert srch.evaluate_in_last_round(archs, str(split_log)) == plain

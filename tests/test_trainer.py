@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -32,14 +33,17 @@ def test_killed_round_resumes_on_the_same_trajectory(tmp_path, grappler_off, mon
   call does (the resumed run, trace-ahead off), and traces each function once."""
   tf.config.experimental.enable_op_determinism()
   uninterrupted = _trainer(str(tmp_path / "a"))
-  uninterrupted.train(stop_at=3)
+  threads = []
+  uninterrupted.train(stop_at=3,
+                      trace_also=lambda: threads.append(threading.current_thread().name))
+  assert threads == ["nse-trace-ahead-2"]   # run beside the training, once
   uninterrupted.save()
   # What a kill at step 3 leaves on disk: the checkpoint of step 3, nothing later.
   shutil.copytree(tmp_path / "a", tmp_path / "b")
   straight = uninterrupted.train()
   for fn in (uninterrupted._weight_step, uninterrupted._theta_step):
     assert fn.experimental_get_tracing_count() == 1
-  monkeypatch.setattr(trainer.RoundTrainer, "_trace_ahead", lambda self: None)
+  monkeypatch.setattr(trainer.RoundTrainer, "_trace_ahead", lambda self, also=None: (None, []))
   resumed = _trainer(str(tmp_path / "b"))
   assert resumed.restored and int(resumed.step.numpy()) == 3
   result = resumed.train()
