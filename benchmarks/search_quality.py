@@ -81,6 +81,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "(the ops that survived, each on with p = 0.5: the evolved space without "
                     "θ) and, the control, one drawn the same way from round 1's initial space "
                     "(no search), --seeds seeds each.", flag_values=fv)
+  flags.DEFINE_integer("image_size", None, "Train and validate every standalone network at "
+                       "this resolution instead of the search's (e.g. does a larger input "
+                       "separate the architectures more? with --num_rank=0 --norounds). The "
+                       "supernet's scores in (a) stay the search's.", lower_bound=8,
+                       flag_values=fv)
   flags.DEFINE_list("aggregate", None, "Instead of benchmarking one search: the directories "
                     "of several searches of one task (e.g. search seeds), each with a finished "
                     "search_quality.json against the same random architectures and budget; "
@@ -175,22 +180,32 @@ def spread_pick(rows, lo, hi, n, rng):
 class Runner:
   """Trains standalone networks with one budget; results cached in a JSON-lines file."""
 
-  def __init__(self, cfg, cache_path, budget):
-    from nse_tf import data  # pylint: disable=g-import-not-at-top
+  def __init__(self, cfg, cache_path, budget, image_size=None):
     self.cfg = cfg
     self.budget = budget   # the flags: steps, batch, lr, weight_decay
-    self.data = data.get_data(cfg["dataset"], data_dir=cfg.get("data_dir"),
-                              image_size=cfg["image_size"],
-                              holdout_examples=cfg.get("holdout_examples"))
+    # Standalone networks train at the search's resolution unless told otherwise; results
+    # at another one are cached under their own keys.
+    self.size = image_size or cfg["image_size"]
+    self._size_key = f"|size={self.size}" if self.size != cfg["image_size"] else ""
+    self.data = self._data(self.size)
     self.cache_path = cache_path
     self.cache = {rec["key"]: rec for rec in fileio.read_jsonl(cache_path)}
     self.trained = 0
     self.seconds = 0.0
 
+  def _data(self, size):
+    from nse_tf import data  # pylint: disable=g-import-not-at-top
+    return data.get_data(self.cfg["dataset"], data_dir=self.cfg.get("data_dir"),
+                         image_size=size, holdout_examples=self.cfg.get("holdout_examples"))
+
+  def search_data(self):
+    """The dataset at the search's resolution (what its supernet is evaluated on)."""
+    return self.data if not self._size_key else self._data(self.cfg["image_size"])
+
   def key(self, a, seed):
     b = self.budget
     return (f"{a.to_compact()}|seed={seed}|steps={b.steps}|batch={b.batch}|"
-            f"lr={b.lr}|wd={b.weight_decay}")
+            f"lr={b.lr}|wd={b.weight_decay}{self._size_key}")
 
   def accuracy(self, a, seed):
     k = self.key(a, seed)
@@ -208,7 +223,7 @@ class Runner:
   def _train(self, a, seed):
     import tf_keras as keras  # pylint: disable=g-import-not-at-top
     from nse_tf import nsenet  # pylint: disable=g-import-not-at-top
-    size, b = self.cfg["image_size"], self.budget
+    size, b = self.size, self.budget
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     model = nsenet.build_nsenet(a, self.data.info.num_classes, (size, size, 3))
@@ -259,7 +274,7 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
     picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
     what = f"round-{rounds} candidates"
   else:
-    srch = last_round_search(out, cfg, runner.data)
+    srch = last_round_search(out, cfg, runner.search_data())
     drawn = uniform_in_space(cfg["space"], macro, cfg["scale"], table,
                              srch.state.working_sets, lo, hi, fv.num_rank,
                              np.random.default_rng(fv.seed + 2))
@@ -492,7 +507,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   macro = cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]]
   lo, hi = (float(v) for v in cfg["interval"])
   final = arch_lib.Architecture.load(os.path.join(out, "final_arch.json"))
-  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"), fv)
+  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"), fv, fv.image_size)
   table = cost.CostTable(cfg["space"], macro, cfg["cost_resolution"], cfg["scale"],
                          num_classes=runner.data.info.num_classes)
   rounds = len(state["history"])
@@ -500,12 +515,13 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   t_start = time.time()
   print(f"search {out}: {cfg['dataset']} at {cfg['image_size']}px, {cfg['space']}@{macro}, "
         f"K={cfg['max_ops']}, {rounds} rounds, interval ({lo:g}, {hi:g}) {table.unit}")
-  print(f"every network: {fv.steps} steps of {fv.batch}, SGD Nesterov lr {fv.lr} "
+  print(f"every network at {runner.size}px: {fv.steps} steps of {fv.batch}, SGD Nesterov "
+        f"lr {fv.lr} "
         f"cosine, weight decay {fv.weight_decay}; top-1 on the "
         f"{runner.data.info.num_validation} validation images (never used by the search)\n")
   summary = {"search_dir": os.path.abspath(out), "budget": {
       "steps": fv.steps, "batch": fv.batch, "lr": fv.lr,
-      "weight_decay": fv.weight_decay, "seeds": fv.seeds}}
+      "weight_decay": fv.weight_decay, "seeds": fv.seeds, "image_size": runner.size}}
 
   # (b) NSE vs random.
   nse = final.with_scale(cfg["scale"])

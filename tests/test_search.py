@@ -282,6 +282,14 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   assert "(a) rank fidelity: skipped" in capsys.readouterr().out
   only_b = json.loads((run / "search_quality.json").read_text())
   assert "rank_fidelity" not in only_b and only_b["networks_trained"] == 0
+  # --image_size: the same networks trained at another resolution, cached apart.
+  assert cli.invoke(bench.define_flags, bench.main, args + ["--num_rank=0",
+                                                            "--image_size=20"]) == 0
+  assert "every network at 20px" in capsys.readouterr().out
+  at20 = json.loads((run / "search_quality.json").read_text())
+  assert at20["networks_trained"] == 3 and at20["budget"]["image_size"] == 20
+  assert sum("|size=20" in line for line in
+             (run / "search_quality_runs.jsonl").read_text().splitlines()) == 3
   # (a) on uniform draws of the last round's space, evaluated in its supernet checkpoint:
   # the search directory's own files are not touched.
   before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
