@@ -147,8 +147,9 @@ class CandidateEvaluator:
 
   def _scale_bn_stats(self, factor: float):
     for bn in self.bns:
-      bn.moving_mean.assign(bn.moving_mean * factor)
-      bn.moving_variance.assign(bn.moving_variance * factor)
+      f = self.tf.cast(factor, bn.moving_mean.dtype)   # float64 statistics in tests
+      bn.moving_mean.assign(bn.moving_mean * f)
+      bn.moving_variance.assign(bn.moving_variance * f)
 
   def accuracy(self, gates: np.ndarray) -> float:
     tf = self.tf

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from nse_tf import cost, data, distribute, loop, optim, spaces, trainer
+from nse_tf import candidate_eval, cost, data, distribute, evolution, loop, optim, spaces, trainer
 
 WS = [[0, 21], [3, 9], [0, 12], [6, 25], [1, 10], [3, 13]]   # tiny macro, 2 ops per layer
 
@@ -342,6 +342,8 @@ def _mirrored_vs_default(working_sets, mirrored):
       return fn
 
   table = cost.CostTable("flops27", "tiny", resolution=32)
+  scfg = evolution.SearchConfig(space="flops27", macro="tiny", max_ops=2, bn_recal_batches=2,
+                                eval_examples=96, eval_batch=48, image_size=32)
   out = {}
   for name, strategy in (("default", tf.distribute.get_strategy()), ("mirrored", mirrored)):
     cfg = trainer.TrainConfig(global_batch=16, epochs=1, steps_per_epoch=4, warmup_epochs=0,
@@ -350,9 +352,19 @@ def _mirrored_vs_default(working_sets, mirrored):
     t = trainer.RoundTrainer(cfg, strategy, FixedBatch(), table, space="flops27",
                              macro="tiny", working_sets=working_sets, num_classes=10,
                              resolution=32)
-    r = t.train()
+    box = {}
+
+    def trace_evaluator(t=t, box=box):   # as the search does while a round trains
+      box["evaluator"] = candidate_eval.CandidateEvaluator(t, real, scfg)
+      box["evaluator"].trace(t.model.total_ops)
+
+    r = t.train(trace_also=trace_evaluator)
     bn = t.model.stem_bn.moving_variance
-    out[name] = {"thetas": r.thetas,
+    ev, gates = box["evaluator"], np.ones(t.model.total_ops, np.float32)
+    evaluated = (ev.accuracy(gates), ev.recal_step.experimental_get_tracing_count(),
+                 ev.eval_step.experimental_get_tracing_count())
+    assert evaluated[0] == candidate_eval.CandidateEvaluator(t, real, scfg).accuracy(gates)
+    out[name] = {"evaluated": evaluated, "thetas": r.thetas,
                  "weights": [v.numpy().ravel()[:50] for v in t.model.weight_variables],
                  "moving_variance": tf.convert_to_tensor(bn).numpy(),
                  "loss": r.history[-1]["loss"], "cost": r.history[-1]["cost"]}
@@ -368,6 +380,9 @@ MIRRORED_WS = [[0, 21], [3], [12], [6, 25], [1], [13]]
 def test_mirrored_two_cpus_matches_default_strategy_with_sync_bn(mirrored_two_cpus, grappler_off):
   res = _mirrored_vs_default(MIRRORED_WS, mirrored_two_cpus)
   a, b = res["default"], res["mirrored"]
+  # The evaluator built and traced in the trace-ahead thread, under either strategy: traced
+  # once, and it evaluates as one built afterwards does (checked in the helper).
+  assert a["evaluated"][1:] == b["evaluated"][1:] == (1, 1)
   assert abs(a["loss"] - b["loss"]) < 1e-6                # logits are cast to float32
   assert abs(a["cost"] - b["cost"]) < 1e-5
   assert max(np.abs(x).max() for x in a["thetas"]) > 1e-3  # θ steps ran
