@@ -29,6 +29,7 @@ CI never runs this; the tests run it once at tiny sizes.
 """
 
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -79,6 +80,15 @@ def peak_rss_mib() -> float:
       if line.startswith("VmHWM:"):
         return int(line.split()[1]) / 1024.0
   return float("nan")
+
+
+class _ExpectedRetracing(logging.Filter):
+  """Drops TensorFlow's "… calls to <function …> triggered tf.function retracing" warning:
+  each standalone network here has compiled steps of its own, traced once each, which
+  that warning counts as retracing of one function."""
+
+  def filter(self, record):
+    return "triggered tf.function retracing" not in record.getMessage()
 
 
 def _first_call(fn, *args):
@@ -248,7 +258,9 @@ def run_supernet(res, batch, eval_images):
   # Every path's standalone network is built (and its steps traced) before any timing:
   # the first call of a compiled supernet function after new Keras variables exist took
   # about half its first-call time again (no retrace), so the supernet's functions are
-  # warmed up once after all builds (and the standalone networks' functions too). No keras.backend.clear_session(): it made them retrace.
+  # warmed up once after all builds (and the standalone networks' functions too). No
+  # keras.backend.clear_session(): it made them retrace.
+  logging.getLogger("tensorflow").addFilter(_ExpectedRetracing())
   rows, nets = [], []
   for p in range(FLAGS.paths):
     gates = sampler.weight_gates(alive, None)
