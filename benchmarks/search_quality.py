@@ -516,8 +516,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   print(f"search {out}: {cfg['dataset']} at {cfg['image_size']}px, {cfg['space']}@{macro}, "
         f"K={cfg['max_ops']}, {rounds} rounds, interval ({lo:g}, {hi:g}) {table.unit}")
   print(f"every network at {runner.size}px: {fv.steps} steps of {fv.batch}, SGD Nesterov "
-        f"lr {fv.lr} "
-        f"cosine, weight decay {fv.weight_decay}; top-1 on the "
+        f"lr {fv.lr} cosine, weight decay {fv.weight_decay}; top-1 on the "
         f"{runner.data.info.num_validation} validation images (never used by the search)\n")
   summary = {"search_dir": os.path.abspath(out), "budget": {
       "steps": fv.steps, "batch": fv.batch, "lr": fv.lr,

@@ -295,8 +295,9 @@ class RoundTrainer:
 
   def _trace_ahead(self, also: Optional[Callable[[], None]] = None
                    ) -> Tuple[Optional[_Background], List[_Background]]:
-    """Traces the θ step (and the round-end catch-up where it is compiled) in a
-    background thread while the weight step's first call optimises its graph and runs.
+    """Traces the θ step in a background thread while the weight step's first call
+    optimises its graph and runs (the round-end catch-up is eager here: compiled only
+    under TPUStrategy, where there is no trace-ahead).
 
     A compiled step's first call is Python tracing (holds the GIL) and then graph
     optimisation and the first run (C++, without the GIL). Tracing the weight step
@@ -324,8 +325,6 @@ class RoundTrainer:
     def trace():
       self._theta_step.get_concrete_function(self.holdout_iter, gates, gates,
                                              tf.TensorSpec([layers], tf.bool), gates)
-      if hasattr(self._catch_up_all, "get_concrete_function"):
-        self._catch_up_all.get_concrete_function()
       if also is not None:
         later.append(_Background(also, name="nse-trace-ahead-2"))
 
