@@ -18,32 +18,37 @@ from nse_tf import retrainer
 
 TINY = "flops27@tiny*0.25:0|3|-|6|0|9+21"
 SIZE = 32
+STEPS = 300
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A finished (very short) retrain directory and its Keras model.
+  """A finished short retrain directory and its Keras model.
 
-  Trained with the EfficientNet recipe's options (swish, SE, stochastic depth, dropout,
+  300 steps (about 10 s) take the tiny net from chance to about 60 % on demo_digits, so its
+  logits differ from image to image and int8 agreement means something (at 8 steps every
+  image got the same near-tied logits, and one CI run's int8 argmax agreed on 19 %). Trained with the EfficientNet recipe's options (swish, SE, stochastic depth, dropout,
   label smoothing, RandAugment), so those train and export too.
   """
   model_dir = str(tmp_path_factory.mktemp("retrain"))
   arch = arch_lib.Architecture.from_compact(TINY)
   d = data_lib.get_data("demo_digits", image_size=SIZE, holdout_examples=0)
-  cfg = retrainer.RetrainConfig(global_batch=32, epochs=1, steps_per_epoch=8, lr=0.1,
+  cfg = retrainer.RetrainConfig(global_batch=32, epochs=1, steps_per_epoch=STEPS, lr=0.1,
                               warmup_epochs=0.2, ema_decay=0.9, eval_every=0, progress=False,
                               activation="swish", se=True, drop_path=0.2, dropout=0.2,
                               label_smoothing=0.1, augment="randaugment")
   r = retrainer.Retrainer(arch, cfg, tf.distribute.get_strategy(), d, model_dir)
   assert any(l.name.endswith("_drop") for l in r.model.layers)
   history = r.train()
-  assert len(history) == 8 and all(np.isfinite(h["loss"]) for h in history)
+  assert len(history) == STEPS and all(np.isfinite(h["loss"]) for h in history)
   arch.save(os.path.join(model_dir, "arch.json"))
   with open(os.path.join(model_dir, "model_config.json"), "w") as f:
     json.dump(r.model_config, f)
   r.write_final()
   model = retrainer.load_trained_model(model_dir)
   images, labels = export.take_images(d.validation(100), 100)
+  accuracy = np.mean(model(images, training=False).numpy().argmax(-1) == labels)
+  assert accuracy >= 0.3, f"the fixture's net did not leave chance ({accuracy:.2f})"
   return model_dir, model, r.model_config, d, images, labels
 
 
@@ -226,9 +231,13 @@ def test_tflite_float_and_int8(trained, tmp_path):
   q = export.run_tflite(int8_model, images)
   interp = tf.lite.Interpreter(model_content=int8_model)
   assert interp.get_input_details()[0]["dtype"] == np.int8
-  # A barely trained tiny net has nearly tied logits, so int8 agreement here is a sanity
-  # bound; the 200-image figure for a trained network is in the README.
-  assert np.mean(q.argmax(-1) == keras_logits.argmax(-1)) >= 0.6
+  # Measured on this fixture (8 runs, 4 at once): agreement 0.94-0.97, centred relative error
+  # 0.04-0.08. The bounds leave room for a differently trained net; the 200-image figure for
+  # a fully trained network is in the README.
+  assert np.mean(q.argmax(-1) == keras_logits.argmax(-1)) >= 0.85
+  centred = lambda x: x - x.mean(0)
+  assert (np.linalg.norm(centred(q) - centred(keras_logits))
+          <= 0.25 * np.linalg.norm(centred(keras_logits)))
 
 
 @pytest.mark.slow
