@@ -27,7 +27,8 @@ def trained(tmp_path_factory):
 
   300 steps (about 10 s) take the tiny net from chance to about 60 % on demo_digits, so its
   logits differ from image to image and int8 agreement means something (at 8 steps every
-  image got the same near-tied logits, and one CI run's int8 argmax agreed on 19 %). Trained with the EfficientNet recipe's options (swish, SE, stochastic depth, dropout,
+  image got the same near-tied logits, and one CI run's int8 argmax agreed on 19 %).
+  Trained with the EfficientNet recipe's options (swish, SE, stochastic depth, dropout,
   label smoothing, RandAugment), so those train and export too.
   """
   model_dir = str(tmp_path_factory.mktemp("retrain"))
