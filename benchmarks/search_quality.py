@@ -66,7 +66,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "them), or on architectures drawn uniformly from the last round's space, "
                     "evaluated in its supernet checkpoint (each op on with p = 0.5, as in "
                     "training).", flag_values=fv)
-  flags.DEFINE_integer("num_random", 10, "Random architectures in (b).", flag_values=fv)
+  flags.DEFINE_integer("num_random", 10, "Random architectures in (b); 0 skips (b) (the "
+                       "pick is not trained either).", lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the random architectures and of the (a) draw.",
                        flag_values=fv)
   flags.DEFINE_float("fixed_cost", None, "Cost bound of the per-round comparison (c) "
@@ -393,7 +394,8 @@ def aggregate(dirs):
         "(again)"))
     if "nse_vs_random" not in summary:
       raise cli.UsageError(f"--aggregate: {d}/search_quality.json has no NSE-vs-random "
-                           "result (b)")
+                           "result (b) (benchmarked with --num_random=0?); run the benchmark "
+                           "on it without that flag")
     runs.append((d, summary))
   if len(runs) < 2:
     raise cli.UsageError("--aggregate needs at least 2 search directories")
@@ -490,39 +492,9 @@ def _aggregate_ablation(runs, picks, rand):
   return out
 
 
-def main(argv, fv: flags.FlagValues = flags.FLAGS):
-  del argv
-  if fv.aggregate:
-    aggregate(fv.aggregate)
-    return
-  if not fv.search_dir:
-    raise cli.UsageError("--search_dir is required (the --output_dir of a finished search), "
-                         "or --aggregate=DIR,DIR,…")
-  out = fv.search_dir
-  cfg = _read_json(out, "config.json")
-  state = _read_json(out, "state.json")
-  if state.get("phase") != "done":
-    raise cli.UsageError(f"{out} is not a finished search (phase {state.get('phase')!r}); "
-                         "run the same search command again to finish it")
-  macro = cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]]
-  lo, hi = (float(v) for v in cfg["interval"])
-  final = arch_lib.Architecture.load(os.path.join(out, "final_arch.json"))
-  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"), fv, fv.image_size)
-  table = cost.CostTable(cfg["space"], macro, cfg["cost_resolution"], cfg["scale"],
-                         num_classes=runner.data.info.num_classes)
-  rounds = len(state["history"])
-  fixed = fv.fixed_cost if fv.fixed_cost is not None else hi
-  t_start = time.time()
-  print(f"search {out}: {cfg['dataset']} at {cfg['image_size']}px, {cfg['space']}@{macro}, "
-        f"K={cfg['max_ops']}, {rounds} rounds, interval ({lo:g}, {hi:g}) {table.unit}")
-  print(f"every network at {runner.size}px: {fv.steps} steps of {fv.batch}, SGD Nesterov "
-        f"lr {fv.lr} cosine, weight decay {fv.weight_decay}; top-1 on the "
-        f"{runner.data.info.num_validation} validation images (never used by the search)\n")
-  summary = {"search_dir": os.path.abspath(out), "budget": {
-      "steps": fv.steps, "batch": fv.batch, "lr": fv.lr,
-      "weight_decay": fv.weight_decay, "seeds": fv.seeds, "image_size": runner.size}}
-
-  # (b) NSE vs random.
+def nse_vs_random(fv, cfg, runner, table, macro, lo, hi, final):
+  """(b): the final pick against --num_random random architectures of the full pool in the
+  interval, --seeds seeds each; the summary entry (its seed noise feeds (a)'s ceiling)."""
   nse = final.with_scale(cfg["scale"])
   nse_mean, nse_accs = runner.mean(nse, fv.seeds)
   print(f"(b) NSE vs random at equal cost, {fv.seeds} seeds per network")
@@ -560,7 +532,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
         f"at NSE's cost ({nse_cost:.1f}, random mean cost {np.mean(rand_costs):.1f}) it "
         f"predicts {100 * (icpt + slope * nse_cost):.2f} %, NSE is {100 * nse_resid:+.2f} "
         f"points off it (random residual std {100 * resid_sd:.2f})\n")
-  summary["nse_vs_random"] = {
+  return {
       "nse": {"arch": nse.to_compact(), "cost": table.arch_cost(nse), "accuracies": nse_accs,
               "mean": nse_mean},
       "random": [{"arch": k, "accuracies": g, "mean": m}
@@ -569,6 +541,47 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
       "random_costs": rand_costs, "cost_matched_residual": float(nse_resid),
       "random_residual_std": float(resid_sd),
       "std_between_architectures": between, "std_between_seeds": within}
+
+
+def main(argv, fv: flags.FlagValues = flags.FLAGS):
+  del argv
+  if fv.aggregate:
+    aggregate(fv.aggregate)
+    return
+  if not fv.search_dir:
+    raise cli.UsageError("--search_dir is required (the --output_dir of a finished search), "
+                         "or --aggregate=DIR,DIR,…")
+  out = fv.search_dir
+  cfg = _read_json(out, "config.json")
+  state = _read_json(out, "state.json")
+  if state.get("phase") != "done":
+    raise cli.UsageError(f"{out} is not a finished search (phase {state.get('phase')!r}); "
+                         "run the same search command again to finish it")
+  macro = cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]]
+  lo, hi = (float(v) for v in cfg["interval"])
+  final = arch_lib.Architecture.load(os.path.join(out, "final_arch.json"))
+  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"), fv, fv.image_size)
+  table = cost.CostTable(cfg["space"], macro, cfg["cost_resolution"], cfg["scale"],
+                         num_classes=runner.data.info.num_classes)
+  rounds = len(state["history"])
+  fixed = fv.fixed_cost if fv.fixed_cost is not None else hi
+  t_start = time.time()
+  print(f"search {out}: {cfg['dataset']} at {cfg['image_size']}px, {cfg['space']}@{macro}, "
+        f"K={cfg['max_ops']}, {rounds} rounds, interval ({lo:g}, {hi:g}) {table.unit}")
+  print(f"every network at {runner.size}px: {fv.steps} steps of {fv.batch}, SGD Nesterov "
+        f"lr {fv.lr} cosine, weight decay {fv.weight_decay}; top-1 on the "
+        f"{runner.data.info.num_validation} validation images (never used by the search)\n")
+  summary = {"search_dir": os.path.abspath(out), "budget": {
+      "steps": fv.steps, "batch": fv.batch, "lr": fv.lr,
+      "weight_decay": fv.weight_decay, "seeds": fv.seeds, "image_size": runner.size}}
+
+  # (b) NSE vs random; --num_random=0 skips it (e.g. (a) alone on another search).
+  within = None
+  if fv.num_random < 1:
+    print("(b) NSE vs random: skipped (--num_random=0)\n")
+  else:
+    summary["nse_vs_random"] = nse_vs_random(fv, cfg, runner, table, macro, lo, hi, final)
+    within = summary["nse_vs_random"]["std_between_seeds"]
 
   # (a) Rank fidelity on the last round's candidates, or on uniform draws of its space.
   if fv.num_rank < 1:

@@ -282,6 +282,13 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   assert "(a) rank fidelity: skipped" in capsys.readouterr().out
   only_b = json.loads((run / "search_quality.json").read_text())
   assert "rank_fidelity" not in only_b and only_b["networks_trained"] == 0
+  # --num_random=0: (a) alone (here from the cache: nothing more is trained).
+  assert cli.invoke(bench.define_flags, bench.main, args + ["--num_random=0"]) == 0
+  only_a_out = capsys.readouterr().out
+  assert "(b) NSE vs random: skipped" in only_a_out and "Kendall" in only_a_out
+  only_a = json.loads((run / "search_quality.json").read_text())
+  assert "nse_vs_random" not in only_a and only_a["networks_trained"] == 0
+  assert len(only_a["rank_fidelity"]["points"]) == 3
   # --image_size: the same networks trained at another resolution, cached apart.
   assert cli.invoke(bench.define_flags, bench.main, args + ["--num_rank=0",
                                                             "--image_size=20"]) == 0
