@@ -30,7 +30,7 @@ setuptools.setup(
         "importlib_resources",     # tfds builders import it
         "tensorboard>=2.20",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.6"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.8"]},
     entry_points={"console_scripts": [
         "nse-search=nse_tf.search:run",
         "nse-train-round=nse_tf.train_round:run",
