@@ -163,10 +163,11 @@ def one_error_line(capsys):
   return check
 
 
-# Seconds each file took on the CI machine (2026-12-02, `--durations=0`, summed per file),
-# heaviest first. Two workers take whole files (`--dist loadfile`) in collection order, so
-# starting the long files first lets both finish together: in xdist's default order (most
-# tests first) the four heaviest files came last and one worker ran alone for ~90 s.
+# Seconds each file took in the suite on this 2-core machine (2026-12-02, `--durations=0`,
+# summed per file), heaviest first. Two workers take whole files (`--dist loadfile`) in
+# collection order, so starting the long files first lets both finish together: in
+# xdist's default order (most tests first) the four heaviest files came last and one
+# worker ran alone for 122 s at the end (13 s in this order).
 # Only the order changes; a file not listed runs after these, in its usual order.
 _FILE_SECONDS = {
     "test_search.py": 286, "test_multi_worker.py": 254, "test_trainer.py": 134,
