@@ -86,8 +86,9 @@ def define_supernet_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=fv)
   flags.DEFINE_bool("skip_off_ops", False, "Off ops get no momentum/decay update (the "
                     "reference runs moved them; default False).", flag_values=fv)
-  flags.DEFINE_enum("gate_sampling", "uniform", ["uniform", "theta"],
-                    "Weight-step gates: p = 0.5, or θ-based.", flag_values=fv)
+  flags.DEFINE_enum("gate_sampling", "uniform", ["uniform", "theta", "count"],
+                    "Weight-step gates: p = 0.5, θ-based, or 'count' (the number of active "
+                    "ops uniform per layer, then which ones).", flag_values=fv)
   flags.DEFINE_integer("theta_every", 2, "A θ step every k-th weight step.", flag_values=fv)
   flags.DEFINE_float("theta_lr", 0.005, "Adam lr of θ (the paper text says 0.1; the reference "
                      "runs used 0.005).", flag_values=fv)

@@ -53,8 +53,8 @@ TFDS_HOLDOUT_FRACTION = 0.1           # other tfds datasets, capped at IMAGENET_
 DEFAULT_SHUFFLE_BUFFER = 10_000       # tfds only; the demo data is shuffled by index
 
 # Datasets whose classes change under a mirror image (digits, characters, house numbers).
-_NO_FLIP = ("demo_digits", "demo_digits_hard", "mnist", "emnist", "kmnist", "svhn_cropped",
-            "omniglot", "binarized_mnist")
+_NO_FLIP = ("demo_digits", "demo_digits_hard", "demo_glyphs", "mnist", "emnist", "kmnist",
+            "svhn_cropped", "omniglot", "binarized_mnist")
 
 # Stream ids that keep the different uses of one user seed apart.
 _STREAM_SHUFFLE = 1
@@ -419,10 +419,11 @@ def _resolve_holdout(dataset: str, num_train_split: int, holdout_examples: Optio
 def _get_demo(dataset, image_size, holdout_examples, min_crop_scale, flip) -> ImageData:
   train_images, train_labels, val_images, val_labels = demo_data.load_demo(dataset)
   n_hold = _resolve_holdout(dataset, len(train_labels), holdout_examples)
-  info = DatasetInfo(name=dataset, num_classes=10, num_train=len(train_labels) - n_hold,
+  info = DatasetInfo(name=dataset, num_classes=int(train_labels.max()) + 1,
+                     num_train=len(train_labels) - n_hold,
                      num_holdout=n_hold, num_validation=len(val_labels),
                      image_size=int(image_size),
-                     class_names=demo_data.SHAPE_CLASSES if dataset == "demo_shapes" else ())
+                     class_names=demo_data.class_names(dataset))
   # The train arrays are stored in a fixed random order, so the first n_hold are a
   # random (and always the same) sample.
   return ImageData(

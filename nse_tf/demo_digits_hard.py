@@ -48,21 +48,23 @@ def _split_stratified(labels: np.ndarray, fraction: float, rng) -> Tuple[np.ndar
 
 
 def render(base: np.ndarray, base_labels: np.ndarray, num: int, seed: int,
-           size: int = SIZE) -> Tuple[np.ndarray, np.ndarray]:
+           size: int = SIZE, zoom: float = 1.0) -> Tuple[np.ndarray, np.ndarray]:
   """`num` distorted images [num, size, size, 3] uint8 and labels [num] int32.
 
-  base: [B, 8, 8] uint8 grey digits (0 = background). Each image draws one base digit
-  uniformly, so classes are as balanced as the base digits.
+  base: [B, G, G] uint8 grey glyphs (0 = background; scikit-learn's digits: G = 8). Each
+  image draws one base glyph uniformly, so classes are as balanced as the base glyphs.
+  zoom: multiplies the glyph's scale (1.5–2.2×) and the fragment's, for glyphs drawn
+  larger than the 8x8 digits (nse_tf/demo_glyphs.py).
   """
   from scipy import ndimage  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(seed)
   glyphs = base.astype(np.float64) / 255.0
   idx = rng.integers(0, len(base), num)
   strokes = np.empty((num, size, size), np.float64)
-  centre_in = np.array([3.5, 3.5])
+  centre_in = np.full(2, (base.shape[1] - 1) / 2.0)
   for k, i in enumerate(idx):
     angle = np.deg2rad(rng.uniform(-25, 25))
-    scale = rng.uniform(1.5, 2.2)
+    scale = rng.uniform(1.5, 2.2) * zoom
     shear = rng.uniform(-0.2, 0.2)
     rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
     inv = np.linalg.inv(rot @ np.array([[1.0, shear], [0.0, 1.0]]) * scale)
@@ -71,7 +73,7 @@ def render(base: np.ndarray, base_labels: np.ndarray, num: int, seed: int,
                                    output_shape=(size, size), order=1, mode="constant")
     if rng.random() < 0.6:            # a fragment of another digit, somewhere, fainter
       j = rng.integers(0, len(base))
-      inv2 = np.eye(2) / rng.uniform(1.2, 1.8)
+      inv2 = np.eye(2) / (rng.uniform(1.2, 1.8) * zoom)
       frag = ndimage.affine_transform(glyphs[j], inv2,
                                       offset=centre_in - inv2 @ rng.uniform(0, size, 2),
                                       output_shape=(size, size), order=1, mode="constant")

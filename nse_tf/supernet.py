@@ -256,14 +256,26 @@ class GateSampler:
   def _nonempty_ok(self, l, g):
     return self.kinds[l] == "N" or g.any()
 
-  def weight_gates(self, alive: Sequence[np.ndarray], probs: Optional[Sequence[np.ndarray]] = None
-                   ) -> np.ndarray:
-    """One pattern per layer: each alive op on with p (0.5 or σ(θ)-based); R/E non-empty."""
+  def weight_gates(self, alive: Sequence[np.ndarray], probs: Optional[Sequence[np.ndarray]] = None,
+                   count: bool = False) -> np.ndarray:
+    """One pattern per layer: each alive op on with p (0.5 or σ(θ)-based); R/E non-empty.
+
+    count=True: the number of active ops is uniform over what the layer allows (0 or 1 up
+    to every alive op), then that many alive ops uniformly (sparse and dense paths trained
+    equally often; `probs` is not used).
+    """
     out = []
     for l, a in enumerate(alive):
       p = 0.5 if probs is None else probs[l]
       if not a.any():
         out.append(np.zeros(len(a), np.float32))
+        continue
+      if count:
+        idx = np.flatnonzero(a)
+        k = self.rng.integers(0 if self.kinds[l] == "N" else 1, len(idx) + 1)
+        g = np.zeros(len(a), np.float32)
+        g[self.rng.permutation(idx)[:k]] = 1.0
+        out.append(g)
         continue
       while True:
         g = (self.rng.random(len(a)) < p) & a

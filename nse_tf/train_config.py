@@ -69,8 +69,9 @@ class TrainConfig(LoopConfig):
 
   def validate(self):
     self.validate_loop(ConfigError)
-    if self.gate_sampling not in ("uniform", "theta"):
-      raise ConfigError(f"gate_sampling must be 'uniform' or 'theta', got {self.gate_sampling!r}")
+    if self.gate_sampling not in ("uniform", "theta", "count"):
+      raise ConfigError("gate_sampling must be 'uniform', 'theta' or 'count', got "
+                        f"{self.gate_sampling!r}")
     if self.theta_every < 1:
       raise ConfigError(f"theta_every must be >= 1, got {self.theta_every}")
     if self.beta <= 0:

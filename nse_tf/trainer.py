@@ -351,7 +351,7 @@ class RoundTrainer:
       thetas = self.model.thetas_numpy()
       probs = ([supernet_lib.keep_prob(t) for t in thetas]
                if cfg.gate_sampling == "theta" else None)
-      gates = self.sampler.weight_gates(alive, probs)
+      gates = self.sampler.weight_gates(alive, probs, count=cfg.gate_sampling == "count")
       loss, acc = self._weight_step(self.train_iter, tf.constant(gates))
       last = {"loss": float(loss), "acc": float(acc)}
       step += 1

@@ -91,12 +91,13 @@ def _hashes(ds):
 def test_demo_shapes_dtypes_and_info(name):
   d = data.get_data(name, image_size=32)
   info = d.info
-  assert info.name == name and info.num_classes == 10 and info.image_size == 32
+  assert info.name == name and info.image_size == 32
+  assert info.num_classes == (26 if name == "demo_glyphs" else 10)
   assert info.num_holdout == round((info.num_train + info.num_holdout) * 0.2)
   x, y = next(iter(d.train(4, seed=3)))
   assert x.shape == (4, 32, 32, 3) and x.dtype == tf.float32
   assert y.shape == (4,) and y.dtype == tf.int32
-  assert np.all((y.numpy() >= 0) & (y.numpy() < 10))
+  assert np.all((y.numpy() >= 0) & (y.numpy() < info.num_classes))
   for ds in (d.holdout(4), d.validation(4)):
     x, y = next(iter(ds))
     assert x.shape == (4, 32, 32, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
@@ -340,3 +341,41 @@ def test_demo_digits_hard_render_is_deterministic_and_distorts():
   # Same source digit, two renderings: different pixels (distortion, colour, noise).
   one, _ = dh.render(base_x[:1, ..., 0], base_y[:1], 2, seed=0)
   assert np.abs(one[0].astype(int) - one[1].astype(int)).mean() > 10
+
+
+def test_demo_glyphs_shape_classes_and_deterministic():
+  from nse_tf import demo_glyphs as dg  # pylint: disable=g-import-not-at-top
+  tr_x, tr_y, va_x, va_y = data.load_demo("demo_glyphs")
+  assert tr_x.shape == (12_000, 16, 16, 3) and va_x.shape == (2_000, 16, 16, 3)
+  assert tr_x.dtype == va_x.dtype == np.uint8 and tr_y.dtype == va_y.dtype == np.int32
+  assert not tr_x.flags.writeable
+  for labels in (tr_y[:2_400], tr_y[2_400:], va_y):    # held-out part, rest, validation
+    counts = np.bincount(labels, minlength=26)   # letters drawn uniformly: ±3 sd
+    assert len(counts) == 26 and counts.min() > 0.6 * len(labels) / 26
+  assert tr_x[:, 6:10, 6:10].mean() > tr_x[:, :3, :3].mean() + 20   # bright letter, centred
+  # 21 fonts x 26 letters, every glyph inked and centred on its canvas; rendering again (a
+  # fresh FreeType pass) gives the same pixels.
+  base, labels = dg.glyphs()
+  assert base.shape == (21 * 26, dg.GLYPH, dg.GLYPH) and labels.max() == 25
+  ink = base.astype(float)
+  assert (ink.sum((1, 2)) > 255 * 15).all()
+  ys = (ink.sum(2) * np.arange(dg.GLYPH)).sum(1) / ink.sum((1, 2))
+  assert np.abs(ys - (dg.GLYPH - 1) / 2).max() < 3.5     # ink centroid vs box centre
+  dg.glyphs.cache_clear()
+  again, _ = dg.glyphs()
+  np.testing.assert_array_equal(base, again)
+  d = data.get_data("demo_glyphs", image_size=16)
+  assert (d.info.num_classes, d.info.num_train, d.info.num_holdout) == (26, 9_600, 2_400)
+  assert d.info.class_names[:3] == ("A", "B", "C") and not d.flip
+
+
+def test_demo_glyphs_missing_fonts_is_one_clear_error(monkeypatch, tmp_path):
+  from nse_tf import demo_glyphs as dg  # pylint: disable=g-import-not-at-top
+  from nse_tf import errors  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(dg, "font_dir", lambda: str(tmp_path))
+  dg.glyphs.cache_clear()
+  try:
+    with pytest.raises(errors.NSEError, match="matplotlib's bundled fonts"):
+      dg.glyphs()
+  finally:
+    dg.glyphs.cache_clear()

@@ -179,6 +179,19 @@ def test_weight_gates_uniform_and_never_empty_reduction():
   assert np.any(draws[:, :3].sum(1) == 0)            # N may be empty
 
 
+def test_weight_gates_count_mode_uniform_over_op_counts():
+  kinds = ["N", "R"]
+  s = supernet.GateSampler(kinds, [4, 4], seed=0)
+  alive = [np.ones(4, bool), np.array([True, False, True, True])]
+  draws = np.array([s.weight_gates(alive, count=True) for _ in range(5000)])
+  n_counts = np.bincount(draws[:, :4].sum(1).astype(int), minlength=5) / len(draws)
+  r_counts = np.bincount(draws[:, 4:].sum(1).astype(int), minlength=4) / len(draws)
+  np.testing.assert_allclose(n_counts, [0.2] * 5, atol=0.03)        # N: 0..4 ops equally
+  np.testing.assert_allclose(r_counts[1:], [1 / 3] * 3, atol=0.03)  # R: 1..3 alive ops
+  assert r_counts[0] == 0 and np.all(draws[:, 5] == 0)              # never empty, never dead
+  np.testing.assert_allclose(draws[:, :4].mean(0), [0.5] * 4, atol=0.03)  # no op favoured
+
+
 def test_theta_gates_distinct_patterns_enumerated_and_rejection():
   kinds = ["N", "R", "N", "R"]
   sizes = [3, 2, 7, 1]
