@@ -178,6 +178,21 @@ def spread_pick(rows, lo, hi, n, rng):
   return sorted(picked, key=lambda r: r["cost"])
 
 
+def read_cache(path, dataset):
+  """The trained networks cached in `path` ({key: record}). Records name their dataset
+  (older ones do not and are taken as they are); one trained on another dataset means a
+  cache copied from another task's search, which would be read as this task's numbers."""
+  cache = {}
+  for rec in fileio.read_jsonl(path):
+    if rec.get("dataset", dataset) != dataset:
+      raise cli.UsageError(
+          f"{path} holds networks trained on {rec['dataset']}, but this search ran on "
+          f"{dataset}: it was copied from another task's search. Remove it (or copy the "
+          f"file of a search on {dataset}) and run the benchmark again")
+    cache[rec["key"]] = rec
+  return cache
+
+
 class Runner:
   """Trains standalone networks with one budget; results cached in a JSON-lines file."""
 
@@ -190,7 +205,7 @@ class Runner:
     self._size_key = f"|size={self.size}" if self.size != cfg["image_size"] else ""
     self.data = self._data(self.size)
     self.cache_path = cache_path
-    self.cache = {rec["key"]: rec for rec in fileio.read_jsonl(cache_path)}
+    self.cache = read_cache(cache_path, cfg["dataset"])
     self.trained = 0
     self.seconds = 0.0
 
@@ -213,7 +228,8 @@ class Runner:
     if k not in self.cache:
       t0 = time.time()
       acc = self._train(a, seed)
-      rec = {"key": k, "accuracy": acc, "seconds": round(time.time() - t0, 1)}
+      rec = {"key": k, "accuracy": acc, "seconds": round(time.time() - t0, 1),
+             "dataset": self.cfg["dataset"]}
       with open(self.cache_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")
       self.cache[k] = rec

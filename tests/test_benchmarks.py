@@ -2,6 +2,7 @@
 not belong in tests)."""
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -301,3 +302,20 @@ def test_search_quality_aggregates_the_ablation_paired_by_search(tmp_path, capsy
   os.remove(os.path.join(dirs[2], "search_quality.json"))
   _quality_summary(dirs[2], picks[2], rand)
   assert bench.aggregate(dirs)["ablation"] is None
+
+
+def test_search_quality_refuses_a_cache_from_another_task(tmp_path):
+  """search_quality_runs.jsonl copied between searches on different datasets would be read
+  as this task's accuracies: refused, naming both datasets; older records (no dataset)
+  are read as they are."""
+  bench = _benchmark("search_quality")
+  path = tmp_path / "search_quality_runs.jsonl"
+  path.write_text(json.dumps({"key": "a|seed=0", "accuracy": 0.5}) + "\n"
+                  + json.dumps({"key": "b|seed=0", "accuracy": 0.7, "dataset": "demo_glyphs"})
+                  + "\n")
+  cache = bench.read_cache(str(path), "demo_glyphs")
+  assert sorted(cache) == ["a|seed=0", "b|seed=0"] and cache["b|seed=0"]["accuracy"] == 0.7
+  from nse_tf import cli
+  with pytest.raises(cli.UsageError, match="trained on demo_glyphs, but this search ran on "
+                     "demo_digits_hard"):
+    bench.read_cache(str(path), "demo_digits_hard")

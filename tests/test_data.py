@@ -306,17 +306,23 @@ def test_tfds_sharded_holdout_partitions(tiny_tfds_dir):
   assert sorted(shards[0] + shards[1]) == sorted(_hashes(d.holdout(2, repeat=False, shuffle=False)))
 
 
-def test_demo_digits_hard_shape_classes_and_disjoint_sources():
-  from nse_tf import demo_digits_hard as dh  # pylint: disable=g-import-not-at-top
-  tr_x, tr_y, va_x, va_y = data.load_demo("demo_digits_hard")
+def _check_proxy_arrays(name, classes, min_share):
+  """A 16x16 proxy task's arrays: shapes, dtypes, read-only, every class in the held-out
+  part, the rest and validation (each at least min_share of an even share), and a bright
+  symbol on a dark background (the centre brighter than the corners on average)."""
+  tr_x, tr_y, va_x, va_y = data.load_demo(name)
   assert tr_x.shape == (12_000, 16, 16, 3) and va_x.shape == (2_000, 16, 16, 3)
   assert tr_x.dtype == va_x.dtype == np.uint8 and tr_y.dtype == va_y.dtype == np.int32
   assert not tr_x.flags.writeable
   for labels in (tr_y[:2_400], tr_y[2_400:], va_y):    # held-out part, rest, validation
-    counts = np.bincount(labels, minlength=10)
-    assert len(counts) == 10 and counts.min() > 0.7 * len(labels) / 10
-  # Bright digit on a dark background: the centre is brighter than the corners on average.
+    counts = np.bincount(labels, minlength=classes)
+    assert len(counts) == classes and counts.min() > min_share * len(labels) / classes
   assert tr_x[:, 6:10, 6:10].mean() > tr_x[:, :3, :3].mean() + 20
+
+
+def test_demo_digits_hard_shape_classes_and_disjoint_sources():
+  from nse_tf import demo_digits_hard as dh  # pylint: disable=g-import-not-at-top
+  _check_proxy_arrays("demo_digits_hard", 10, 0.7)
   d = data.get_data("demo_digits_hard", image_size=16)
   assert (d.info.num_train, d.info.num_holdout, d.info.num_validation) == (9_600, 2_400, 2_000)
   assert not d.flip
@@ -345,14 +351,7 @@ def test_demo_digits_hard_render_is_deterministic_and_distorts():
 
 def test_demo_glyphs_shape_classes_and_deterministic():
   from nse_tf import demo_glyphs as dg  # pylint: disable=g-import-not-at-top
-  tr_x, tr_y, va_x, va_y = data.load_demo("demo_glyphs")
-  assert tr_x.shape == (12_000, 16, 16, 3) and va_x.shape == (2_000, 16, 16, 3)
-  assert tr_x.dtype == va_x.dtype == np.uint8 and tr_y.dtype == va_y.dtype == np.int32
-  assert not tr_x.flags.writeable
-  for labels in (tr_y[:2_400], tr_y[2_400:], va_y):    # held-out part, rest, validation
-    counts = np.bincount(labels, minlength=26)   # letters drawn uniformly: ±3 sd
-    assert len(counts) == 26 and counts.min() > 0.6 * len(labels) / 26
-  assert tr_x[:, 6:10, 6:10].mean() > tr_x[:, :3, :3].mean() + 20   # bright letter, centred
+  _check_proxy_arrays("demo_glyphs", 26, 0.6)   # letters drawn uniformly: ±3 sd
   # 21 fonts x 26 letters, every glyph inked and centred on its canvas; rendering again (a
   # fresh FreeType pass) gives the same pixels.
   base, labels = dg.glyphs()
