@@ -183,7 +183,11 @@ def read_cache(path, dataset):
   (older ones do not and are taken as they are); one trained on another dataset means a
   cache copied from another task's search, which would be read as this task's numbers."""
   cache = {}
-  for rec in fileio.read_jsonl(path):
+  for i, rec in enumerate(fileio.read_jsonl(path), 1):
+    if not isinstance(rec, dict) or "key" not in rec or "accuracy" not in rec:
+      raise cli.UsageError(f"{path}, record {i}: not a trained network's record (an object "
+                           "with 'key' and 'accuracy'); remove the file and run the "
+                           "benchmark again (its networks are trained again)")
     if rec.get("dataset", dataset) != dataset:
       raise cli.UsageError(
           f"{path} holds networks trained on {rec['dataset']}, but this search ran on "

@@ -319,3 +319,6 @@ def test_search_quality_refuses_a_cache_from_another_task(tmp_path):
   with pytest.raises(cli.UsageError, match="trained on demo_glyphs, but this search ran on "
                      "demo_digits_hard"):
     bench.read_cache(str(path), "demo_digits_hard")
+  path.write_text(json.dumps({"key": "a|seed=0", "accuracy": 0.5}) + "\n[1, 2]\n")
+  with pytest.raises(cli.UsageError, match="record 2: not a trained network's record"):
+    bench.read_cache(str(path), "demo_glyphs")
