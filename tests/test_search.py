@@ -289,18 +289,20 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   only_a = json.loads((run / "search_quality.json").read_text())
   assert "nse_vs_random" not in only_a and only_a["networks_trained"] == 0
   assert len(only_a["rank_fidelity"]["points"]) == 3
-  # --image_size: the same networks trained at another resolution, cached apart.
-  assert cli.invoke(bench.define_flags, bench.main, args + ["--num_rank=0",
+  # --image_size: the same networks trained at another resolution, cached apart (the pick
+  # and one random network: two more trainings).
+  assert cli.invoke(bench.define_flags, bench.main, args + ["--num_rank=0", "--num_random=1",
                                                             "--image_size=20"]) == 0
   assert "every network at 20px" in capsys.readouterr().out
   at20 = json.loads((run / "search_quality.json").read_text())
-  assert at20["networks_trained"] == 3 and at20["budget"]["image_size"] == 20
+  assert at20["networks_trained"] == 2 and at20["budget"]["image_size"] == 20
   assert sum("|size=20" in line for line in
-             (run / "search_quality_runs.jsonl").read_text().splitlines()) == 3
+             (run / "search_quality_runs.jsonl").read_text().splitlines()) == 2
   # (a) on uniform draws of the last round's space, evaluated in its supernet checkpoint:
   # the search directory's own files are not touched.
   before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-  code = cli.invoke(bench.define_flags, bench.main, args + ["--rank_set=uniform"])
+  code = cli.invoke(bench.define_flags, bench.main,
+                    args + ["--rank_set=uniform", "--num_rank=2", "--num_random=0"])
   stdout, err = capsys.readouterr()
   assert code == 0, err[-3000:]
   assert "uniform draws of the round-2 space" in stdout and "τ(number of ops, supernet)" in stdout
