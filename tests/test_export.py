@@ -70,6 +70,7 @@ def _jpeg(image):
   return tf.io.encode_jpeg(tf.constant(image, tf.uint8), quality=95).numpy()
 
 
+@pytest.mark.slow   # its fixture trains a network for 300 steps
 def test_versioned_layout_and_refusal_to_overwrite(trained, exported):
   export_dir, path, _ = exported
   assert path == os.path.join(export_dir, "1")
@@ -82,6 +83,7 @@ def test_versioned_layout_and_refusal_to_overwrite(trained, exported):
     export.export_saved_model(model, config, export_dir, version=1)
 
 
+@pytest.mark.slow   # its fixture trains a network for 300 steps
 def test_saved_model_logits_equal_keras(trained, exported):
   _, model, config, _, images, _ = trained
   loaded = exported[2]
@@ -93,6 +95,7 @@ def test_saved_model_logits_equal_keras(trained, exported):
   np.testing.assert_allclose(out["probabilities_all"].numpy().sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow   # its fixture trains a network for 300 steps
 def test_serving_default_on_encoded_images_matches_the_validation_pipeline(trained, exported):
   """PNG-encoded raw demo images through the served graph = Keras on the eval pipeline."""
   _, model, _, d, images, _ = trained
@@ -108,6 +111,7 @@ def test_serving_default_on_encoded_images_matches_the_validation_pipeline(train
   assert [n.decode() for n in names] == [str(c) for c in probs.argmax(-1)]
 
 
+@pytest.mark.slow   # its fixture trains a network for 300 steps
 def test_bad_and_odd_inputs_are_flagged_or_resized_not_fatal(exported):
   serve = exported[2].signatures["serving_default"]
   rng = np.random.default_rng(0)
