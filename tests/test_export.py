@@ -17,6 +17,10 @@ from nse_tf import export
 from nse_tf import retrainer
 
 TINY = "flops27@tiny*0.25:0|3|-|6|0|9+21"
+# Every test here is slow: the module fixture trains a network for 300 steps, and the
+# rest also load SavedModels in fresh processes or convert to TFLite.
+pytestmark = pytest.mark.slow
+
 SIZE = 32
 STEPS = 300
 
@@ -70,7 +74,6 @@ def _jpeg(image):
   return tf.io.encode_jpeg(tf.constant(image, tf.uint8), quality=95).numpy()
 
 
-@pytest.mark.slow   # its fixture trains a network for 300 steps
 def test_versioned_layout_and_refusal_to_overwrite(trained, exported):
   export_dir, path, _ = exported
   assert path == os.path.join(export_dir, "1")
@@ -83,7 +86,6 @@ def test_versioned_layout_and_refusal_to_overwrite(trained, exported):
     export.export_saved_model(model, config, export_dir, version=1)
 
 
-@pytest.mark.slow   # its fixture trains a network for 300 steps
 def test_saved_model_logits_equal_keras(trained, exported):
   _, model, config, _, images, _ = trained
   loaded = exported[2]
@@ -95,7 +97,6 @@ def test_saved_model_logits_equal_keras(trained, exported):
   np.testing.assert_allclose(out["probabilities_all"].numpy().sum(-1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.slow   # its fixture trains a network for 300 steps
 def test_serving_default_on_encoded_images_matches_the_validation_pipeline(trained, exported):
   """PNG-encoded raw demo images through the served graph = Keras on the eval pipeline."""
   _, model, _, d, images, _ = trained
@@ -111,7 +112,6 @@ def test_serving_default_on_encoded_images_matches_the_validation_pipeline(train
   assert [n.decode() for n in names] == [str(c) for c in probs.argmax(-1)]
 
 
-@pytest.mark.slow   # its fixture trains a network for 300 steps
 def test_bad_and_odd_inputs_are_flagged_or_resized_not_fatal(exported):
   serve = exported[2].signatures["serving_default"]
   rng = np.random.default_rng(0)
@@ -191,7 +191,6 @@ _FRESH = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_fresh_process_without_the_project_and_saved_model_cli(trained, exported, tmp_path):
   _, model, _, d, images, _ = trained
   path = exported[1]
@@ -224,7 +223,6 @@ def test_fresh_process_without_the_project_and_saved_model_cli(trained, exported
   assert "not a JPEG, PNG, GIF or BMP image" in bad_out and "[[-1" in bad_out, bad_out
 
 
-@pytest.mark.slow
 def test_tflite_float_and_int8(trained, tmp_path):
   _, model, _, d, images, _ = trained
   calib, _ = export.take_images(d.train(50, repeat=False, augment=False), 50)
@@ -245,7 +243,6 @@ def test_tflite_float_and_int8(trained, tmp_path):
           <= 0.25 * np.linalg.norm(centred(keras_logits)))
 
 
-@pytest.mark.slow
 def test_export_to_a_full_or_unusable_dir_is_one_error_line(trained, small_disk, tmp_path,
                                                             one_error_line):
   """A full disk or a path under a regular file: one line, exit 2, no .tmp version left."""
