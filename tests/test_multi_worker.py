@@ -77,47 +77,18 @@ def _run_workers(args, ports):
 
 
 @pytest.mark.slow
-def test_one_round_on_two_workers_chief_writes(tmp_path):
-  """Then: a worker that holds an older checkpoint than the chief (killed during the
-  last save) makes both resume at that step, ending with the same round.json."""
+def test_two_workers_lost_worker_resume_and_a_worker_behind_the_chief(tmp_path):
+  """One round on two workers, three times (one test: each pair of processes costs a
+  start-up and a compile):
+  1. worker 0 killed mid-round: worker 1 stops within 60 s with one `error:` line that
+     names the lost worker and says how to resume;
+  2. the same command on both resumes from the last checkpoint and finishes the round:
+     the chief wrote the run directory, worker 1 removed its own, both trained the same
+     round;
+  3. a worker that holds an older checkpoint than the chief (as if killed while both
+     saved the last step) makes both resume at that step, ending with the same
+     round.json."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  out = tmp_path / "round"
-  args = [sys.executable, "-m", "nse_tf.train_round", "--dataset=demo_digits_hard",
-          "--image_size=16", "--space=flops27", "--macro=tiny", "--max_ops=1",
-          "--global_batch=16", "--epochs=1", "--steps_per_epoch=4", "--checkpoint_every=2",
-          "--strategy=multi_worker", "--graph_optimization=off", f"--output_dir={out}"]
-  results = _run_workers(args, _free_ports(2))
-  summary = json.loads((out / "round.json").read_text())
-  assert summary["steps"] == 4
-  # The chief wrote the run directory; worker 1 removed its own at the end.
-  assert sorted(os.listdir(out)) == [".lock", "ckpt", "round.json", "tb"]
-  # Both workers trained the same round: the same survivors and keep-probabilities.
-  survivors = [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in results]
-  assert survivors[0] == survivors[1]
-  # Worker 1 as if killed while both saved step 4: it holds step 2 only (workers hold the
-  # same mirrored values, so the chief's step-2 files are what it wrote).
-  mine = out / ".worker-1" / "ckpt"
-  mine.mkdir(parents=True)
-  for f in (out / "ckpt").glob("ckpt-2.*"):
-    shutil.copy(f, mine / f.name)
-  tf.compat.v1.train.update_checkpoint_state(
-      str(mine), "ckpt-2", all_model_checkpoint_paths=["ckpt-2"],
-      all_model_checkpoint_timestamps=[time.time()])
-  again = _run_workers(args, _free_ports(2))
-  for stdout, _ in again:
-    assert "resuming at step 2 of 4" in stdout, stdout
-  assert "the newest step every worker has" in again[0][1]   # the chief went back
-  resumed = json.loads((out / "round.json").read_text())
-  assert {k: v for k, v in resumed.items() if k != "seconds"} == {
-      k: v for k, v in summary.items() if k != "seconds"}
-  assert [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in again] == survivors
-
-
-@pytest.mark.slow
-def test_a_lost_worker_ends_the_other_with_one_line_and_both_resume(tmp_path):
-  """Worker 0 killed mid-round: worker 1 stops within 60 s with one `error:` line that
-  names the lost worker and says how to resume; the same command on both then resumes
-  from the last checkpoint and finishes the round."""
   out = tmp_path / "round"
   args = [sys.executable, "-m", "nse_tf.train_round", "--dataset=demo_digits_hard",
           "--image_size=16", "--space=flops27", "--macro=tiny", "--max_ops=1",
@@ -148,7 +119,30 @@ def test_a_lost_worker_ends_the_other_with_one_line_and_both_resume(tmp_path):
   resumed = _run_workers(args, _free_ports(2))
   for stdout, _ in resumed:
     assert "resuming at step" in stdout, stdout
-  assert json.loads((out / "round.json").read_text())["steps"] == 40
+  summary = json.loads((out / "round.json").read_text())
+  assert summary["steps"] == 40
+  # The chief wrote the run directory; worker 1 removed its own at the end.
+  assert sorted(os.listdir(out)) == [".lock", "ckpt", "round.json", "tb"]
+  # Both workers trained the same round: the same survivors and keep-probabilities.
+  survivors = [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in resumed]
+  assert survivors[0] == survivors[1]
+  # Worker 1 as if killed while both saved step 40: it holds step 30 only (workers hold
+  # the same mirrored values, so the chief's step-30 files are what it wrote).
+  mine = out / ".worker-1" / "ckpt"
+  mine.mkdir(parents=True)
+  for f in (out / "ckpt").glob("ckpt-30.*"):
+    shutil.copy(f, mine / f.name)
+  tf.compat.v1.train.update_checkpoint_state(
+      str(mine), "ckpt-30", all_model_checkpoint_paths=["ckpt-30"],
+      all_model_checkpoint_timestamps=[time.time()])
+  again = _run_workers(args, _free_ports(2))
+  for stdout, _ in again:
+    assert "resuming at step 30 of 40" in stdout, stdout
+  assert "the newest step every worker has" in again[0][1]   # the chief went back
+  resumed_again = json.loads((out / "round.json").read_text())
+  assert {k: v for k, v in resumed_again.items() if k != "seconds"} == {
+      k: v for k, v in summary.items() if k != "seconds"}
+  assert [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in again] == survivors
 
 
 @pytest.mark.slow
