@@ -234,8 +234,7 @@ class Runner:
       acc = self._train(a, seed)
       rec = {"key": k, "accuracy": acc, "seconds": round(time.time() - t0, 1),
              "dataset": self.cfg["dataset"]}
-      with open(self.cache_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
+      fileio.append_jsonl(self.cache_path, rec)
       self.cache[k] = rec
       self.trained += 1
       self.seconds += rec["seconds"]

@@ -5,7 +5,8 @@ Every output of the project goes through here (no TensorFlow import):
                               is removed on any failure, so the old file (if any) survives
   atomic_write_text / atomic_write_bytes
   atomic_directory(final)     a temp folder that becomes `final` in one rename on success
-  read_jsonl(path)            an append-only JSON-lines log, up to a line cut by a kill
+  read_jsonl(path)            an append-only JSON-lines log, without lines cut by a kill
+  append_jsonl(path, record)  one record appended as a line of its own
   load_json(path, error, fix) a JSON object, or one `error` naming the file and the fix
 """
 
@@ -85,7 +86,8 @@ def atomic_directory(final: str, replace: bool = False) -> Iterator[str]:
 
 
 def read_jsonl(path: str) -> List[Any]:
-  """The records of an append-only JSON-lines log, up to a line cut short by a kill."""
+  """The records of an append-only JSON-lines log. A line cut short by a kill (or any other
+  line that is not JSON) is skipped, and the records after it are still read."""
   records = []
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -93,8 +95,21 @@ def read_jsonl(path: str) -> List[Any]:
         try:
           records.append(json.loads(line))
         except json.JSONDecodeError:
-          break
+          continue
   return records
+
+
+def append_jsonl(path: str, record: Any) -> None:
+  """Appends `record` as one line. After a line cut short by a kill (no newline at the end
+  of the file) it starts a new line first, so that the record is not glued to the cut one
+  and lost with it."""
+  with open(path, "a+b") as f:
+    end = f.seek(0, os.SEEK_END)
+    torn = False
+    if end:
+      f.seek(end - 1)
+      torn = f.read(1) != b"\n"
+    f.write((("\n" if torn else "") + json.dumps(record) + "\n").encode("utf-8"))
 
 
 def load_json(path: str, error: Type[Exception], fix: str) -> Dict[str, Any]:

@@ -70,8 +70,22 @@ def test_load_json_and_read_jsonl(tmp_path):
     fileio.load_json(str(p), errors.UsageError, "fix it")
   log = tmp_path / "l.jsonl"
   assert fileio.read_jsonl(str(log)) == []
-  log.write_text('{"i": 0}\n{"i": 1}\n{"i": 2, "cu')
+  log.write_text('{"i": 0}\n{"i": 1}\n{"i": 2, "cu')        # the last line cut by a kill
   assert fileio.read_jsonl(str(log)) == [{"i": 0}, {"i": 1}]
+
+
+def test_append_jsonl_after_a_line_cut_by_a_kill(tmp_path):
+  """A record appended after a cut line gets a line of its own and is read back (it used
+  to be glued to the fragment and skipped, with every record after it)."""
+  log = tmp_path / "l.jsonl"
+  fileio.append_jsonl(str(log), {"i": 0})                  # a new file
+  assert log.read_text() == '{"i": 0}\n'
+  with open(log, "a", encoding="utf-8") as f:
+    f.write('{"i": 1, "cu')                                # killed mid-write
+  fileio.append_jsonl(str(log), {"i": 2})
+  fileio.append_jsonl(str(log), {"i": 3})
+  assert log.read_text() == '{"i": 0}\n{"i": 1, "cu\n{"i": 2}\n{"i": 3}\n'
+  assert fileio.read_jsonl(str(log)) == [{"i": 0}, {"i": 2}, {"i": 3}]
 
 
 def test_refuse_changed_config_and_remove_outputs(tmp_path):
