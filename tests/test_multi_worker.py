@@ -76,6 +76,11 @@ def _run_workers(args, ports):
   return results
 
 
+def _survivors(results):
+  """Each worker's printed survivors per layer (and keep-probabilities)."""
+  return [stdout.split("survivors per layer:")[1].split("wrote")[0] for stdout, _ in results]
+
+
 @pytest.mark.slow
 def test_two_workers_lost_worker_resume_and_a_worker_behind_the_chief(tmp_path):
   """One round on two workers, three times (one test: each pair of processes costs a
@@ -124,7 +129,7 @@ def test_two_workers_lost_worker_resume_and_a_worker_behind_the_chief(tmp_path):
   # The chief wrote the run directory; worker 1 removed its own at the end.
   assert sorted(os.listdir(out)) == [".lock", "ckpt", "round.json", "tb"]
   # Both workers trained the same round: the same survivors and keep-probabilities.
-  survivors = [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in resumed]
+  survivors = _survivors(resumed)
   assert survivors[0] == survivors[1]
   # Worker 1 as if killed while both saved step 40: it holds step 30 only (workers hold
   # the same mirrored values, so the chief's step-30 files are what it wrote).
@@ -142,7 +147,7 @@ def test_two_workers_lost_worker_resume_and_a_worker_behind_the_chief(tmp_path):
   resumed_again = json.loads((out / "round.json").read_text())
   assert {k: v for k, v in resumed_again.items() if k != "seconds"} == {
       k: v for k, v in summary.items() if k != "seconds"}
-  assert [r[0].split("survivors per layer:")[1].split("wrote")[0] for r in again] == survivors
+  assert _survivors(again) == survivors
 
 
 @pytest.mark.slow
