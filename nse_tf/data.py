@@ -52,9 +52,10 @@ DEMO_HOLDOUT_FRACTION = 0.2
 TFDS_HOLDOUT_FRACTION = 0.1           # other tfds datasets, capped at IMAGENET_HOLDOUT
 DEFAULT_SHUFFLE_BUFFER = 10_000       # tfds only; the demo data is shuffled by index
 
-# Datasets whose classes change under a mirror image (digits, characters, house numbers).
-_NO_FLIP = ("demo_digits", "demo_digits_hard", "demo_glyphs", "mnist", "emnist", "kmnist",
-            "svhn_cropped", "omniglot", "binarized_mnist")
+# Datasets whose classes change under a mirror image (digits, characters, house numbers,
+# directions).
+_NO_FLIP = ("demo_digits", "demo_digits_hard", "demo_glyphs", "demo_compass", "mnist", "emnist",
+            "kmnist", "svhn_cropped", "omniglot", "binarized_mnist")
 
 # Stream ids that keep the different uses of one user seed apart.
 _STREAM_SHUFFLE = 1

@@ -4,6 +4,7 @@
   demo_shapes       7,000 generated 32x32 RGB images of 10 shape classes (`generate_shapes`)
   demo_digits_hard  the search's CPU proxy task (nse_tf/demo_digits_hard.py)
   demo_glyphs       26 letters from matplotlib's bundled fonts, distorted (nse_tf/demo_glyphs.py)
+  demo_compass      the direction between two generated marks, 8 classes (nse_tf/demo_compass.py)
 
 `load_demo(name)` returns (train_images, train_labels, val_images, val_labels) as read-only
 uint8/int32 numpy arrays, built once per process; nse_tf.data turns them into pipelines.
@@ -18,7 +19,8 @@ import numpy as np
 
 from nse_tf import errors
 
-DEMO_DATASETS = ("demo_digits", "demo_shapes", "demo_digits_hard", "demo_glyphs")
+DEMO_DATASETS = ("demo_digits", "demo_shapes", "demo_digits_hard", "demo_glyphs",
+                 "demo_compass")
 
 
 def describe_demo_datasets() -> str:
@@ -44,7 +46,11 @@ def describe_demo_datasets() -> str:
       "training seeds by ~0.6.\n"
       "demo_glyphs: the capital letters A-Z (26 classes) from the 21 text fonts bundled with "
       "matplotlib, drawn into 16x16 RGB images with demo_digits_hard's distortions: 12,000 "
-      "train / 2,000 validation.")
+      "train / 2,000 validation.\n"
+      "demo_compass: in which of 8 directions (E, NE, … SE) the ring lies from the plus: two "
+      "3x3 marks 7-13 pixels apart in 16x16 RGB images, with distractor strokes and noise; a "
+      "task that needs spatial context rather than a glyph's shape. 12,000 train / 2,000 "
+      "validation.")
 
 
 def _readonly(*arrays):
@@ -221,8 +227,14 @@ def _demo_glyphs():
   return demo_glyphs.load()
 
 
+def _demo_compass():
+  from nse_tf import demo_compass  # pylint: disable=g-import-not-at-top
+  return demo_compass.load()
+
+
 _DEMO_LOADERS = {"demo_digits": _demo_digits, "demo_shapes": _demo_shapes,
-                 "demo_digits_hard": _demo_digits_hard, "demo_glyphs": _demo_glyphs}
+                 "demo_digits_hard": _demo_digits_hard, "demo_glyphs": _demo_glyphs,
+                 "demo_compass": _demo_compass}
 
 
 def class_names(name: str) -> Tuple[str, ...]:
@@ -232,6 +244,9 @@ def class_names(name: str) -> Tuple[str, ...]:
   if name == "demo_glyphs":
     from nse_tf import demo_glyphs  # pylint: disable=g-import-not-at-top
     return tuple(demo_glyphs.LETTERS)
+  if name == "demo_compass":
+    from nse_tf import demo_compass  # pylint: disable=g-import-not-at-top
+    return demo_compass.DIRECTIONS
   return ()
 
 

@@ -92,7 +92,7 @@ def test_demo_shapes_dtypes_and_info(name):
   d = data.get_data(name, image_size=32)
   info = d.info
   assert info.name == name and info.image_size == 32
-  assert info.num_classes == (26 if name == "demo_glyphs" else 10)
+  assert info.num_classes == {"demo_glyphs": 26, "demo_compass": 8}.get(name, 10)
   assert info.num_holdout == round((info.num_train + info.num_holdout) * 0.2)
   x, y = next(iter(d.train(4, seed=3)))
   assert x.shape == (4, 32, 32, 3) and x.dtype == tf.float32
@@ -306,10 +306,11 @@ def test_tfds_sharded_holdout_partitions(tiny_tfds_dir):
   assert sorted(shards[0] + shards[1]) == sorted(_hashes(d.holdout(2, repeat=False, shuffle=False)))
 
 
-def _check_proxy_arrays(name, classes, min_share):
+def _check_proxy_arrays(name, classes, min_share, centred=True):
   """A 16x16 proxy task's arrays: shapes, dtypes, read-only, every class in the held-out
-  part, the rest and validation (each at least min_share of an even share), and a bright
-  symbol on a dark background (the centre brighter than the corners on average)."""
+  part, the rest and validation (each at least min_share of an even share), and (if
+  `centred`) a bright symbol on a dark background (the centre brighter than the corners on
+  average)."""
   tr_x, tr_y, va_x, va_y = data.load_demo(name)
   assert tr_x.shape == (12_000, 16, 16, 3) and va_x.shape == (2_000, 16, 16, 3)
   assert tr_x.dtype == va_x.dtype == np.uint8 and tr_y.dtype == va_y.dtype == np.int32
@@ -317,7 +318,8 @@ def _check_proxy_arrays(name, classes, min_share):
   for labels in (tr_y[:2_400], tr_y[2_400:], va_y):    # held-out part, rest, validation
     counts = np.bincount(labels, minlength=classes)
     assert len(counts) == classes and counts.min() > min_share * len(labels) / classes
-  assert tr_x[:, 6:10, 6:10].mean() > tr_x[:, :3, :3].mean() + 20
+  if centred:
+    assert tr_x[:, 6:10, 6:10].mean() > tr_x[:, :3, :3].mean() + 20
 
 
 def test_demo_digits_hard_shape_classes_and_disjoint_sources():
@@ -366,6 +368,33 @@ def test_demo_glyphs_shape_classes_and_deterministic():
   d = data.get_data("demo_glyphs", image_size=16)
   assert (d.info.num_classes, d.info.num_train, d.info.num_holdout) == (26, 9_600, 2_400)
   assert d.info.class_names[:3] == ("A", "B", "C") and not d.flip
+
+
+def test_demo_compass_shape_classes_deterministic_and_labels_are_directions():
+  from nse_tf import demo_compass as dc  # pylint: disable=g-import-not-at-top
+  _check_proxy_arrays("demo_compass", 8, 0.8, centred=False)   # uniform labels: ±4 sd
+  d = data.get_data("demo_compass", image_size=16)
+  assert (d.info.num_classes, d.info.num_train, d.info.num_holdout) == (8, 9_600, 2_400)
+  assert d.info.class_names == ("E", "NE", "N", "NW", "W", "SW", "S", "SE") and not d.flip
+  a, la = dc.generate(300, seed=7, distractors=0)
+  b, lb = dc.generate(300, seed=7, distractors=0)
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(la, lb)
+  assert not np.array_equal(a, dc.generate(300, seed=8, distractors=0)[0])
+  # The label is the direction from the plus to the ring: find both marks by matching
+  # their 3x3 patterns (zero-mean templates on the grey image) and measure the angle.
+  windows = np.lib.stride_tricks.sliding_window_view(a.astype(float).mean(-1), (3, 3),
+                                                    axis=(1, 2))       # [300, 14, 14, 3, 3]
+  def best(template):
+    t = template.astype(float) - template.mean()
+    flat = (windows * t).sum((-2, -1)).reshape(len(a), -1).argmax(1)
+    return flat % 14 + 1, flat // 14 + 1      # the mark's centre (x, y)
+  (px, py), (rx, ry) = best(dc.PLUS), best(dc.RING)
+  dist = np.hypot(rx - px, ry - py)
+  angle = np.degrees(np.arctan2(py - ry, rx - px)) % 360      # rows grow southwards
+  found = np.round(angle / 45).astype(int) % 8
+  assert np.median(dist) > 7 and dist.max() < 14.5
+  assert (found == la).mean() > 0.9     # rounding of the marks to pixels and noise aside
 
 
 def test_demo_glyphs_missing_fonts_is_one_clear_error(monkeypatch, tmp_path):
