@@ -212,6 +212,7 @@ class Runner:
     self.cache = read_cache(cache_path, cfg["dataset"])
     self.trained = 0
     self.seconds = 0.0
+    self.used = set()      # keys of the networks this run asked for (trained or cached)
 
   def _data(self, size):
     from nse_tf import data  # pylint: disable=g-import-not-at-top
@@ -229,6 +230,7 @@ class Runner:
 
   def accuracy(self, a, seed):
     k = self.key(a, seed)
+    self.used.add(k)
     if k not in self.cache:
       t0 = time.time()
       acc = self._train(a, seed)
@@ -632,11 +634,12 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     per_round.append(entry)
   summary["rounds"] = per_round
   summary["networks_trained"] = runner.trained
+  summary["networks_from_cache"] = len(runner.used) - runner.trained
   summary["seconds"] = round(time.time() - t_start, 1)
   fileio.atomic_write_text(os.path.join(out, "search_quality.json"),
                              json.dumps(summary, indent=1))
   print(f"\n{runner.trained} networks trained in {runner.seconds / 60:.1f} min "
-        f"({len(runner.cache) - runner.trained} from the cache); wall "
+        f"({len(runner.used) - runner.trained} more read from the cache); wall "
         f"{(time.time() - t_start) / 60:.1f} min; wrote {out}/search_quality.json")
 
 

@@ -275,8 +275,10 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   assert len((run / "search_quality_runs.jsonl").read_text().splitlines()) == trained
   # Every trained network is cached: a second run trains nothing.
   assert cli.invoke(bench.define_flags, bench.main, args) == 0
-  assert json.loads((run / "search_quality.json").read_text())["networks_trained"] == 0
-  capsys.readouterr()
+  again = json.loads((run / "search_quality.json").read_text())
+  assert again["networks_trained"] == 0 and again["networks_from_cache"] == trained
+  assert f"0 networks trained in 0.0 min ({trained} more read from the cache)" in \
+      capsys.readouterr().out
   # --num_rank=0: (b) alone (another search seed, the random networks from the cache).
   assert cli.invoke(bench.define_flags, bench.main, args + ["--num_rank=0"]) == 0
   assert "(a) rank fidelity: skipped" in capsys.readouterr().out
