@@ -29,9 +29,10 @@ from typing import Tuple
 
 import numpy as np
 
+from nse_tf import demo_data
+
 SIZE = 16
 NUM_TRAIN = 12_000
-NUM_HOLDOUT_PART = 2_400     # = data.DEMO_HOLDOUT_FRACTION of NUM_TRAIN
 NUM_VALIDATION = 2_000
 DIRECTIONS = ("E", "NE", "N", "NW", "W", "SW", "S", "SE")
 MIN_DIST, MAX_DIST = 7.0, 13.0          # pixels between the marks' centres
@@ -82,7 +83,4 @@ def load() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """(train_images, train_labels, val_images, val_labels), read-only; see the module doc."""
   train_images, train_labels = generate(NUM_TRAIN, seed=1)
   val_images, val_labels = generate(NUM_VALIDATION, seed=2)
-  arrays = (train_images, train_labels, val_images, val_labels)
-  for a in arrays:
-    a.setflags(write=False)
-  return arrays
+  return demo_data._readonly(train_images, train_labels, val_images, val_labels)  # pylint: disable=protected-access

@@ -26,6 +26,7 @@ from typing import List, Tuple
 
 import numpy as np
 
+from nse_tf import demo_data
 from nse_tf import errors
 
 SIZE = 16
@@ -85,6 +86,4 @@ def load() -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   tr_x = np.concatenate([p[0] for p in parts])
   tr_y = np.concatenate([p[1] for p in parts])
   va_x, va_y = demo_digits_hard.render(base, labels, NUM_VALIDATION, seed=23, zoom=ZOOM)
-  for a in (tr_x, tr_y, va_x, va_y):
-    a.setflags(write=False)
-  return tr_x, tr_y, va_x, va_y
+  return demo_data._readonly(tr_x, tr_y, va_x, va_y)  # pylint: disable=protected-access
