@@ -113,6 +113,33 @@ def _refuse_other_search(out: str, config: dict, overwrite: bool):
     raise cli.UsageError(f"{out} has a state.json but no config.json; use --overwrite")
 
 
+# What the second space (--init_from) must share with the search it continues: the same
+# task and network, else its inherited ops and front were found for something else.
+_SAME_TASK = ("dataset", "image_size", "holdout_examples", "macro", "scale",
+              "cost_resolution", "constraint")
+
+
+def _refuse_other_task(init_from: str, config: dict):
+  """Refuses an --init_from search whose task-defining flags differ from this one's."""
+  path = os.path.join(init_from, "config.json")
+  if not os.path.exists(path):
+    return    # state_from_previous says what is missing
+  old = fileio.load_json(path, cli.UsageError, "is --init_from a search output dir?")
+  diff = [k for k in _SAME_TASK if k in old and old[k] != config.get(k)]
+  if diff:
+    raise cli.UsageError(
+        f"--init_from={init_from} searched another task (" +
+        ", ".join(f"{k}: {old[k]!r} there, {config.get(k)!r} here" for k in diff) +
+        "); the second space continues the same task: " +
+        ", ".join(_flag_fix(k, old[k]) for k in diff))
+
+
+def _flag_fix(name: str, value) -> str:
+  if value is None:
+    return f"leave --{name} out"
+  return f"add --{name}=" + (",".join(map(str, value)) if isinstance(value, list) else str(value))
+
+
 def _prepare_output_dir(out: str, config: dict, overwrite: bool):
   """--overwrite's deletions, then config.json: the first writes, after every check."""
   if overwrite:
@@ -206,6 +233,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   train_cfg = common_flags.train_config(fv)
   config = resolved_flags(fv)
   _refuse_other_search(out, config, fv.overwrite)
+  if fv.init_from:
+    _refuse_other_task(fv.init_from, config)
   from nse_tf import data, distribute, evolution, spaces  # pylint: disable=g-import-not-at-top
   from nse_tf import trainer  # pylint: disable=g-import-not-at-top
   trainer.check_strategy_name(train_cfg, fv.strategy)

@@ -413,6 +413,19 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
   code, _, err = _invoke(args, corrupt, capsys)
   assert code != 0 and "corrupt" in err and "Traceback" not in err
   assert (corrupt / "state.json").read_text() == "{oops"      # nothing overwritten
+  # The second space continues the same task: a search of another dataset is refused.
+  prev = tmp_path / "prev"
+  prev.mkdir()
+  (prev / "config.json").write_text(json.dumps(
+      {"dataset": "demo_compass", "image_size": 16, "holdout_examples": None, "macro": "tiny"}))
+  args = ["--flagfile=flags/demo.cfg", "--space=flops72", f"--init_from={prev}",
+          "--holdout_examples=300"]
+  code, _, err = _invoke(args, tmp_path / "o72", capsys)
+  assert code != 0 and "Traceback" not in err
+  assert ("searched another task (dataset: 'demo_compass' there, 'demo_digits_hard' here, "
+          "holdout_examples: None there, 300 here)") in err, err
+  assert "add --dataset=demo_compass, leave --holdout_examples out" in err
+  assert not (tmp_path / "o72" / "config.json").exists()
 
 
 def test_second_space_continues_a_finished_flops27_search(tmp_path):
