@@ -32,7 +32,7 @@ seed and budget), so an interrupted benchmark continues where it stopped; the su
 written to DIR/search_quality.json. CI never runs this (it trains ~40 networks).
 
   python -m nse_tf.search --flagfile=flags/proxy.cfg --output_dir=runs/proxy
-  python benchmarks/search_quality.py --search_dir=runs/proxy
+  python benchmarks/search_quality.py --search_dir=runs/proxy --num_rank=0 --ablation
 """
 
 import csv

@@ -1,6 +1,6 @@
 """demo_compass: in which of 8 directions does the ring lie from the plus? Generated, 16x16.
 
-A candidate proxy task whose answer needs spatial context. Each image holds two 3x3 marks,
+The search's CPU proxy task (flags/proxy.cfg), one whose answer needs spatial context. Each image holds two 3x3 marks,
 a plus and a hollow square (the ring), 7-13 pixels apart, in random bright colours, on a
 dark noisy background with a colour gradient and six short bright strokes (distractors of
 the marks' size and colours). The label is the direction from the plus to the ring in 8
@@ -12,8 +12,8 @@ glyph fills the image and every architecture of equal cost sees enough of it.
 
 Measured before it was chosen (tiny macro at 16x16, random flops27 architectures of
 250-300 MFLOPs, 600 SGD steps of 64; the README's Search quality section has the table):
-random architectures of equal cost differ by several points where training seeds differ
-by well under one.
+ten random architectures of equal cost reach 88.70 ± 2.11 % and differ by 2.95 points (std)
+where training seeds differ by 1.28.
 
 Splits. 12,000 train images (the first 2,400 are the default held-out part) and 2,000
 validation images, every image drawn independently (so the held-out and validation images

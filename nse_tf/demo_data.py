@@ -2,9 +2,10 @@
 
   demo_digits       scikit-learn's 1,797 8x8 digits, a seeded stratified 20 % validation split
   demo_shapes       7,000 generated 32x32 RGB images of 10 shape classes (`generate_shapes`)
-  demo_digits_hard  the search's CPU proxy task (nse_tf/demo_digits_hard.py)
+  demo_digits_hard  distorted digits, the demo's task and the first proxy task (nse_tf/demo_digits_hard.py)
   demo_glyphs       26 letters from matplotlib's bundled fonts, distorted (nse_tf/demo_glyphs.py)
-  demo_compass      the direction between two generated marks, 8 classes (nse_tf/demo_compass.py)
+  demo_compass      the direction between two generated marks, 8 classes: the search's CPU
+                    proxy task, flags/proxy.cfg (nse_tf/demo_compass.py)
 
 `load_demo(name)` returns (train_images, train_labels, val_images, val_labels) as read-only
 uint8/int32 numpy arrays, built once per process; nse_tf.data turns them into pipelines.
@@ -37,7 +38,7 @@ def describe_demo_datasets() -> str:
       "Deterministic (seeded numpy, about 2 s once per process) and hard enough that "
       "networks differ: a 3-conv CNN reaches about 40% validation accuracy after one CPU "
       "minute and 60% after three (demo_digits: 95% after one).\n"
-      "demo_digits_hard: the search's CPU proxy task. scikit-learn's digits drawn into "
+      "demo_digits_hard: the demo's task (flags/demo.cfg). scikit-learn's digits drawn into "
       "16x16 RGB images with random rotation, scale, shear and shift, a faint fragment of "
       "another digit, random colours and pixel noise: 12,000 train (the first 2,400, the "
       "default held-out part, from digits the rest never uses) / 2,000 validation (from "
@@ -49,8 +50,8 @@ def describe_demo_datasets() -> str:
       "train / 2,000 validation.\n"
       "demo_compass: in which of 8 directions (E, NE, … SE) the ring lies from the plus: two "
       "3x3 marks 7-13 pixels apart in 16x16 RGB images, with distractor strokes and noise; a "
-      "task that needs spatial context rather than a glyph's shape. 12,000 train / 2,000 "
-      "validation.")
+      "task that needs spatial context rather than a glyph's shape; the search's CPU proxy "
+      "task (flags/proxy.cfg). 12,000 train / 2,000 validation.")
 
 
 def _readonly(*arrays):

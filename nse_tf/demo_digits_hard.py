@@ -1,4 +1,4 @@
-"""demo_digits_hard: the search's CPU proxy task, generated from scikit-learn's digits.
+"""demo_digits_hard: the demo's task and the first proxy task, from scikit-learn's digits.
 
 Why it exists. On `demo_digits` every network is at its ceiling (random architectures of
 equal cost: 97.9 ± 0.3 %), so a search has nothing to find; on `demo_shapes` one network
