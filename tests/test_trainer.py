@@ -212,9 +212,10 @@ def _caught_up(tr):
   return out
 
 
-def _sync(ref, tr):
-  """`ref` (every weight updated every step) takes the state `tr` would have caught up."""
-  for v, (w, m) in zip(ref.model.weight_variables, _caught_up(tr)):
+def _sync(ref, tr, caught_up):
+  """`ref` (every weight updated every step) takes the state of `tr` with `caught_up`,
+  `_caught_up(tr)`, as its weights and momenta."""
+  for v, (w, m) in zip(ref.model.weight_variables, caught_up):
     v.assign(w)
     ref.sgd._momentum(v).assign(m)
   for a, b in zip(ref.model.non_trainable_variables, tr.model.non_trainable_variables):
@@ -236,6 +237,7 @@ def _lazy_against_reference(lazy, ref, steps):
   ref_weight_step = _reference_weight_step(ref)
   alive = lazy.alive_masks()
   sampler = supernet.GateSampler(lazy.kinds, [len(w) for w in WS], seed=5)
+  index = {id(v): j for j, v in enumerate(lazy.model.weight_variables)}
   worst_out = worst_state = stale_gap = 0.0
   off_then_on, prev = 0, None
   for k in range(steps):
@@ -243,24 +245,24 @@ def _lazy_against_reference(lazy, ref, steps):
     if prev is not None:
       off_then_on += int(((prev == 0) & (g > 0)).sum())
     prev = g
-    _sync(ref, lazy)
+    caught_up = _caught_up(lazy)
+    _sync(ref, lazy, caught_up)
     # How far the deferred updates move the weights of the ops about to run: what a step
     # that read them stale would get wrong.
-    caught_up = _caught_up(lazy)
     for i in np.flatnonzero(g):
       for v in lazy.sgd._groups[i]:
-        j = next(n for n, u in enumerate(lazy.model.weight_variables) if u is v)
-        stale_gap = max(stale_gap, np.abs(caught_up[j][0] - v.numpy()).max())
+        stale_gap = max(stale_gap, np.abs(caught_up[index[id(v)]][0] - v.numpy()).max())
     a = float(lazy._weight_step(lazy.train_iter, tf.constant(g))[0])
     b = float(ref_weight_step(ref.train_iter, tf.constant(g)))
     worst_out = max(worst_out, abs(a - b) / (1 + abs(b)))
-    for v, (w, m) in zip(ref.model.weight_variables, _caught_up(lazy)):
+    caught_up = _caught_up(lazy)
+    for v, (w, m) in zip(ref.model.weight_variables, caught_up):
       worst_state = max(worst_state, np.abs(w - v.numpy()).max(),
                         np.abs(m - ref.sgd._momentum(v).numpy()).max())
     if k % 2:
       g1, g2, same = sampler.theta_gates(alive, lazy.model.thetas_numpy())
       args = [tf.constant(x) for x in (g1, g2, same, np.concatenate(alive).astype(np.float32))]
-      _sync(ref, lazy)
+      _sync(ref, lazy, caught_up)         # the weight step left both as they are
       out_a = [float(x) for x in lazy._theta_step(lazy.holdout_iter, *args)]
       out_b = [float(x) for x in ref._theta_step(ref.holdout_iter, *args)]
       worst_out = max([worst_out] + [abs(x - y) / (1 + abs(y)) for x, y in zip(out_a, out_b)])
