@@ -7,8 +7,9 @@ seen by the search), and prints:
 
   (a) rank fidelity: Kendall τ-b between the supernet's held-out accuracy (inherited
       weights, BN recalibrated: what the search ranks by) and the standalone validation
-      accuracy, over --num_rank architectures of the last round drawn one per equal-width
-      cost bin of the interval; τ between cost alone and standalone accuracy is printed
+      accuracy, over --num_rank architectures of the last round (or --rank_round), its
+      candidates drawn one per equal-width cost bin of the interval or (--rank_set=uniform)
+      uniform draws of its space; τ between cost alone and standalone accuracy is printed
       beside it, so that a τ that only reflects "more FLOPs, more accuracy" shows as such;
   (b) NSE vs random (the protocol of the paper's Fig. 3): the search's final pick against
       --num_random architectures drawn uniformly from the *full* pool (per layer: an op
@@ -62,10 +63,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("num_rank", 12, "Architectures for the rank fidelity (a); 0 skips it.",
                        flag_values=fv)
   flags.DEFINE_enum("rank_set", "candidates", ["candidates", "uniform"],
-                    "(a) on the last round's candidates (sampled from θ, as the search saw "
-                    "them), or on architectures drawn uniformly from the last round's space, "
+                    "(a) on the round's candidates (sampled from θ, as the search saw "
+                    "them), or on architectures drawn uniformly from the round's space, "
                     "evaluated in its supernet checkpoint (each op on with p = 0.5, as in "
                     "training).", flag_values=fv)
+  flags.DEFINE_integer("rank_round", None, "The round whose supernet (a) ranks (default: the "
+                       "last). Round 1 of a three-round search is the same as a one-round "
+                       "search with the same flags and seed.", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("num_random", 10, "Random architectures in (b); 0 skips (b) (the "
                        "pick is not trained either).", lower_bound=0, flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the random architectures and of the (a) draw.",
@@ -139,7 +143,7 @@ def uniform_in_space(space, macro, scale, table, working_sets, lo, hi, n, rng,
   return [arch_lib.Architecture.from_compact(r["arch"]) for r in spread_pick(rows, lo, hi, n, rng)]
 
 
-def last_round_search(out, cfg, data):
+def finished_search(out, cfg, data):
   """The finished search in `out` as an evolution.Search (reads; writes nothing)."""
   from nse_tf import common_flags, distribute, evolution, search  # pylint: disable=g-import-not-at-top
   fv = flags.FlagValues()
@@ -286,27 +290,30 @@ def _read_json(out, name, fix=None):
 
 def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=None):
   """(a): Kendall τ between supernet and standalone accuracy on --num_rank architectures
-  of the last round (its candidates, or uniform draws of its space); the summary entry.
+  of the last round or --rank_round (its candidates, or uniform draws of its space); the
+  summary entry.
 
   Also the τ that a perfect ranker would reach against the same standalone numbers, which
   carry training noise (`stats.tau_ceiling`): with one seed per network the seed noise is
   `seed_sd`, measured in (b) with the same budget."""
+  rr = fv.rank_round or rounds
   if fv.rank_set == "candidates":
-    rows = [r for r in read_candidates(out, rounds) if r["kind"] == "sample"]
+    rows = [x for x in read_candidates(out, rr) if x["kind"] == "sample"]
     picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
-    what = f"round-{rounds} candidates"
+    what = f"round-{rr} candidates"
   else:
-    srch = last_round_search(out, cfg, runner.search_data())
+    srch = finished_search(out, cfg, runner.search_data())
     drawn = uniform_in_space(cfg["space"], macro, cfg["scale"], table,
-                             srch.state.working_sets, lo, hi, fv.num_rank,
+                             srch.round_state(rr).working_sets, lo, hi, fv.num_rank,
                              np.random.default_rng(fv.seed + 2))
-    print(f"(a) evaluating {len(drawn)} uniform draws of the round-{rounds} space in its "
+    print(f"(a) evaluating {len(drawn)} uniform draws of the round-{rr} space in its "
           "supernet", flush=True)
-    accs = srch.evaluate_in_last_round(
-        drawn, os.path.join(out, "search_quality_uniform_eval.jsonl"))
+    log = "search_quality_uniform_eval.jsonl" if rr == rounds else \
+        f"search_quality_uniform_eval_round{rr:02d}.jsonl"
+    accs = srch.evaluate_in_round(drawn, os.path.join(out, log), rr)
     picked = [{"arch": a.to_compact(), "cost": table.indices_cost(a.indices()), "accuracy": acc}
               for a, acc in zip(drawn, accs)]
-    what = f"uniform draws of the round-{rounds} space"
+    what = f"uniform draws of the round-{rr} space"
   sup, alone, costs, groups = [], [], [], []
   print(f"(a) rank fidelity: {len(picked)} {what} across the interval, "
         f"{fv.rank_seeds} seed(s) each")
@@ -339,7 +346,8 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
           f"seed noise {100 * ceiling['seed_sd']:.2f} points"
           f"{' from (b)' if fv.rank_seeds < 2 else ''}, architectures "
           f"{100 * ceiling['between_sd']:.2f} beyond it)\n")
-  return {"rank_set": fv.rank_set, "kendall_tau": tau, "kendall_tau_cost": tau_cost,
+  return {"rank_set": fv.rank_set, "round": rr, "kendall_tau": tau,
+          "kendall_tau_cost": tau_cost,
           "tau_ceiling": ceiling,
           "kendall_tau_num_ops_supernet": tau_ops_sup,
           "kendall_tau_num_ops_standalone": tau_ops_alone,
@@ -585,6 +593,9 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   table = cost.CostTable(cfg["space"], macro, cfg["cost_resolution"], cfg["scale"],
                          num_classes=runner.data.info.num_classes)
   rounds = len(state["history"])
+  if fv.num_rank > 0 and (fv.rank_round or 1) > rounds:
+    raise cli.UsageError(f"--rank_round={fv.rank_round}: the search in {out} ran {rounds} "
+                         f"round(s); pick one of 1 to {rounds}")
   fixed = fv.fixed_cost if fv.fixed_cost is not None else hi
   t_start = time.time()
   print(f"search {out}: {cfg['dataset']} at {cfg['image_size']}px, {cfg['space']}@{macro}, "
@@ -604,7 +615,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     summary["nse_vs_random"] = nse_vs_random(fv, cfg, runner, table, macro, lo, hi, final)
     within = summary["nse_vs_random"]["std_between_seeds"]
 
-  # (a) Rank fidelity on the last round's candidates, or on uniform draws of its space.
+  # (a) Rank fidelity on a round's candidates, or on uniform draws of its space.
   if fv.num_rank < 1:
     print("(a) rank fidelity: skipped (--num_rank=0)\n")
   else:

@@ -649,31 +649,58 @@ class Search:
           bar.update(len(done), [("acc", acc)])
     return done
 
-  def evaluate_in_last_round(self, archs: Sequence[Architecture], log_path: str) -> List[float]:
-    """Held-out accuracy of any `archs` of the last round's space, in its trained supernet.
-
-    For a finished search: the last round's checkpoint is restored (nothing is trained
-    and nothing in the search directory changes) and every architecture is evaluated
-    as the round's candidates were (BN recalibration, then the held-out split). Results
-    are logged to `log_path` (resumable). Diagnostics such as rank fidelity on
-    architectures the search did not sample use it.
-    """
+  def round_state(self, r: Optional[int] = None) -> "SearchState":
+    """The state round `r` (default: the last) of this finished search trained with: its
+    working sets as the round started them and the ops it inherited, from the history."""
     if self.state.phase != "done":
       raise SearchError(f"{self.out}: the search has not finished; run it to the end first")
-    r = self.state.round
+    last = self.state.round
+    if r is None or r == last:
+      return self.state
+    if not 1 <= r < last:
+      raise SearchError(f"round {r}: this search ran rounds 1 to {last}; pick one of them")
+    hist = {h["round"]: h for h in self.state.history}
+    index = {op: i for i, op in enumerate(self.pool)}
+    try:
+      ws = [[index[op] for op in w] for w in hist[r]["space"]["working_sets"]]
+      inherited = ([[index[op] for op in a] for a in hist[r - 1]["space"]["inherited"]]
+                   if r > 1 else [[] for _ in ws])
+    except KeyError as e:
+      raise SearchError(f"{self.out}/state.json has no record of round {r}'s space ({e}); "
+                        "only its last round can be evaluated") from None
+    return dataclasses.replace(self.state, round=r, working_sets=ws, inherited=inherited,
+                               history=[h for h in self.state.history if h["round"] < r])
+
+  def evaluate_in_round(self, archs: Sequence[Architecture], log_path: str,
+                        r: Optional[int] = None) -> List[float]:
+    """Held-out accuracy of any `archs` of round `r`'s space (default: the last round's)
+    in that round's trained supernet.
+
+    For a finished search: the round's checkpoint is restored (nothing is trained and
+    nothing in the search directory changes) and every architecture is evaluated as the
+    round's candidates were (BN recalibration, then the held-out split). Results are
+    logged to `log_path` (resumable). Diagnostics such as rank fidelity on architectures
+    the search did not sample use it.
+    """
+    state = self.round_state(r)
+    r = state.round
     cands = []
     for a in archs:
       idx = tuple(tuple(sorted(x)) for x in a.indices())
-      for l, (ops, ws) in enumerate(zip(idx, self.state.working_sets)):
+      for l, (ops, ws) in enumerate(zip(idx, state.working_sets)):
         if not set(ops) <= set(ws):
           raise SearchError(f"{a.to_compact()}: layer {l} uses ops outside round {r}'s "
                             f"working set ({[self.pool[i] for i in ws]})")
       cands.append(("sample", idx))
-    trainer = self._trainer(r, tensorboard=False)
-    if int(trainer.step.numpy()) < trainer.total_steps:
-      raise SearchError(f"round {r}'s checkpoint in {self.round_dir(r)}/ckpt is not the "
-                        "finished round's")
-    done = self._evaluate(trainer, cands, log_path)
+    finished, self.state = self.state, state   # _trainer and _gates read the round's sets
+    try:
+      trainer = self._trainer(r, tensorboard=False)
+      if int(trainer.step.numpy()) < trainer.total_steps:
+        raise SearchError(f"round {r}'s checkpoint in {self.round_dir(r)}/ckpt is not the "
+                          "finished round's")
+      done = self._evaluate(trainer, cands, log_path)
+    finally:
+      self.state = finished
     return [done[i] for i in range(len(cands))]
 
   @staticmethod

@@ -183,8 +183,8 @@ def test_search_splits_candidate_evaluation_across_two_workers(tmp_path, monkeyp
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   cfg = json.loads((out / "config.json").read_text())
-  srch = bench.last_round_search(str(out), cfg, data_lib.get_data(
+  srch = bench.finished_search(str(out), cfg, data_lib.get_data(
       cfg["dataset"], image_size=cfg["image_size"]))
   archs = [arch_lib.Architecture.from_compact(r["arch"]) for r in rows]
-  again = srch.evaluate_in_last_round(archs, str(tmp_path / "again.jsonl"))
+  again = srch.evaluate_in_round(archs, str(tmp_path / "again.jsonl"))
   assert again == [r["accuracy"] for r in log]

@@ -291,6 +291,14 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   only_a = json.loads((run / "search_quality.json").read_text())
   assert "nse_vs_random" not in only_a and only_a["networks_trained"] == 0
   assert len(only_a["rank_fidelity"]["points"]) == 3
+  assert only_a["rank_fidelity"]["round"] == 2
+  # --rank_round: (a) on round 1's candidates; a round the search did not run is an error.
+  assert cli.invoke(bench.define_flags, bench.main, args + ["--num_random=0",
+                                                            "--rank_round=1"]) == 0
+  assert "3 round-1 candidates across the interval" in capsys.readouterr().out
+  assert json.loads((run / "search_quality.json").read_text())["rank_fidelity"]["round"] == 1
+  assert cli.invoke(bench.define_flags, bench.main, args + ["--rank_round=3"]) == 2
+  assert "--rank_round=3: the search in" in capsys.readouterr().err
   # --image_size: the same networks trained at another resolution, cached apart (the pick
   # and one random network: two more trainings).
   assert cli.invoke(bench.define_flags, bench.main, args + ["--num_rank=0", "--num_random=1",
@@ -468,6 +476,33 @@ def test_latency_search_with_a_missing_table_is_one_error_line(tmp_path, capsys)
 
 
 @pytest.mark.slow
+def test_an_earlier_round_of_a_finished_search_evaluates_as_the_search_did(smoke_run, tmp_path):
+  """evaluate_in_round(r=1) on a two-round search restores round 1's supernet with round
+  1's working sets: its candidates get the accuracies the search logged in round 1."""
+  from nse_tf import data as data_lib  # pylint: disable=g-import-not-at-top
+  out, _, _ = smoke_run
+  cfg = json.loads((out / "config.json").read_text())
+  srch = _benchmark("search_quality").finished_search(
+      str(out), cfg, data_lib.get_data(cfg["dataset"], image_size=cfg["image_size"]))
+  pool = spaces.get_pool(cfg["space"])
+  for r in (1, 2):
+    layers = json.loads((out / f"round_{r:02d}" / "space.json").read_text())["layers"]
+    assert [[pool[i] for i in w] for w in srch.round_state(r).working_sets] == \
+        [l["working_set"] for l in layers]
+  assert srch.round_state(1).working_sets != srch.state.working_sets   # refilled after 1
+  rows = list(csv.DictReader(open(out / "round_01" / "candidates.csv")))[:3]
+  logged = {rec["i"]: rec["accuracy"] for rec in fileio.read_jsonl(
+      str(out / "round_01" / "evaluated.jsonl"))}
+  archs = [arch_lib.Architecture.from_compact(r["arch"]) for r in rows]
+  assert srch.evaluate_in_round(archs, str(tmp_path / "r1.jsonl"), 1) == \
+      [logged[int(r["arch_id"])] for r in rows]
+  assert srch.state.round == 2 and srch.state.working_sets == \
+      evolution.SearchState.load(str(out / "state.json")).working_sets
+  with pytest.raises(evolution.SearchError, match="rounds 1 to 2"):
+    srch.round_state(3)
+
+
+@pytest.mark.slow
 def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, tmp_path,
                                                                      monkeypatch):
   """--split_evaluation's per-worker evaluator (whole batches, no strategy.run) gives every
@@ -482,10 +517,10 @@ def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, 
   cfg = json.loads((run / "config.json").read_text())
   bench = _benchmark("search_quality")
   d = data_lib.get_data(cfg["dataset"], image_size=cfg["image_size"])
-  srch = bench.last_round_search(str(run), cfg, d)
+  srch = bench.finished_search(str(run), cfg, d)
   rows = list(csv.DictReader(open(run / "round_02" / "candidates.csv")))
   archs = [arch_lib.Architecture.from_compact(r["arch"]) for r in rows[:6]]   # blocks 4 + 2
-  plain = srch.evaluate_in_last_round(archs, str(tmp_path / "plain.jsonl"))
+  plain = srch.evaluate_in_round(archs, str(tmp_path / "plain.jsonl"))
   plain_halves = dict(srch.halves)
   assert len(plain) == 6 and len(plain_halves) == 6
   # The search built its evaluator and traced it while round 2 trained (trace-ahead);
@@ -496,14 +531,14 @@ def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, 
   assert plain == [logged[i] for i in range(6)]
   srch.cfg = dataclasses.replace(srch.cfg, split_evaluation=True)
   split_log = tmp_path / "split.jsonl"
-  assert srch.evaluate_in_last_round(archs, str(split_log)) == plain
+  assert srch.evaluate_in_round(archs, str(split_log)) == plain
   assert srch.halves == plain_halves
   assert split_log.read_text() == (tmp_path / "plain.jsonl").read_text()
   # A log cut inside its fourth line: the three whole lines are kept, the rest evaluated
   # again (candidate 3 recalibrates on its own batches, not on candidate 0's).
   lines = split_log.read_text().splitlines(keepends=True)
   split_log.write_text("".join(lines[:3]) + lines[3][:10])
-  assert srch.evaluate_in_last_round(archs, str(split_log)) == plain
+  assert srch.evaluate_in_round(archs, str(split_log)) == plain
   assert split_log.read_text() == (tmp_path / "plain.jsonl").read_text()
   # Several workers: another worker (simulated) logged only 2 results, so this one, which
   # logged all 6, goes back to the third candidate with it.
@@ -517,5 +552,5 @@ def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, 
   monkeypatch.setattr(candidate_eval.CandidateEvaluator, "accuracy",
                       lambda self, g: calls.append(1) or accuracy(self, g))
   srch.cfg = dataclasses.replace(srch.cfg, split_evaluation=False)
-  assert srch.evaluate_in_last_round(archs, str(tmp_path / "plain.jsonl")) == plain
+  assert srch.evaluate_in_round(archs, str(tmp_path / "plain.jsonl")) == plain
   assert len(calls) == 4
