@@ -67,6 +67,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "them), or on architectures drawn uniformly from the round's space, "
                     "evaluated in its supernet checkpoint (each op on with p = 0.5, as in "
                     "training).", flag_values=fv)
+  flags.DEFINE_bool("rank_drop_pruned", False, "(a) with --rank_set=uniform: draw only "
+                    "from the ops that survived the round. The ops θ pruned during it stopped "
+                    "training there, and the search samples its candidates from the survivors; "
+                    "by default the draws use the round's whole space, pruned ops included.",
+                    flag_values=fv)
   flags.DEFINE_integer("rank_round", None, "The round whose supernet (a) ranks (default: the "
                        "last). Round 1 of a three-round search is the same as a one-round "
                        "search with the same flags and seed.", lower_bound=1, flag_values=fv)
@@ -302,18 +307,24 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
     picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
     what = f"round-{rr} candidates"
   else:
-    srch = finished_search(out, cfg, runner.search_data())
-    drawn = uniform_in_space(cfg["space"], macro, cfg["scale"], table,
-                             srch.round_state(rr).working_sets, lo, hi, fv.num_rank,
-                             np.random.default_rng(fv.seed + 2))
-    print(f"(a) evaluating {len(drawn)} uniform draws of the round-{rr} space in its "
+    space = read_space(out, rr, fv.rank_drop_pruned)
+    kinds = spaces.layer_kinds(macro)
+    for l, (kind, ws) in enumerate(zip(kinds, space)):
+      if kind != "N" and not ws:
+        raise cli.UsageError(f"--rank_drop_pruned: layer {l} of round {rr} has no op that "
+                             "survived the round; draw from the whole space without it")
+    drawn = uniform_in_space(cfg["space"], macro, cfg["scale"], table, space, lo, hi,
+                             fv.num_rank, np.random.default_rng(fv.seed + 2))
+    which = "surviving ops of the " if fv.rank_drop_pruned else ""
+    print(f"(a) evaluating {len(drawn)} uniform draws of the {which}round-{rr} space in its "
           "supernet", flush=True)
-    log = "search_quality_uniform_eval.jsonl" if rr == rounds else \
-        f"search_quality_uniform_eval_round{rr:02d}.jsonl"
+    log = "search_quality_uniform_eval" + ("" if rr == rounds else f"_round{rr:02d}") + \
+        ("_survivors" if fv.rank_drop_pruned else "") + ".jsonl"
+    srch = finished_search(out, cfg, runner.search_data())
     accs = srch.evaluate_in_round(drawn, os.path.join(out, log), rr)
     picked = [{"arch": a.to_compact(), "cost": table.indices_cost(a.indices()), "accuracy": acc}
               for a, acc in zip(drawn, accs)]
-    what = f"uniform draws of the round-{rr} space"
+    what = f"uniform draws of the {which}round-{rr} space"
   sup, alone, costs, groups = [], [], [], []
   print(f"(a) rank fidelity: {len(picked)} {what} across the interval, "
         f"{fv.rank_seeds} seed(s) each")
@@ -336,6 +347,14 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
   print(f"  τ(number of ops, supernet) = {tau_ops_sup:.3f}; τ(number of ops, standalone) = "
         f"{tau_ops_alone:.3f}; supernet spread {100 * stats.stdev(sup):.2f} points, "
         f"standalone {100 * stats.stdev(alone):.2f} (std across architectures)")
+  # Ops that θ pruned during the round stopped training there: the supernet scores an
+  # architecture that uses one with that op's weights from the step it was pruned at.
+  pruned = [{e["op"] for e in l["pruned"]}
+            for l in _read_json(out, f"round_{rr:02d}/space.json")["layers"]]
+  with_pruned = sum(any(op in p for ops, p in zip(a.layers, pruned) for op in ops)
+                    for a in archs)
+  print(f"  {with_pruned} of the {len(archs)} use an op that θ pruned during round {rr} "
+        f"({sum(map(len, pruned))} pruned)")
   ceiling = stats.tau_ceiling(groups, seed_sd if fv.rank_seeds < 2 else None)
   if math.isnan(ceiling["tau_max"]):
     print("  a perfect ranker's τ against these standalone numbers: not estimated (one seed "
@@ -346,7 +365,10 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
           f"seed noise {100 * ceiling['seed_sd']:.2f} points"
           f"{' from (b)' if fv.rank_seeds < 2 else ''}, architectures "
           f"{100 * ceiling['between_sd']:.2f} beyond it)\n")
-  return {"rank_set": fv.rank_set, "round": rr, "kendall_tau": tau,
+  return {"rank_set": fv.rank_set, "round": rr,
+          "drop_pruned": bool(fv.rank_drop_pruned and fv.rank_set == "uniform"),
+          "with_pruned_ops": with_pruned,
+          "kendall_tau": tau,
           "kendall_tau_cost": tau_cost,
           "tau_ceiling": ceiling,
           "kendall_tau_num_ops_supernet": tau_ops_sup,

@@ -297,6 +297,18 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
                                                             "--rank_round=1"]) == 0
   assert "3 round-1 candidates across the interval" in capsys.readouterr().out
   assert json.loads((run / "search_quality.json").read_text())["rank_fidelity"]["round"] == 1
+  # Uniform draws of round 1's surviving ops, evaluated in round 1's supernet.
+  assert cli.invoke(bench.define_flags, bench.main, args + [
+      "--num_random=0", "--rank_round=1", "--rank_set=uniform", "--rank_drop_pruned"]) == 0
+  assert "uniform draws of the surviving ops of the round-1 space" in capsys.readouterr().out
+  ra = json.loads((run / "search_quality.json").read_text())["rank_fidelity"]
+  assert ra["round"] == 1 and ra["drop_pruned"] and ra["with_pruned_ops"] == 0
+  assert (run / "search_quality_uniform_eval_round01_survivors.jsonl").exists()
+  survivors = bench.read_space(str(run), 1, drop_pruned=True)
+  pool = spaces.get_pool("flops27")
+  for p in ra["points"]:
+    for ops, ws in zip(arch_lib.Architecture.from_compact(p["arch"]).layers, survivors):
+      assert {pool.index(op) for op in ops} <= set(ws)
   assert cli.invoke(bench.define_flags, bench.main, args + ["--rank_round=3"]) == 2
   assert "--rank_round=3: the search in" in capsys.readouterr().err
   # --image_size: the same networks trained at another resolution, cached apart (the pick
