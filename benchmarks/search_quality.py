@@ -669,8 +669,22 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   summary["networks_trained"] = runner.trained
   summary["networks_from_cache"] = len(runner.used) - runner.trained
   summary["seconds"] = round(time.time() - t_start, 1)
-  fileio.atomic_write_text(os.path.join(out, "search_quality.json"),
-                             json.dumps(summary, indent=1))
+  # A part skipped in this run keeps what an earlier run with the same budget measured
+  # (e.g. (b), then (a) alone: --aggregate still finds (b)).
+  path = os.path.join(out, "search_quality.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      before = json.load(f)
+  except (OSError, ValueError):
+    before = {}
+  if isinstance(before, dict) and before.get("budget") == summary["budget"]:
+    kept = [k for k in ("nse_vs_random", "rank_fidelity", "ablation")
+            if k in before and k not in summary]
+    for k in kept:
+      summary[k] = before[k]
+    if kept:
+      print(f"kept in {path} from an earlier run with the same budget: {', '.join(kept)}")
+  fileio.atomic_write_text(path, json.dumps(summary, indent=1))
   print(f"\n{runner.trained} networks trained in {runner.seconds / 60:.1f} min "
         f"({len(runner.used) - runner.trained} more read from the cache); wall "
         f"{(time.time() - t_start) / 60:.1f} min; wrote {out}/search_quality.json")

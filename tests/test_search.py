@@ -281,15 +281,18 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
       capsys.readouterr().out
   # --num_rank=0: (b) alone (another search seed, the random networks from the cache).
   assert cli.invoke(bench.define_flags, bench.main, args + ["--num_rank=0"]) == 0
-  assert "(a) rank fidelity: skipped" in capsys.readouterr().out
+  b_out = capsys.readouterr().out
+  assert "(a) rank fidelity: skipped" in b_out
+  assert "from an earlier run with the same budget: rank_fidelity" in b_out
   only_b = json.loads((run / "search_quality.json").read_text())
-  assert "rank_fidelity" not in only_b and only_b["networks_trained"] == 0
+  assert only_b["rank_fidelity"] == again["rank_fidelity"]     # kept: same budget
+  assert only_b["networks_trained"] == 0
   # --num_random=0: (a) alone (here from the cache: nothing more is trained).
   assert cli.invoke(bench.define_flags, bench.main, args + ["--num_random=0"]) == 0
   only_a_out = capsys.readouterr().out
   assert "(b) NSE vs random: skipped" in only_a_out and "Kendall" in only_a_out
   only_a = json.loads((run / "search_quality.json").read_text())
-  assert "nse_vs_random" not in only_a and only_a["networks_trained"] == 0
+  assert only_a["nse_vs_random"] == only_b["nse_vs_random"] and only_a["networks_trained"] == 0
   assert len(only_a["rank_fidelity"]["points"]) == 3
   assert only_a["rank_fidelity"]["round"] == 2
   # --rank_round: (a) on round 1's candidates; a round the search did not run is an error.
@@ -318,6 +321,7 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   assert "every network at 20px" in capsys.readouterr().out
   at20 = json.loads((run / "search_quality.json").read_text())
   assert at20["networks_trained"] == 2 and at20["budget"]["image_size"] == 20
+  assert "rank_fidelity" not in at20       # another budget: nothing kept from the 16px runs
   assert sum("|size=20" in line for line in
              (run / "search_quality_runs.jsonl").read_text().splitlines()) == 2
   # (a) on uniform draws of the last round's space, evaluated in its supernet checkpoint:
