@@ -349,8 +349,7 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
         f"standalone {100 * stats.stdev(alone):.2f} (std across architectures)")
   # Ops that θ pruned during the round stopped training there: the supernet scores an
   # architecture that uses one with that op's weights from the step it was pruned at.
-  pruned = [{e["op"] for e in l["pruned"]}
-            for l in _read_json(out, f"round_{rr:02d}/space.json")["layers"]]
+  pruned = read_pruned(out, rr)
   with_pruned = sum(any(op in p for ops, p in zip(a.layers, pruned) for op in ops)
                     for a in archs)
   print(f"  {with_pruned} of the {len(archs)} use an op that θ pruned during round {rr} "
@@ -377,13 +376,20 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
                      for r, c, s, s2 in zip(picked, costs, sup, alone)]}
 
 
+def read_pruned(out, r):
+  """Per layer, the names of the ops that θ pruned during round r (round_NN/space.json)."""
+  return [{e["op"] for e in l["pruned"]}
+          for l in _read_json(out, f"round_{r:02d}/space.json")["layers"]]
+
+
 def read_space(out, r, drop_pruned):
   """Round r's working sets (pool indices) from round_NN/space.json: as the round started
   them, or, with `drop_pruned`, without the ops that θ pruned during the round."""
   pool = spaces.get_pool(_read_json(out, "config.json")["space"])
   layers = _read_json(out, f"round_{r:02d}/space.json")["layers"]
-  return [[pool.index(op) for op in l["working_set"]
-           if not (drop_pruned and op in {e["op"] for e in l["pruned"]})] for l in layers]
+  pruned = read_pruned(out, r) if drop_pruned else [set()] * len(layers)
+  return [[pool.index(op) for op in l["working_set"] if op not in p]
+          for l, p in zip(layers, pruned)]
 
 
 def space_draw(cfg, table, working_sets, seed):

@@ -449,16 +449,18 @@ class Search:
     final.save(os.path.join(self.out, "final_arch.json"))
     return final
 
-  def _trainer(self, r: int, tensorboard: bool = True):
+  def _trainer(self, r: int, tensorboard: bool = True, state: Optional["SearchState"] = None):
+    """Round r's trainer, built on `state`'s working sets (default: the current state)."""
     from nse_tf import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+    state = state or self.state
     protected = [[op in set(a) for op in ws]
-                 for ws, a in zip(self.state.working_sets, self.state.inherited)]
+                 for ws, a in zip(state.working_sets, state.inherited)]
     import dataclasses as dc  # pylint: disable=g-import-not-at-top
     tcfg = dc.replace(self.train_cfg, seed=self.train_cfg.seed + 1000 * r,
                       progress=self.progress)
     return trainer_lib.RoundTrainer(
         tcfg, self.strategy, self.data, self.table, space=self.cfg.space, macro=self.macro,
-        working_sets=self.state.working_sets, protected=protected,
+        working_sets=state.working_sets, protected=protected,
         num_classes=self.num_classes, resolution=self.cfg.image_size, scale=self.cfg.scale,
         model_dir=os.path.join(self.round_dir(r), "ckpt"),
         tb_dir=os.path.join(self.out, "tb", f"round_{r:02d}") if tensorboard else None)
@@ -668,8 +670,7 @@ class Search:
     except KeyError as e:
       raise SearchError(f"{self.out}/state.json has no record of round {r}'s space ({e}); "
                         "only its last round can be evaluated") from None
-    return dataclasses.replace(self.state, round=r, working_sets=ws, inherited=inherited,
-                               history=[h for h in self.state.history if h["round"] < r])
+    return dataclasses.replace(self.state, round=r, working_sets=ws, inherited=inherited)
 
   def evaluate_in_round(self, archs: Sequence[Architecture], log_path: str,
                         r: Optional[int] = None) -> List[float]:
@@ -692,15 +693,11 @@ class Search:
           raise SearchError(f"{a.to_compact()}: layer {l} uses ops outside round {r}'s "
                             f"working set ({[self.pool[i] for i in ws]})")
       cands.append(("sample", idx))
-    finished, self.state = self.state, state   # _trainer and _gates read the round's sets
-    try:
-      trainer = self._trainer(r, tensorboard=False)
-      if int(trainer.step.numpy()) < trainer.total_steps:
-        raise SearchError(f"round {r}'s checkpoint in {self.round_dir(r)}/ckpt is not the "
-                          "finished round's")
-      done = self._evaluate(trainer, cands, log_path)
-    finally:
-      self.state = finished
+    trainer = self._trainer(r, tensorboard=False, state=state)
+    if int(trainer.step.numpy()) < trainer.total_steps:
+      raise SearchError(f"round {r}'s checkpoint in {self.round_dir(r)}/ckpt is not the "
+                        "finished round's")
+    done = self._evaluate(trainer, cands, log_path)
     return [done[i] for i in range(len(cands))]
 
   @staticmethod
@@ -710,7 +707,7 @@ class Search:
   def _gates(self, trainer, c) -> np.ndarray:
     g = np.zeros(trainer.model.total_ops, np.float32)
     for l, idx in enumerate(c):
-      ws = self.state.working_sets[l]
+      ws = trainer.working_sets[l]     # the gate layout of the trainer's supernet
       for i in idx:
         g[trainer.model.offsets[l] + ws.index(i)] = 1.0
     return g
