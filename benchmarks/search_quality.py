@@ -305,6 +305,12 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
   if fv.rank_set == "candidates":
     rows = [x for x in read_candidates(out, rr) if x["kind"] == "sample"]
     picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
+    # The search's own evaluation log holds each candidate's held-out loss (searches run
+    # before losses were logged: none, and no τ by loss).
+    losses = {rec.get("key"): rec.get("loss") for rec in fileio.read_jsonl(
+        os.path.join(out, f"round_{rr:02d}", "evaluated.jsonl"))}
+    for row in picked:
+      row["loss"] = losses.get(row["arch"].split(":", 1)[-1])
     what = f"round-{rr} candidates"
   else:
     space = read_space(out, rr, fv.rank_drop_pruned)
@@ -321,9 +327,9 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
     log = "search_quality_uniform_eval" + ("" if rr == rounds else f"_round{rr:02d}") + \
         ("_survivors" if fv.rank_drop_pruned else "") + ".jsonl"
     srch = finished_search(out, cfg, runner.search_data())
-    accs = srch.evaluate_in_round(drawn, os.path.join(out, log), rr)
-    picked = [{"arch": a.to_compact(), "cost": table.indices_cost(a.indices()), "accuracy": acc}
-              for a, acc in zip(drawn, accs)]
+    accs, losses = srch.evaluate_in_round(drawn, os.path.join(out, log), rr, with_loss=True)
+    picked = [{"arch": a.to_compact(), "cost": table.indices_cost(a.indices()), "accuracy": acc,
+               "loss": loss} for a, acc, loss in zip(drawn, accs, losses)]
     what = f"uniform draws of the {which}round-{rr} space"
   sup, alone, costs, groups = [], [], [], []
   print(f"(a) rank fidelity: {len(picked)} {what} across the interval, "
@@ -339,11 +345,22 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
           f"{100 * m:6.2f} %  {r['arch']}", flush=True)
   tau = stats.kendall_tau(sup, alone)
   tau_cost = stats.kendall_tau(costs, alone)
+  # The supernet's held-out cross-entropy as the score instead: a continuous measure, not
+  # the count of a few hundred errors whose binomial noise is close to the candidates'
+  # whole spread. Lower loss ranks higher.
+  sup_loss = [r.get("loss") for r in picked]
+  tau_loss = (stats.kendall_tau([-x for x in sup_loss], alone)
+              if all(x is not None for x in sup_loss) else None)
   # Weight-sharing bias: does the supernet favour paths with more ops than training alone does?
   num_ops = [sum(len(l) for l in a.layers) for a in archs]
   tau_ops_sup, tau_ops_alone = stats.kendall_tau(num_ops, sup), stats.kendall_tau(num_ops, alone)
   print(f"  Kendall τ(supernet, standalone) = {tau:.3f}; τ(cost, standalone) = {tau_cost:.3f}"
         f"; τ(supernet, cost) = {stats.kendall_tau(sup, costs):.3f}")
+  if tau_loss is None:
+    print("  τ(supernet loss, standalone): no held-out losses in the evaluation log")
+  else:
+    print(f"  Kendall τ(−supernet held-out loss, standalone) = {tau_loss:.3f} (ranking by "
+          "the supernet's cross-entropy instead of its accuracy)")
   print(f"  τ(number of ops, supernet) = {tau_ops_sup:.3f}; τ(number of ops, standalone) = "
         f"{tau_ops_alone:.3f}; supernet spread {100 * stats.stdev(sup):.2f} points, "
         f"standalone {100 * stats.stdev(alone):.2f} (std across architectures)")
@@ -369,11 +386,13 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
           "with_pruned_ops": with_pruned,
           "kendall_tau": tau,
           "kendall_tau_cost": tau_cost,
+          "kendall_tau_loss": tau_loss,
           "tau_ceiling": ceiling,
           "kendall_tau_num_ops_supernet": tau_ops_sup,
           "kendall_tau_num_ops_standalone": tau_ops_alone,
-          "points": [{"arch": r["arch"], "cost": c, "supernet": s, "standalone": s2}
-                     for r, c, s, s2 in zip(picked, costs, sup, alone)]}
+          "points": [{"arch": r["arch"], "cost": c, "supernet": s, "supernet_loss": x,
+                      "standalone": s2}
+                     for r, c, s, x, s2 in zip(picked, costs, sup, sup_loss, alone)]}
 
 
 def read_pruned(out, r):

@@ -2,7 +2,9 @@
 on the held-out split, and whether the candidates' ranking is above noise.
 
   CandidateEvaluator       fixed gates, inherited weights, BN statistics reset and
-                           re-estimated on training batches, held-out accuracy
+                           re-estimated on training batches, held-out accuracy (and mean
+                           cross-entropy, which diagnostics may rank by; the search ranks
+                           by accuracy, as the paper does)
   eval_count               how many held-out examples a candidate sees
   split_half_reliability   how well the candidates' accuracies on the even held-out batches
                            predict those on the odd ones
@@ -86,8 +88,11 @@ class CandidateEvaluator:
     def eval_counts(x, y, gates):
       logits = model(x, gates=gates, training=False)
       pred = tf.argmax(logits, -1, output_type=tf.int32)
-      hit = tf.cast(tf.equal(pred, tf.cast(y, tf.int32)), tf.float32)
-      return tf.stack([tf.reduce_sum(hit), tf.cast(tf.size(hit), tf.float32)])
+      labels = tf.cast(y, tf.int32)
+      hit = tf.cast(tf.equal(pred, labels), tf.float32)
+      nll = tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32))
+      return tf.stack([tf.reduce_sum(hit), tf.cast(tf.size(hit), tf.float32),
+                       tf.reduce_sum(nll)])
 
     # In split mode (`local`) the steps still run inside strategy.run, each local replica
     # given the whole batch: in a replica context the batch norms' statistics (ON_READ
@@ -159,21 +164,28 @@ class CandidateEvaluator:
       self.recal_step(self.recal_iter, g)
     momentum = self.bns[0].momentum if self.bns else 0.0
     self.scale_bn(tf.constant(1.0 / (1.0 - momentum ** self.n_recal)))  # bias correction
-    # Correct/seen counts of the even and the odd batches kept apart: the two halves are
-    # independent samples of held-out examples, and how well the candidates' accuracies
-    # on one half predict those on the other is the ranking's split-half reliability.
-    counts = np.zeros((2, 2))
+    # Correct/seen counts (and summed cross-entropy) of the even and the odd batches kept
+    # apart: the two halves are independent samples of held-out examples, and how well
+    # the candidates' accuracies on one half predict those on the other is the ranking's
+    # split-half reliability.
+    counts = np.zeros((2, COUNTS))
     batches = self.eval_batches if self.eval_batches is not None else self.eval_ds
     for b, (images, labels) in enumerate(batches):
       counts[b % 2] += self.eval_step(images, labels, g).numpy()
     self.last_counts = counts
-    acc, self.last_halves = from_counts(counts, self.num_eval)
+    acc, self.last_halves, self.last_loss = from_counts(counts, self.num_eval)
     return acc
 
 
-def from_counts(counts, num_eval: int) -> Tuple[float, Optional[Tuple[float, float]]]:
-  """(accuracy, (even-half, odd-half) accuracy or None) from a candidate's [[correct,
-  seen] of the even batches, [correct, seen] of the odd ones]."""
+COUNTS = 3   # per half of the held-out batches: correct, seen, summed cross-entropy
+
+
+def from_counts(counts, num_eval: int
+                ) -> Tuple[float, Optional[Tuple[float, float]], float]:
+  """(accuracy, (even-half, odd-half) accuracy or None, mean cross-entropy) from a
+  candidate's [[correct, seen, summed cross-entropy] of the even batches, [the same] of
+  the odd ones]."""
   counts = np.asarray(counts, np.float64)
-  halves = tuple(float(c / n) for c, n in counts) if counts[1, 1] > 0 else None
-  return float(counts[:, 0].sum() / max(1, num_eval)), halves
+  halves = tuple(float(c / n) for c, n, _ in counts) if counts[1, 1] > 0 else None
+  n = max(1, num_eval)
+  return float(counts[:, 0].sum() / n), halves, float(counts[:, 2].sum() / n)

@@ -32,7 +32,7 @@ from nse_tf.arch import Architecture
 from nse_tf import fileio
 from nse_tf.fileio import atomic_write_text, read_jsonl
 from nse_tf import errors
-from nse_tf.candidate_eval import (CandidateEvaluator, eval_count, from_counts,
+from nse_tf.candidate_eval import (COUNTS, CandidateEvaluator, eval_count, from_counts,
                                    split_half_reliability)
 
 STATE_VERSION = 1
@@ -576,12 +576,15 @@ class Search:
     from nse_tf import distribute  # pylint: disable=g-import-not-at-top
     done: Dict[int, float] = {}
     self.halves: Dict[int, Tuple[float, float]] = {}
+    self.losses: Dict[int, float] = {}    # held-out mean cross-entropy (diagnostics)
     keys = [self._key(c) for _, c in cands]
     for rec in read_jsonl(log_path):      # a line cut by a kill: evaluated again
       if rec.get("i") is not None and rec["i"] < len(keys) and rec.get("key") == keys[rec["i"]]:
         done[rec["i"]] = rec["accuracy"]
         if rec.get("halves"):
           self.halves[rec["i"]] = tuple(rec["halves"])
+        if rec.get("loss") is not None:
+          self.losses[rec["i"]] = rec["loss"]
     rank = distribute.worker_rank(self.strategy)
     if rank is not None:
       # A worker killed while logging may hold fewer results than the others: all go on
@@ -591,6 +594,7 @@ class Search:
           self.strategy, np.array([prefix], np.int64)).values())
       done = {i: a for i, a in done.items() if i < agreed}
       self.halves = {i: h for i, h in self.halves.items() if i < agreed}
+      self.losses = {i: v for i, v in self.losses.items() if i < agreed}
     todo = [i for i in range(len(cands)) if i not in done]
     if not todo:
       return done
@@ -612,17 +616,19 @@ class Search:
       import tf_keras as keras  # pylint: disable=g-import-not-at-top
       bar = keras.utils.Progbar(len(cands), stateful_metrics=["acc"])
       bar.update(len(done))
+    def record(i):
+      return json.dumps({"i": i, "key": keys[i], "accuracy": done[i],
+                         "halves": self.halves.get(i), "loss": self.losses.get(i)}) + "\n"
+
     # Rewrite the log without a possibly cut last line, then append.
-    atomic_write_text(log_path, "".join(
-        json.dumps({"i": i, "key": keys[i], "accuracy": done[i],
-                    "halves": self.halves.get(i)}) + "\n" for i in sorted(done)))
+    atomic_write_text(log_path, "".join(record(i) for i in sorted(done)))
     block = EVAL_BLOCK * workers if split else 1
     with open(log_path, "a", encoding="utf-8") as log:
       for start in range(0, len(todo), block):
         chunk = todo[start:start + block]
         if split:
-          # Rows [candidate, correct/seen of the even batches, of the odd ones]; -1: none.
-          rows = np.full((EVAL_BLOCK, 5), -1.0)
+          # Rows [candidate, the counts of the even batches, of the odd ones]; -1: none.
+          rows = np.full((EVAL_BLOCK, 1 + 2 * COUNTS), -1.0)
           mine = 0
           for j, i in enumerate(chunk):
             if j % workers != me:
@@ -631,20 +637,19 @@ class Search:
             evaluator.accuracy(self._gates(trainer, cands[i][1]))
             rows[mine] = [i, *evaluator.last_counts.ravel()]
             mine += 1
-          results = {int(r[0]): from_counts(r[1:].reshape(2, 2), evaluator.num_eval)
+          results = {int(r[0]): from_counts(r[1:].reshape(2, COUNTS), evaluator.num_eval)
                      for block_rows in distribute.gather_from_workers(
                          self.strategy, rows).values() for r in block_rows if r[0] >= 0}
         else:
           i = chunk[0]
           acc = evaluator.accuracy(self._gates(trainer, cands[i][1]))
-          results = {i: (acc, evaluator.last_halves)}
+          results = {i: (acc, evaluator.last_halves, evaluator.last_loss)}
         for i in chunk:
-          acc, halves = results[i]
+          acc, halves, self.losses[i] = results[i]
           done[i] = acc
           if halves is not None:
             self.halves[i] = halves
-          log.write(json.dumps({"i": i, "key": keys[i], "accuracy": acc,
-                                "halves": self.halves.get(i)}) + "\n")
+          log.write(record(i))
         log.flush()
         os.fsync(log.fileno())
         if bar is not None:
@@ -673,9 +678,9 @@ class Search:
     return dataclasses.replace(self.state, round=r, working_sets=ws, inherited=inherited)
 
   def evaluate_in_round(self, archs: Sequence[Architecture], log_path: str,
-                        r: Optional[int] = None) -> List[float]:
+                        r: Optional[int] = None, with_loss: bool = False):
     """Held-out accuracy of any `archs` of round `r`'s space (default: the last round's)
-    in that round's trained supernet.
+    in that round's trained supernet; with `with_loss`, (accuracies, mean cross-entropies).
 
     For a finished search: the round's checkpoint is restored (nothing is trained and
     nothing in the search directory changes) and every architecture is evaluated as the
@@ -698,7 +703,14 @@ class Search:
       raise SearchError(f"round {r}'s checkpoint in {self.round_dir(r)}/ckpt is not the "
                         "finished round's")
     done = self._evaluate(trainer, cands, log_path)
-    return [done[i] for i in range(len(cands))]
+    accs = [done[i] for i in range(len(cands))]
+    if not with_loss:
+      return accs
+    missing = [i for i in range(len(cands)) if i not in self.losses]
+    if missing:
+      raise SearchError(f"{log_path} holds accuracies without held-out losses (written "
+                        "before losses were logged); delete it and evaluate again")
+    return accs, [self.losses[i] for i in range(len(cands))]
 
   @staticmethod
   def _key(c) -> str:

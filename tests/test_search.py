@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from nse_tf import arch as arch_lib
-from nse_tf import candidate_eval, cli, cost, evolution, fileio, search, spaces
+from nse_tf import candidate_eval, cli, cost, evolution, fileio, search, spaces, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -135,6 +135,16 @@ def test_unreachable_interval_is_a_clear_error():
     evolution.sample_candidates(cfg, table, state.working_sets, alive,
                                 [np.zeros(len(w)) for w in state.working_sets],
                                 spaces.layer_kinds("tiny"), seed=0)
+
+
+def test_from_counts_reads_accuracy_halves_and_mean_loss():
+  # [correct, seen, summed cross-entropy] of the even batches, then of the odd ones.
+  acc, halves, loss = candidate_eval.from_counts([[45, 50, 20.0], [40, 50, 30.0]], 100)
+  assert acc == pytest.approx(0.85) and halves == pytest.approx((0.9, 0.8))
+  assert loss == pytest.approx(0.5)
+  # One batch only: no odd half, so no halves; the mean is still over every example.
+  acc, halves, loss = candidate_eval.from_counts([[30, 40, 8.0], [0, 0, 0.0]], 40)
+  assert (acc, halves, loss) == (pytest.approx(0.75), None, pytest.approx(0.2))
 
 
 def test_split_half_reliability():
@@ -299,7 +309,14 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   assert cli.invoke(bench.define_flags, bench.main, args + ["--num_random=0",
                                                             "--rank_round=1"]) == 0
   assert "3 round-1 candidates across the interval" in capsys.readouterr().out
-  assert json.loads((run / "search_quality.json").read_text())["rank_fidelity"]["round"] == 1
+  ra = json.loads((run / "search_quality.json").read_text())["rank_fidelity"]
+  assert ra["round"] == 1
+  # The candidates' losses come from the search's own evaluation log.
+  logged = {r["key"]: r["loss"] for r in fileio.read_jsonl(str(run / "round_01" /
+                                                               "evaluated.jsonl"))}
+  assert [p["supernet_loss"] for p in ra["points"]] == \
+      [logged[p["arch"].split(":", 1)[1]] for p in ra["points"]]
+  assert ra["kendall_tau_loss"] is not None
   # Uniform draws of round 1's surviving ops, evaluated in round 1's supernet.
   assert cli.invoke(bench.define_flags, bench.main, args + [
       "--num_random=0", "--rank_round=1", "--rank_set=uniform", "--rank_drop_pruned"]) == 0
@@ -332,9 +349,12 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   stdout, err = capsys.readouterr()
   assert code == 0, err[-3000:]
   assert "uniform draws of the round-2 space" in stdout and "τ(number of ops, supernet)" in stdout
+  assert "Kendall τ(−supernet held-out loss, standalone) = " in stdout
   rank = json.loads((run / "search_quality.json").read_text())["rank_fidelity"]
   assert rank["rank_set"] == "uniform" and len(rank["points"]) >= 2
-  assert all(0.0 <= p["supernet"] <= 1.0 for p in rank["points"])
+  assert all(0.0 <= p["supernet"] <= 1.0 and p["supernet_loss"] > 0 for p in rank["points"])
+  np.testing.assert_equal(rank["kendall_tau_loss"], stats.kendall_tau(   # nan: ties
+      [-p["supernet_loss"] for p in rank["points"]], [p["standalone"] for p in rank["points"]]))
   changed = [p for p, t in before.items() if p.stat().st_mtime_ns != t]
   assert {p.name for p in changed} <= {"search_quality.json", "search_quality_runs.jsonl"}, changed
   assert (run / "search_quality_uniform_eval.jsonl").exists()
@@ -537,8 +557,24 @@ def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, 
   rows = list(csv.DictReader(open(run / "round_02" / "candidates.csv")))
   archs = [arch_lib.Architecture.from_compact(r["arch"]) for r in rows[:6]]   # blocks 4 + 2
   plain = srch.evaluate_in_round(archs, str(tmp_path / "plain.jsonl"))
-  plain_halves = dict(srch.halves)
+  plain_halves, plain_losses = dict(srch.halves), dict(srch.losses)
   assert len(plain) == 6 and len(plain_halves) == 6
+  # Every candidate's held-out mean cross-entropy is logged beside its accuracy: a worse
+  # candidate (fewer hits) tends to a higher loss, and both come back from the log.
+  assert sorted(plain_losses) == list(range(6))
+  assert all(0 < x < 10 and np.isfinite(x) for x in plain_losses.values())
+  assert [rec["loss"] for rec in fileio.read_jsonl(str(tmp_path / "plain.jsonl"))] == \
+      [plain_losses[i] for i in range(6)]
+  assert srch.evaluate_in_round(archs, str(tmp_path / "plain.jsonl"), with_loss=True) == \
+      (plain, [plain_losses[i] for i in range(6)])
+  # A log written before losses were logged: accuracies still read, the losses an error.
+  old_log = tmp_path / "old.jsonl"
+  old_log.write_text("".join(
+      json.dumps({k: v for k, v in rec.items() if k != "loss"}) + "\n"
+      for rec in fileio.read_jsonl(str(tmp_path / "plain.jsonl"))))
+  assert srch.evaluate_in_round(archs, str(old_log)) == plain
+  with pytest.raises(evolution.SearchError, match="without held-out losses"):
+    srch.evaluate_in_round(archs, str(old_log), with_loss=True)
   # The search built its evaluator and traced it while round 2 trained (trace-ahead);
   # a fresh one on the finished round gives its candidates the same bits.
   logged = {rec["i"]: rec["accuracy"] for rec in fileio.read_jsonl(
@@ -548,7 +584,7 @@ def test_split_evaluation_computes_what_the_default_does_and_resumes(smoke_run, 
   srch.cfg = dataclasses.replace(srch.cfg, split_evaluation=True)
   split_log = tmp_path / "split.jsonl"
   assert srch.evaluate_in_round(archs, str(split_log)) == plain
-  assert srch.halves == plain_halves
+  assert srch.halves == plain_halves and srch.losses == plain_losses
   assert split_log.read_text() == (tmp_path / "plain.jsonl").read_text()
   # A log cut inside its fourth line: the three whole lines are kept, the rest evaluated
   # again (candidate 3 recalibrates on its own batches, not on candidate 0's).
