@@ -305,12 +305,14 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
   if fv.rank_set == "candidates":
     rows = [x for x in read_candidates(out, rr) if x["kind"] == "sample"]
     picked = spread_pick(rows, lo, hi, fv.num_rank, np.random.default_rng(fv.seed + 1))
+    from nse_tf import evolution  # pylint: disable=g-import-not-at-top
     # The search's own evaluation log holds each candidate's held-out loss (searches run
     # before losses were logged: none, and no τ by loss).
     losses = {rec.get("key"): rec.get("loss") for rec in fileio.read_jsonl(
         os.path.join(out, f"round_{rr:02d}", "evaluated.jsonl"))}
     for row in picked:
-      row["loss"] = losses.get(row["arch"].split(":", 1)[-1])
+      row["loss"] = losses.get(evolution.Search.candidate_key(
+          arch_lib.Architecture.from_compact(row["arch"]).indices()))
     what = f"round-{rr} candidates"
   else:
     space = read_space(out, rr, fv.rank_drop_pruned)

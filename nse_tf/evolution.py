@@ -577,7 +577,7 @@ class Search:
     done: Dict[int, float] = {}
     self.halves: Dict[int, Tuple[float, float]] = {}
     self.losses: Dict[int, float] = {}    # held-out mean cross-entropy (diagnostics)
-    keys = [self._key(c) for _, c in cands]
+    keys = [self.candidate_key(c) for _, c in cands]
     for rec in read_jsonl(log_path):      # a line cut by a kill: evaluated again
       if rec.get("i") is not None and rec["i"] < len(keys) and rec.get("key") == keys[rec["i"]]:
         done[rec["i"]] = rec["accuracy"]
@@ -706,14 +706,14 @@ class Search:
     accs = [done[i] for i in range(len(cands))]
     if not with_loss:
       return accs
-    missing = [i for i in range(len(cands)) if i not in self.losses]
-    if missing:
+    if any(i not in self.losses for i in range(len(cands))):
       raise SearchError(f"{log_path} holds accuracies without held-out losses (written "
                         "before losses were logged); delete it and evaluate again")
     return accs, [self.losses[i] for i in range(len(cands))]
 
   @staticmethod
-  def _key(c) -> str:
+  def candidate_key(c) -> str:
+    """A candidate's key in the evaluation logs, from its pool indices per layer."""
     return "|".join("+".join(map(str, l)) for l in c)
 
   def _gates(self, trainer, c) -> np.ndarray:

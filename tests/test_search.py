@@ -315,7 +315,8 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   logged = {r["key"]: r["loss"] for r in fileio.read_jsonl(str(run / "round_01" /
                                                                "evaluated.jsonl"))}
   assert [p["supernet_loss"] for p in ra["points"]] == \
-      [logged[p["arch"].split(":", 1)[1]] for p in ra["points"]]
+      [logged[evolution.Search.candidate_key(arch_lib.Architecture.from_compact(
+          p["arch"]).indices())] for p in ra["points"]]
   assert ra["kendall_tau_loss"] is not None
   # Uniform draws of round 1's surviving ops, evaluated in round 1's supernet.
   assert cli.invoke(bench.define_flags, bench.main, args + [
