@@ -364,11 +364,11 @@ def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path,
   assert "no config.json" in capsys.readouterr().err
 
 
-# Spins until the process whose pid it is given (the test's) is gone, so that a test run
-# killed before its `finally` does not leave a loop eating a core.
+# Spins until its parent (the test's process) is gone, so that a test run killed before
+# its `finally` does not leave a loop eating a core.
 _BUSY_LOOP = """
-import os, sys
-parent = int(sys.argv[1])
+import os
+parent = os.getppid()
 while os.getppid() == parent:
   for _ in range(200000):
     pass
@@ -387,7 +387,7 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(smoke_run, tmp_path, 
   whatever ran beside it in the suite's other worker at about half speed."""
   ref, _, _ = smoke_run
   out = tmp_path / "killed"
-  hog = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(os.getpid())],
+  hog = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP],
                          preexec_fn=lambda: os.nice(10))
   try:
     _kill_twice_and_resume(out, capsys)
