@@ -97,6 +97,21 @@ def gradients(tape: tf.GradientTape, loss, variables: Sequence[tf.Variable], opt
   return grads
 
 
+def apply_gradients(optimizer, grads_and_vars, strategy) -> None:
+  """optimizer.apply_gradients inside strategy.run, without the cross-replica sum where
+  there is only one replica (nothing to sum: the same update).
+
+  tf_keras sums through ReplicaContext.all_reduce, a tf.custom_gradient, which in a traced
+  graph registers a gradient function in TensorFlow's global registry that is never
+  removed and holds the step's tensors: every traced step's whole graph then stayed in
+  memory until the process ended, and a search traces new steps every round (~0.5 GB
+  each for the flops supernet's weight and θ steps). Under MirroredStrategy tf_keras sums
+  through merge_call, which registers nothing.
+  """
+  optimizer.apply_gradients(grads_and_vars,
+                            skip_gradients_aggregation=strategy.num_replicas_in_sync == 1)
+
+
 def scaled_loss(loss, optimizer, loss_scale: bool):
   return optimizer.get_scaled_loss(loss) if loss_scale else loss
 

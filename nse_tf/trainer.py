@@ -246,7 +246,7 @@ class RoundTrainer:
         loss = tf.reduce_sum(ce) / gb
         scaled = loop.scaled_loss(loss, opt, fp16)
       grads = loop.gradients(tape, scaled, wvars, opt, fp16, zeros_for_none=True)
-      opt.apply_gradients(zip(grads, wvars))
+      loop.apply_gradients(opt, zip(grads, wvars), strategy)
       correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
                                                tf.cast(labels, tf.int32)), tf.float32))
       return loss, correct
@@ -279,7 +279,7 @@ class RoundTrainer:
         loss = ce + reg / replicas
       grads = tape.gradient(loss, tvars)
       grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, tvars)]
-      opt.apply_gradients(zip(grads, tvars))
+      loop.apply_gradients(opt, zip(grads, tvars), strategy)
       return ce, reg / replicas, expected / replicas
 
     sgd = self.sgd

@@ -1,8 +1,10 @@
 """Round training: resume equivalence, strategies, schedules, config errors."""
 
+import gc
 import os
 import shutil
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -63,6 +65,27 @@ def test_killed_round_resumes_on_the_same_trajectory(tmp_path, grappler_off, mon
   w_b = result.model.weight_variables
   for va, vb in zip(w_a, w_b):
     np.testing.assert_allclose(va.numpy(), vb.numpy(), atol=1e-6)
+
+
+def test_a_rounds_traced_steps_are_freed_with_its_trainer():
+  """A search builds a new supernet every round; the graphs traced for the last one must
+  go with it. The θ step's tf_keras Adam aggregated its gradients through
+  ReplicaContext.all_reduce, a tf.custom_gradient that in a graph registers a gradient
+  function in TensorFlow's global registry, never removed: that held every round's θ
+  step graph (~0.5 GB on the flops supernet) until the process ended."""
+  t = _trainer(None, steps_per_epoch=2)
+  t.train()
+  n, layers = t.model.total_ops, len(t.model.mbls)
+  gates = tf.TensorSpec([n], tf.float32)
+  steps = [t._weight_step.get_concrete_function(t.train_iter, gates),
+           t._theta_step.get_concrete_function(t.holdout_iter, gates, gates,
+                                               tf.TensorSpec([layers], tf.bool), gates)]
+  assert [t._weight_step.experimental_get_tracing_count(),
+          t._theta_step.experimental_get_tracing_count()] == [1, 1]   # the graphs it ran
+  graphs = [weakref.ref(s.graph) for s in steps]
+  del t, steps
+  gc.collect()
+  assert [g() is None for g in graphs] == [True, True]
 
 
 def test_background_work_reraises_its_error_on_join():
