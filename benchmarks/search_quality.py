@@ -11,6 +11,7 @@ seen by the search), and prints:
       candidates drawn one per equal-width cost bin of the interval or (--rank_set=uniform)
       uniform draws of its space; τ between cost alone and standalone accuracy is printed
       beside it, so that a τ that only reflects "more FLOPs, more accuracy" shows as such;
+      --aggregate pools several searches' τ over the pairs within a search;
   (b) NSE vs random (the protocol of the paper's Fig. 3): the search's final pick against
       --num_random architectures drawn uniformly from the *full* pool (per layer: an op
       count, then that many distinct ops) with cost inside the same interval, every network
@@ -100,7 +101,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                     "of several searches of one task (e.g. search seeds), each with a finished "
                     "search_quality.json against the same random architectures and budget; "
                     "prints their picks against random search across seeds (mean ± CI, "
-                    "Welch's t-test, Mann-Whitney). Trains nothing.", flag_values=fv)
+                    "Welch's t-test, Mann-Whitney) and, where every one has (a) measured the "
+                    "same way, their rank fidelities pooled over the pairs within a search. "
+                    "Trains nothing.", flag_values=fv)
 
 
 
@@ -383,7 +386,7 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
           f"seed noise {100 * ceiling['seed_sd']:.2f} points"
           f"{' from (b)' if fv.rank_seeds < 2 else ''}, architectures "
           f"{100 * ceiling['between_sd']:.2f} beyond it)\n")
-  return {"rank_set": fv.rank_set, "round": rr,
+  return {"rank_set": fv.rank_set, "round": rr, "rank_seeds": fv.rank_seeds,
           "drop_pruned": bool(fv.rank_drop_pruned and fv.rank_set == "uniform"),
           "with_pruned_ops": with_pruned,
           "kendall_tau": tau,
@@ -463,20 +466,106 @@ def ablation(fv, out, cfg, runner, table, rounds):
 
 
 def aggregate(dirs):
-  """NSE's picks of several searches (seeds) against one random set: the across-seeds
-  verdict (b) asks for. Returns the summary dict; raises UsageError on mismatched inputs."""
+  """Several searches of one task (search seeds), each benchmarked: (b) their picks against
+  one random set, the across-seeds verdict (b) asks for, where every directory has (b);
+  (a) their rank fidelities pooled, where every directory has (a). Returns the summary
+  dict ((b)'s entries at its top level, (a)'s under "rank_fidelity"); raises UsageError
+  on mismatched inputs."""
   runs = []
   for d in dirs:
     summary = _read_json(d, "search_quality.json", fix=(
         f"--aggregate needs it: run `python benchmarks/search_quality.py --search_dir={d}` "
         "(again)"))
-    if "nse_vs_random" not in summary:
-      raise cli.UsageError(f"--aggregate: {d}/search_quality.json has no NSE-vs-random "
-                           "result (b) (benchmarked with --num_random=0?); run the benchmark "
-                           "on it without that flag")
     runs.append((d, summary))
   if len(runs) < 2:
     raise cli.UsageError("--aggregate needs at least 2 search directories")
+  seen = {}
+  for d, _ in runs:
+    key = os.path.realpath(d)
+    if key in seen:
+      raise cli.UsageError(f"--aggregate: {seen[key]} and {d} are the same directory; name "
+                           "each search once")
+    seen[key] = d
+  has_b = all("nse_vs_random" in s for _, s in runs)
+  has_a = all("rank_fidelity" in s for _, s in runs)
+  if not (has_a or has_b):
+    no_b = next(d for d, s in runs if "nse_vs_random" not in s)
+    no_a = next(d for d, s in runs if "rank_fidelity" not in s)
+    raise cli.UsageError(
+        f"--aggregate: nothing to combine: {no_b}/search_quality.json has no NSE-vs-random "
+        f"result (b) (benchmarked with --num_random=0?) and {no_a}/search_quality.json no "
+        "rank fidelity (a) (--num_rank=0?); every directory needs the same part: run the "
+        "benchmark on them without that flag")
+  out = {"dirs": [os.path.abspath(d) for d, _ in runs]}
+  if has_b:
+    out.update(_aggregate_picks(runs))
+  else:
+    print("(b) across searches: not every directory has an NSE-vs-random result "
+          "(benchmarked with --num_random=0?)\n")
+  out["rank_fidelity"] = _aggregate_rank_fidelity(runs) if has_a else None
+  return out
+
+
+def _aggregate_rank_fidelity(runs):
+  """(a) across searches: each search's τ over its own draws, pooled over the pairs within
+  a search (architectures of different searches were scored by different supernets, so
+  they are never compared), with the null standard error and the spread across searches."""
+  d0, s0 = runs[0]
+  a0 = s0["rank_fidelity"]
+
+  def protocol(s):
+    a = s["rank_fidelity"]
+    seeds = a.get("rank_seeds", a.get("tau_ceiling", {}).get("seeds"))
+    return {"budget": {k: v for k, v in s["budget"].items() if k != "seeds"},
+            "rank_set": a["rank_set"], "round": a["round"],
+            "drop_pruned": a.get("drop_pruned", False), "standalone seeds": seeds}
+
+  p0 = protocol(s0)
+  for d, s in runs[1:]:
+    p = protocol(s)
+    diff = [k for k in p0 if p[k] != p0[k]]
+    if diff:
+      k = diff[0]
+      raise cli.UsageError(f"--aggregate: {d}'s rank fidelity (a) was measured with another "
+                           f"{k} than {d0}'s ({p[k]} vs {p0[k]}); pool equal protocols only")
+    if s["rank_fidelity"]["points"] == a0["points"]:
+      raise cli.UsageError(f"--aggregate: {d} and {d0} hold the same (a) measurements (a "
+                           "copied search?); name each search once")
+  taus = [s["rank_fidelity"]["kendall_tau"] for _, s in runs]
+  sizes = [len(s["rank_fidelity"]["points"]) for _, s in runs]
+  tau, se = stats.pooled_kendall_tau(taus, sizes)
+  mean, half = stats.mean_ci(taus)
+  pairs = sum(n * (n - 1) // 2 for n in sizes)
+  entry = {"taus": taus, "sizes": sizes, "pairs": pairs, "tau": tau, "null_se": se,
+           "between_searches_ci95": half,
+           "tau_max": [s["rank_fidelity"].get("tau_ceiling", {}).get("tau_max")
+                       for _, s in runs]}
+  for key, name in (("kendall_tau_cost", "cost"), ("kendall_tau_loss", "loss")):
+    vals = [s["rank_fidelity"].get(key) for _, s in runs]
+    entry[f"tau_{name}"] = (stats.pooled_kendall_tau(vals, sizes)[0]
+                            if all(v is not None for v in vals) else None)
+  what = ("uniform draws of the " + ("surviving ops of the " if p0["drop_pruned"] else "")
+          + "round-{r} space".format(r=p0["round"]) if p0["rank_set"] == "uniform"
+          else f"round-{p0['round']} candidates")
+  print(f"(a) rank fidelity across {len(runs)} searches: {what}, "
+        f"{p0['standalone seeds']} standalone seed(s) each")
+  for (d, s), t, n in zip(runs, taus, sizes):
+    a = s["rank_fidelity"]
+    ceil = a.get("tau_ceiling", {}).get("tau_max")
+    ceil_text = "" if ceil is None or math.isnan(ceil) else f"; a perfect ranker ≈ {ceil:.2f}"
+    print(f"  τ(supernet, standalone) {t:6.3f} on {n} architectures; τ(cost, standalone) "
+          f"{a['kendall_tau_cost']:6.3f}{ceil_text}  {d}")
+  print(f"  pooled over the {pairs} pairs within a search: τ = {tau:.3f} (null standard error "
+        f"{se:.3f}); across searches {mean:.3f} ± {half:.3f} (mean ± 95 % CI, n={len(runs)})")
+  extra = [f"τ(cost, standalone) {entry['tau_cost']:.3f}"]
+  if entry["tau_loss"] is not None:
+    extra.insert(0, f"τ(−supernet loss, standalone) {entry['tau_loss']:.3f}")
+  print(f"  pooled the same way: {'; '.join(extra)}\n")
+  return entry
+
+
+def _aggregate_picks(runs):
+  """(b) across searches: the picks against the one random set they share."""
   d0, s0 = runs[0]
   rand0 = [r["mean"] for r in s0["nse_vs_random"]["random"]]
   for d, s in runs[1:]:
@@ -523,7 +612,7 @@ def aggregate(dirs):
         "two-sided)")
   ablation_out = _aggregate_ablation(runs, picks, rand0) if all(
       "ablation" in s for _, s in runs) else None
-  return {"dirs": [os.path.abspath(d) for d, _ in runs], "picks": picks, "pick_mean": pm,
+  return {"picks": picks, "pick_mean": pm,
           "pick_ci95": ph, "random_mean": rm, "random_ci95": rh, "above_ci": above,
           "welch_t": t, "welch_p": p_t, "welch_p_greater": p_one,
           "difference_ci95": [lo, hi], "mann_whitney_u": u, "mann_whitney_p": p_u,

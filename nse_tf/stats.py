@@ -43,6 +43,30 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
   return (concordant - discordant) / denom
 
 
+def kendall_tau_null_se(n: int) -> float:
+  """Standard error of Kendall's τ over n pairs when the two orders are independent:
+  sqrt(2(2n + 5) / (9n(n − 1))) (0.19 for 16 architectures)."""
+  if n < 2:
+    raise ValueError("kendall_tau_null_se needs at least 2 pairs")
+  return math.sqrt(2.0 * (2 * n + 5) / (9.0 * n * (n - 1)))
+
+
+def pooled_kendall_tau(taus: Sequence[float], sizes: Sequence[int]) -> Tuple[float, float]:
+  """Kendall's τ over several independent sets (e.g. the draws of several searches), with
+  only the pairs within a set compared: each set's τ weighted by its n(n − 1)/2 pairs.
+
+  Returns (pooled τ, its standard error under independence of the two orders): the
+  pair-weighted combination of `kendall_tau_null_se` per set.
+  """
+  if len(taus) != len(sizes) or not taus:
+    raise ValueError(f"pooled_kendall_tau: {len(taus)} τ values for {len(sizes)} set sizes")
+  weights = [n * (n - 1) / 2 for n in sizes]
+  total = sum(weights)
+  tau = sum(w * t for w, t in zip(weights, taus)) / total
+  se = math.sqrt(sum((w * kendall_tau_null_se(n)) ** 2 for w, n in zip(weights, sizes))) / total
+  return tau, se
+
+
 def quantile(sorted_values: Sequence[float], q: float) -> float:
   """Linear-interpolated q-quantile of already sorted values."""
   pos = q * (len(sorted_values) - 1)

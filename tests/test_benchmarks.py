@@ -202,6 +202,80 @@ def test_search_quality_aggregates_search_seeds_against_one_random_set(tmp_path,
     bench.aggregate([dirs[0], str(tmp_path / "corrupt")])
 
 
+def _rank_summary(directory, tau, n, seeds=4, round_=1, with_b=None, tau_loss=0.3):
+  """A search_quality.json with (a) only (as `--num_random=0`), or also (b)."""
+  import json
+  if with_b is not None:
+    _quality_summary(directory, *with_b)
+  else:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "search_quality.json"), "w", encoding="utf-8") as f:
+      json.dump({"budget": {"steps": 600, "batch": 64, "lr": 0.1, "weight_decay": 4e-5,
+                            "seeds": 2}}, f)
+  path = os.path.join(directory, "search_quality.json")
+  with open(path, encoding="utf-8") as f:
+    summary = json.load(f)
+  summary["rank_fidelity"] = {
+      "rank_set": "uniform", "round": round_, "drop_pruned": False, "rank_seeds": seeds,
+      "kendall_tau": tau, "kendall_tau_cost": 0.1, "kendall_tau_loss": tau_loss,
+      "tau_ceiling": {"tau_max": 0.8, "seeds": seeds},
+      "points": [{"arch": f"{directory}-{i}", "standalone": 0.9} for i in range(n)]}
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(summary, f)
+
+
+def test_search_quality_aggregate_pools_rank_fidelity_over_pairs_within_a_search(
+    tmp_path, capsys):
+  from nse_tf import cli, stats
+  bench = _benchmark("search_quality")
+  taus, sizes = [0.6, 0.5, 0.3], [16, 16, 12]
+  dirs = [str(tmp_path / f"p{i}") for i in range(3)]
+  for d, t, n in zip(dirs, taus, sizes):
+    _rank_summary(d, t, n)
+  out = bench.aggregate(dirs)
+  text = capsys.readouterr().out
+  a = out["rank_fidelity"]
+  # Pairs within a search: 120, 120 and 66; never across searches (other supernets).
+  assert a["pairs"] == 306
+  assert a["tau"] == pytest.approx((120 * 0.6 + 120 * 0.5 + 66 * 0.3) / 306)
+  assert a["null_se"] == pytest.approx(stats.pooled_kendall_tau(taus, sizes)[1])
+  assert a["between_searches_ci95"] == pytest.approx(stats.mean_ci(taus)[1])
+  assert a["tau_cost"] == pytest.approx(0.1) and a["tau_loss"] == pytest.approx(0.3)
+  assert "picks" not in out      # no (b) in these directories: nothing about picks
+  assert "(a) rank fidelity across 3 searches: uniform draws of the round-1 space, 4 " \
+      "standalone seed(s) each" in text
+  assert f"pooled over the 306 pairs within a search: τ = {a['tau']:.3f}" in text
+  assert "(b) across searches: not every directory has" in text
+  # Where every directory also has (b), both are reported; (b)'s entries stay at the top.
+  rand = [0.86, 0.87, 0.88, 0.89, 0.85]
+  both = [str(tmp_path / f"b{i}") for i in range(2)]
+  for d, t in zip(both, taus):
+    _rank_summary(d, t, 16, with_b=(0.9, rand))
+  out = bench.aggregate(both)
+  assert out["pick_mean"] == pytest.approx(0.9)
+  assert out["rank_fidelity"]["tau"] == pytest.approx(0.55)
+  # Only (b) in one of them: (b) alone, as before.
+  _quality_summary(both[1], 0.9, rand)
+  assert bench.aggregate(both)["rank_fidelity"] is None
+  # Different protocols are not pooled; the message names what differs.
+  _rank_summary(str(tmp_path / "two_seeds"), 0.5, 16, seeds=2)
+  _rank_summary(str(tmp_path / "round_3"), 0.5, 16, round_=3)
+  for extra, message in (("two_seeds", "another standalone seeds .*(2 vs 4)"),
+                         ("round_3", "another round .*(3 vs 1)")):
+    with pytest.raises(cli.UsageError, match=message):
+      bench.aggregate([dirs[0], str(tmp_path / extra)])
+  # One search named twice (or copied) would count its pairs twice.
+  with pytest.raises(cli.UsageError, match="the same directory"):
+    bench.aggregate([dirs[0], dirs[1], dirs[0] + "/"])
+  import shutil
+  shutil.copytree(dirs[0], str(tmp_path / "copy"))
+  with pytest.raises(cli.UsageError, match="same .a. measurements"):
+    bench.aggregate([dirs[0], str(tmp_path / "copy")])
+  # Neither part in every directory: refused, naming where each is missing.
+  with pytest.raises(cli.UsageError, match=r"b1/search_quality.json no rank fidelity \(a\)"):
+    bench.aggregate([dirs[0], both[1]])
+
+
 def test_search_quality_ablation_picks_round_one_knee_and_a_theta_sample(tmp_path, capsys):
   import json
   import types

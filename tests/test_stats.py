@@ -37,6 +37,35 @@ def test_kendall_tau_rejects_bad_input():
   assert math.isnan(stats.kendall_tau([1, 1, 1], [1, 2, 3]))
 
 
+def test_pooled_kendall_tau_weights_each_set_by_its_pairs():
+  # n = 16: sqrt(2·37 / (9·16·15)) = sqrt(74 / 2160).
+  assert stats.kendall_tau_null_se(16) == pytest.approx(math.sqrt(74 / 2160))
+  assert stats.kendall_tau_null_se(16) == pytest.approx(0.185, abs=5e-4)
+  # Equal sets: the plain mean, and the null SE shrinks by sqrt(number of sets).
+  tau, se = stats.pooled_kendall_tau([0.611, 0.532, 0.329], [16, 16, 16])
+  assert tau == pytest.approx((0.611 + 0.532 + 0.329) / 3)
+  assert se == pytest.approx(stats.kendall_tau_null_se(16) / math.sqrt(3))
+  # Unequal sets: 4 architectures (6 pairs) at τ 1 and 3 (3 pairs) at τ −1 → (6 − 3) / 9.
+  tau, se = stats.pooled_kendall_tau([1.0, -1.0], [4, 3])
+  assert tau == pytest.approx(3 / 9)
+  assert se == pytest.approx(math.sqrt((6 * stats.kendall_tau_null_se(4)) ** 2 +
+                                       (3 * stats.kendall_tau_null_se(3)) ** 2) / 9)
+  # Without ties, pooling the per-set τ equals counting the concordant minus discordant
+  # pairs within each set over all those pairs.
+  rng = np.random.default_rng(0)
+  sets = [(rng.normal(size=n), rng.normal(size=n)) for n in (5, 8, 12)]
+  c_minus_d = sum(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])
+                  for x, y in sets for i in range(len(x)) for j in range(i + 1, len(x)))
+  pairs = sum(len(x) * (len(x) - 1) / 2 for x, _ in sets)
+  tau, _ = stats.pooled_kendall_tau([stats.kendall_tau(x, y) for x, y in sets],
+                                    [len(x) for x, _ in sets])
+  assert tau == pytest.approx(c_minus_d / pairs)
+  with pytest.raises(ValueError, match="2 τ values for 1 set sizes"):
+    stats.pooled_kendall_tau([0.1, 0.2], [16])
+  with pytest.raises(ValueError, match="at least 2"):
+    stats.kendall_tau_null_se(1)
+
+
 def test_mean_ci_by_hand():
   m, h = stats.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0])
   # s = sqrt(2.5), t_{0.975, 4} = 2.776445
