@@ -521,6 +521,7 @@ def _aggregate_rank_fidelity(runs):
             "drop_pruned": a.get("drop_pruned", False), "standalone seeds": seeds}
 
   p0 = protocol(s0)
+  measured = {json.dumps(a0["points"], sort_keys=True): d0}
   for d, s in runs[1:]:
     p = protocol(s)
     diff = [k for k in p0 if p[k] != p0[k]]
@@ -528,9 +529,11 @@ def _aggregate_rank_fidelity(runs):
       k = diff[0]
       raise cli.UsageError(f"--aggregate: {d}'s rank fidelity (a) was measured with another "
                            f"{k} than {d0}'s ({p[k]} vs {p0[k]}); pool equal protocols only")
-    if s["rank_fidelity"]["points"] == a0["points"]:
-      raise cli.UsageError(f"--aggregate: {d} and {d0} hold the same (a) measurements (a "
-                           "copied search?); name each search once")
+    points = json.dumps(s["rank_fidelity"]["points"], sort_keys=True)
+    if points in measured:
+      raise cli.UsageError(f"--aggregate: {d} and {measured[points]} hold the same (a) "
+                           "measurements (a copied search?); name each search once")
+    measured[points] = d
   taus = [s["rank_fidelity"]["kendall_tau"] for _, s in runs]
   sizes = [len(s["rank_fidelity"]["points"]) for _, s in runs]
   tau, se = stats.pooled_kendall_tau(taus, sizes)
@@ -544,9 +547,9 @@ def _aggregate_rank_fidelity(runs):
     vals = [s["rank_fidelity"].get(key) for _, s in runs]
     entry[f"tau_{name}"] = (stats.pooled_kendall_tau(vals, sizes)[0]
                             if all(v is not None for v in vals) else None)
-  what = ("uniform draws of the " + ("surviving ops of the " if p0["drop_pruned"] else "")
-          + "round-{r} space".format(r=p0["round"]) if p0["rank_set"] == "uniform"
-          else f"round-{p0['round']} candidates")
+  survivors = "surviving ops of the " if p0["drop_pruned"] else ""
+  what = (f"uniform draws of the {survivors}round-{p0['round']} space"
+          if p0["rank_set"] == "uniform" else f"round-{p0['round']} candidates")
   print(f"(a) rank fidelity across {len(runs)} searches: {what}, "
         f"{p0['standalone seeds']} standalone seed(s) each")
   for (d, s), t, n in zip(runs, taus, sizes):

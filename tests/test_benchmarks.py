@@ -269,8 +269,8 @@ def test_search_quality_aggregate_pools_rank_fidelity_over_pairs_within_a_search
     bench.aggregate([dirs[0], dirs[1], dirs[0] + "/"])
   import shutil
   shutil.copytree(dirs[0], str(tmp_path / "copy"))
-  with pytest.raises(cli.UsageError, match="same .a. measurements"):
-    bench.aggregate([dirs[0], str(tmp_path / "copy")])
+  with pytest.raises(cli.UsageError, match="copy and .*p0 hold the same .a. measurements"):
+    bench.aggregate([dirs[1], dirs[0], str(tmp_path / "copy")])
   # Neither part in every directory: refused, naming where each is missing.
   with pytest.raises(cli.UsageError, match=r"b1/search_quality.json no rank fidelity \(a\)"):
     bench.aggregate([dirs[0], both[1]])
