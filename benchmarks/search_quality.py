@@ -552,12 +552,10 @@ def _aggregate_rank_fidelity(runs):
           if p0["rank_set"] == "uniform" else f"round-{p0['round']} candidates")
   print(f"(a) rank fidelity across {len(runs)} searches: {what}, "
         f"{p0['standalone seeds']} standalone seed(s) each")
-  for (d, s), t, n in zip(runs, taus, sizes):
-    a = s["rank_fidelity"]
-    ceil = a.get("tau_ceiling", {}).get("tau_max")
+  for (d, s), t, n, ceil in zip(runs, taus, sizes, entry["tau_max"]):
     ceil_text = "" if ceil is None or math.isnan(ceil) else f"; a perfect ranker ≈ {ceil:.2f}"
     print(f"  τ(supernet, standalone) {t:6.3f} on {n} architectures; τ(cost, standalone) "
-          f"{a['kendall_tau_cost']:6.3f}{ceil_text}  {d}")
+          f"{s['rank_fidelity']['kendall_tau_cost']:6.3f}{ceil_text}  {d}")
   print(f"  pooled over the {pairs} pairs within a search: τ = {tau:.3f} (null standard error "
         f"{se:.3f}); across searches {mean:.3f} ± {half:.3f} (mean ± 95 % CI, n={len(runs)})")
   extra = [f"τ(cost, standalone) {entry['tau_cost']:.3f}"]
