@@ -175,7 +175,8 @@ def plot_space_evolution(path, rounds, pool, num_layers, *, title: str = "") -> 
     "pruned":       the op names pruned during the round,
     "inherited":    the op names in A_l at the end of the round.
   pool: the op names in pool order (x axis). One panel per round, stacked vertically with
-  a shared x axis: rows are layers (1 at the top), columns pool ops; a cell is white
+  a shared x axis: rows are layers (L00 at the top, numbered as the search log and
+  `Architecture.to_text` number them), columns pool ops; a cell is white
   (not in S_l), green (inherited into A_l), red (pruned) or yellow (survived but in no
   front architecture). From round 2 on a black dot marks the ops new to S_l that round
   (the refill from the layer's queue). Raises ValueError for no rounds or inconsistent
@@ -239,7 +240,7 @@ def plot_space_evolution(path, rounds, pool, num_layers, *, title: str = "") -> 
     ax.set_ylim(num_layers - 0.5, -0.5)
     ax.set_xticks([])
     ax.set_yticks(layer_ticks[::label_every])
-    ax.set_yticklabels([str(i + 1) for i in layer_ticks[::label_every]], fontsize=6)
+    ax.set_yticklabels([f"L{i:02d}" for i in layer_ticks[::label_every]], fontsize=6)
     ax.set_ylabel("layer", fontsize=8)
     if r > 0:
       new = sorted(workings[r] - workings[r - 1])
