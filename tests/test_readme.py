@@ -3,14 +3,14 @@
 import os
 import re
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
 
 
 def github_slug(heading: str) -> str:
-  """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
-  text = re.sub(r"`", "", heading.strip().lower())
-  text = re.sub(r"[^\w\- ]", "", text)
-  return text.replace(" ", "-")
+  """GitHub's anchor for a heading: lower case, punctuation (backticks too) dropped, spaces
+  to hyphens."""
+  return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_github_slug_on_known_headings():
@@ -18,6 +18,7 @@ def test_github_slug_on_known_headings():
   assert github_slug("Set-up (two lines)") == "set-up-two-lines"
   assert github_slug("EfficientDet-D0 with NSENet backbones (tf-models extension)") == (
       "efficientdet-d0-with-nsenet-backbones-tf-models-extension")
+  assert github_slug("The first task: `demo_digits_hard`") == "the-first-task-demo_digits_hard"
 
 
 def test_every_in_page_link_has_a_target():
