@@ -382,7 +382,8 @@ def rank_fidelity(fv, out, cfg, runner, table, macro, lo, hi, rounds, seed_sd=No
           "per network and no seed noise from (b))\n")
   else:
     print(f"  a perfect ranker's τ against these standalone numbers ≈ {ceiling['tau_max']:.2f}"
-          f" (the {ceiling['seeds']}-seed means' reliability {ceiling['reliability']:.2f}: "
+          f" (simulated on these architectures: {ceiling['tau_max_sim']:.2f}; "
+          f"the {ceiling['seeds']}-seed means' reliability {ceiling['reliability']:.2f}: "
           f"seed noise {100 * ceiling['seed_sd']:.2f} points"
           f"{' from (b)' if fv.rank_seeds < 2 else ''}, architectures "
           f"{100 * ceiling['between_sd']:.2f} beyond it)\n")
@@ -542,7 +543,10 @@ def _aggregate_rank_fidelity(runs):
   entry = {"taus": taus, "sizes": sizes, "pairs": pairs, "tau": tau, "null_se": se,
            "between_searches_ci95": half,
            "tau_max": [s["rank_fidelity"].get("tau_ceiling", {}).get("tau_max")
-                       for _, s in runs]}
+                       for _, s in runs],
+           # Absent from runs made before the simulated estimate existed.
+           "tau_max_sim": [s["rank_fidelity"].get("tau_ceiling", {}).get("tau_max_sim")
+                           for _, s in runs]}
   for key, name in (("kendall_tau_cost", "cost"), ("kendall_tau_loss", "loss")):
     vals = [s["rank_fidelity"].get(key) for _, s in runs]
     entry[f"tau_{name}"] = (stats.pooled_kendall_tau(vals, sizes)[0]
@@ -552,8 +556,11 @@ def _aggregate_rank_fidelity(runs):
           if p0["rank_set"] == "uniform" else f"round-{p0['round']} candidates")
   print(f"(a) rank fidelity across {len(runs)} searches: {what}, "
         f"{p0['standalone seeds']} standalone seed(s) each")
-  for (d, s), t, n, ceil in zip(runs, taus, sizes, entry["tau_max"]):
+  for (d, s), t, n, ceil, sim in zip(runs, taus, sizes, entry["tau_max"],
+                                     entry["tau_max_sim"]):
     ceil_text = "" if ceil is None or math.isnan(ceil) else f"; a perfect ranker ≈ {ceil:.2f}"
+    if ceil_text and sim is not None and not math.isnan(sim):
+      ceil_text += f" (simulated {sim:.2f})"
     print(f"  τ(supernet, standalone) {t:6.3f} on {n} architectures; τ(cost, standalone) "
           f"{s['rank_fidelity']['kendall_tau_cost']:6.3f}{ceil_text}  {d}")
   print(f"  pooled over the {pairs} pairs within a search: τ = {tau:.3f} (null standard error "

@@ -202,7 +202,8 @@ def test_search_quality_aggregates_search_seeds_against_one_random_set(tmp_path,
     bench.aggregate([dirs[0], str(tmp_path / "corrupt")])
 
 
-def _rank_summary(directory, tau, n, seeds=4, round_=1, with_b=None, tau_loss=0.3):
+def _rank_summary(directory, tau, n, seeds=4, round_=1, with_b=None, tau_loss=0.3,
+                  tau_max_sim=None):
   """A search_quality.json with (a) only (as `--num_random=0`), or also (b)."""
   import json
   if with_b is not None:
@@ -218,7 +219,8 @@ def _rank_summary(directory, tau, n, seeds=4, round_=1, with_b=None, tau_loss=0.
   summary["rank_fidelity"] = {
       "rank_set": "uniform", "round": round_, "drop_pruned": False, "rank_seeds": seeds,
       "kendall_tau": tau, "kendall_tau_cost": 0.1, "kendall_tau_loss": tau_loss,
-      "tau_ceiling": {"tau_max": 0.8, "seeds": seeds},
+      "tau_ceiling": {"tau_max": 0.8, "seeds": seeds,
+                      **({} if tau_max_sim is None else {"tau_max_sim": tau_max_sim})},
       "points": [{"arch": f"{directory}-{i}", "standalone": 0.9} for i in range(n)]}
   with open(path, "w", encoding="utf-8") as f:
     json.dump(summary, f)
@@ -230,10 +232,12 @@ def test_search_quality_aggregate_pools_rank_fidelity_over_pairs_within_a_search
   bench = _benchmark("search_quality")
   taus, sizes = [0.6, 0.5, 0.3], [16, 16, 12]
   dirs = [str(tmp_path / f"p{i}") for i in range(3)]
-  for d, t, n in zip(dirs, taus, sizes):
-    _rank_summary(d, t, n)
+  for d, t, n, sim in zip(dirs, taus, sizes, (0.7, None, None)):
+    _rank_summary(d, t, n, tau_max_sim=sim)   # the simulated ceiling: newer runs only
   out = bench.aggregate(dirs)
   text = capsys.readouterr().out
+  assert text.count("a perfect ranker ≈ 0.80") == 3
+  assert text.count("a perfect ranker ≈ 0.80 (simulated 0.70)") == 1
   a = out["rank_fidelity"]
   # Pairs within a search: 120, 120 and 66; never across searches (other supernets).
   assert a["pairs"] == 306
