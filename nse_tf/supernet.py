@@ -31,6 +31,51 @@ P_SCALE, P_FLOOR = 0.999, 5e-4     # p = 0.999·σ(θ) + 5e-4 (SPEC §4)
 ENUMERATE_MAX = 5                   # enumerate θ-step pattern pairs up to |S_l| ops
 
 
+# The θ step differentiates path 1 for θ only, but TensorFlow builds a `tf.cond`'s
+# gradient with respect to every input of its branches, the captured weights included,
+# and a conv's gradient function builds the filter gradient beside the input gradient.
+# Grappler deletes those unused gradients later, after they have cost tracing, graph
+# optimisation and memory. Inside the θ step's branches these op types take gradient
+# functions that build only what reaches the branch's input: the same ops, so the same
+# input gradients; no gradient for the weights.
+_INPUT_ONLY_GRADS = {"ReadVariableOp": "NseNoWeightGrad",
+                     "Conv2D": "NseConv2DInputGrad",
+                     "DepthwiseConv2dNative": "NseDepthwiseInputGrad"}
+
+
+@tf.RegisterGradient("NseNoWeightGrad")
+def _no_weight_grad(op, grad):
+  del op, grad
+  return [None]
+
+
+@tf.RegisterGradient("NseConv2DInputGrad")
+def _conv2d_input_grad(op, grad):
+  a = op.get_attr
+  return [tf.raw_ops.Conv2DBackpropInput(
+      input_sizes=tf.shape(op.inputs[0]), filter=op.inputs[1], out_backprop=grad,
+      strides=a("strides"), padding=a("padding"), explicit_paddings=a("explicit_paddings"),
+      use_cudnn_on_gpu=a("use_cudnn_on_gpu"), data_format=a("data_format"),
+      dilations=a("dilations")), None]
+
+
+@tf.RegisterGradient("NseDepthwiseInputGrad")
+def _depthwise_input_grad(op, grad):
+  a = op.get_attr
+  return [tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
+      input_sizes=tf.shape(op.inputs[0]), filter=op.inputs[1], out_backprop=grad,
+      strides=a("strides"), padding=a("padding"), explicit_paddings=a("explicit_paddings"),
+      data_format=a("data_format"), dilations=a("dilations")), None]
+
+
+def _call_op(op, x, training, weight_grads: bool):
+  """op(x); with weight_grads False, gradients reach x only (see _INPUT_ONLY_GRADS)."""
+  if weight_grads:
+    return op(x, training=training)
+  with tf.compat.v1.get_default_graph().gradient_override_map(_INPUT_ONLY_GRADS):
+    return op(x, training=training)
+
+
 def keep_prob(theta):
   """p = 0.999 σ(θ) + 5e-4, for numpy arrays or tensors."""
   if isinstance(theta, np.ndarray):
@@ -69,8 +114,11 @@ class MultiBranchLayer(keras.layers.Layer):
     wo = (shape[2] - 1) // s.stride + 1
     return tf.zeros(tf.stack([shape[0], ho, wo, s.c_out]), x.dtype)
 
-  def mixed(self, x, gates, training=None):
-    """Average of the active branches (and the identity of a normal layer)."""
+  def mixed(self, x, gates, training=None, weight_grads: bool = True):
+    """Average of the active branches (and the identity of a normal layer).
+
+    weight_grads=False (θ mode): the branches' gradients reach x, not their weights.
+    """
     if not self.branches:
       return x
     if not self.skip_inactive:
@@ -81,7 +129,8 @@ class MultiBranchLayer(keras.layers.Layer):
       return acc / tf.maximum(tf.cast(count, acc.dtype), 1.0)
     acc = x if self.is_normal else self._zeros_out(x)
     for i, op in enumerate(self.branches):
-      acc = tf.cond(gates[i] > 0, lambda op=op, acc=acc: acc + op(x, training=training),
+      acc = tf.cond(gates[i] > 0,
+                    lambda op=op, acc=acc: acc + _call_op(op, x, training, weight_grads),
                     lambda acc=acc: acc)
     count = tf.reduce_sum(gates) + (1.0 if self.is_normal else 0.0)
     return acc / tf.maximum(tf.cast(count, acc.dtype), 1.0)
@@ -96,14 +145,15 @@ class MultiBranchLayer(keras.layers.Layer):
     lp = gates * tf.math.log(p) + (1.0 - gates) * tf.math.log(1.0 - p)
     return tf.reduce_sum(lp * alive)
 
-  def call_theta(self, x, g1, g2, same, alive, training=None):
+  def call_theta(self, x, g1, g2, same, alive, training=None, weight_grads: bool = False):
     """Two-path estimator: forward value o(g¹), straight-through θ gradient.
 
-    Returns (y, expected layer cost π₁c(g¹) + π₂c(g²)).
+    Returns (y, expected layer cost π₁c(g¹) + π₂c(g²)). The θ step needs no weight
+    gradients; weight_grads=True builds them anyway (tests compare the two).
     """
     if not self.branches:
       return x, tf.constant(0.0)
-    o1 = self.mixed(x, g1, training)
+    o1 = self.mixed(x, g1, training, weight_grads=weight_grads)
     c1 = tf.reduce_sum(g1 * self.op_costs)
     c2 = tf.reduce_sum(g2 * self.op_costs)
 
@@ -192,13 +242,17 @@ class Supernet(keras.Model):
       x = mbl(x, gates=g, training=training)
     return self._head(x, training)
 
-  def call_theta(self, images, g1, g2, same, alive, training=True):
-    """θ mode: (logits, expected cost incl. the fixed part) for pattern pairs."""
+  def call_theta(self, images, g1, g2, same, alive, training=True, weight_grads=False):
+    """θ mode: (logits, expected cost incl. the fixed part) for pattern pairs.
+
+    The branches' weights get no gradient unless weight_grads (MultiBranchLayer.mixed).
+    """
     x = self._stem(images, training)
     total = tf.constant(self.fixed_cost, tf.float32)
     for l, (mbl, a, b, m) in enumerate(zip(self.mbls, self.split(g1), self.split(g2),
                                            self.split(alive))):
-      x, c = mbl.call_theta(x, a, b, same[l], m, training=training)
+      x, c = mbl.call_theta(x, a, b, same[l], m, training=training,
+                            weight_grads=weight_grads)
       total += tf.cast(c, tf.float32)
     return self._head(x, training), total
 

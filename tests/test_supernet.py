@@ -251,3 +251,58 @@ def test_supernet_builds_and_splits_gates():
   assert len(net.theta_variables) == 6
   names = {v.name for v in net.weight_variables}
   assert not any("theta" in n for n in names)
+
+
+def _graph_op_types(concrete):
+  gd = concrete.graph.as_graph_def()
+  types = [n.op for n in gd.node]
+  for f in gd.library.function:
+    types += [n.op for n in f.node_def]
+  return types
+
+
+def test_theta_mode_builds_no_weight_gradients_and_the_same_theta_gradient():
+  # The θ step needs θ's gradient only; its branches build input gradients, not the
+  # weights' (no filter-gradient op inside any branch), and θ's gradient is bit for bit
+  # the one that a graph building every gradient computes.
+  table = cost.CostTable("flops27", "tiny", resolution=16, num_classes=4)
+  ws = [[0, 5, 9], [3, 7], [9, 21, 25], [1, 2], [2, 4], [6, 8]]
+  net = supernet.Supernet("flops27", "tiny", ws, table, num_classes=4, resolution=16)
+  net.build_all()
+  n, nl = net.total_ops, len(net.mbls)
+  rng = np.random.default_rng(0)
+  for th in net.theta_variables:
+    th.assign(rng.normal(size=th.shape).astype(np.float32))
+  images = tf.constant(rng.normal(size=(4, 16, 16, 3)).astype(np.float32))
+  labels = tf.constant([0, 1, 2, 3])
+  g1 = tf.constant([1., 0, 1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 1, 1])
+  g2 = tf.constant([0., 1, 1, 0, 1, 1, 0, 0, 1, 1, 0, 1, 0, 1])
+  same, alive = tf.constant([False] * nl), tf.ones([n])
+  assert n == 14
+
+  def grads_fn(weight_grads):
+    @tf.function(autograph=False)
+    def f():
+      with tf.GradientTape() as tape:
+        logits, cost_ = net.call_theta(images, g1, g2, same, alive, training=True,
+                                       weight_grads=weight_grads)
+        loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels, logits)) + 1e-3 * cost_
+      branch_w = [w for m in net.mbls for op in m.branches for w in op.trainable_weights]
+      return tape.gradient(loss, net.theta_variables + branch_w)
+    return f
+
+  lean, full = grads_fn(False), grads_fn(True)
+  g_lean, g_full = lean(), full()
+  nt = len(net.theta_variables)
+  for a, b in zip(g_lean[:nt], g_full[:nt]):
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+  assert any(np.any(g.numpy() != 0) for g in g_lean[:nt])
+  assert all(g is None for g in g_lean[nt:])                 # no weight gradient built
+  assert sum(g is not None for g in g_full[nt:]) > 0
+  lean_types = _graph_op_types(lean.get_concrete_function())
+  full_types = _graph_op_types(full.get_concrete_function())
+  filt = lambda ts: sum("BackpropFilter" in t for t in ts)
+  assert filt(full_types) > 20
+  assert filt(lean_types) <= 2          # the stem's and the head's, outside the branches
+  assert len(lean_types) < len(full_types)
