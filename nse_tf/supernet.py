@@ -49,23 +49,19 @@ def _no_weight_grad(op, grad):
   return [None]
 
 
-@tf.RegisterGradient("NseConv2DInputGrad")
-def _conv2d_input_grad(op, grad):
-  a = op.get_attr
-  return [tf.raw_ops.Conv2DBackpropInput(
-      input_sizes=tf.shape(op.inputs[0]), filter=op.inputs[1], out_backprop=grad,
-      strides=a("strides"), padding=a("padding"), explicit_paddings=a("explicit_paddings"),
-      use_cudnn_on_gpu=a("use_cudnn_on_gpu"), data_format=a("data_format"),
-      dilations=a("dilations")), None]
+def _input_grad_only(backprop_input, attrs):
+  """A conv's gradient function with the input gradient only (no filter gradient)."""
+  def grad_fn(op, grad):
+    return [backprop_input(input_sizes=tf.shape(op.inputs[0]), filter=op.inputs[1],
+                           out_backprop=grad, **{a: op.get_attr(a) for a in attrs}), None]
+  return grad_fn
 
 
-@tf.RegisterGradient("NseDepthwiseInputGrad")
-def _depthwise_input_grad(op, grad):
-  a = op.get_attr
-  return [tf.raw_ops.DepthwiseConv2dNativeBackpropInput(
-      input_sizes=tf.shape(op.inputs[0]), filter=op.inputs[1], out_backprop=grad,
-      strides=a("strides"), padding=a("padding"), explicit_paddings=a("explicit_paddings"),
-      data_format=a("data_format"), dilations=a("dilations")), None]
+_CONV_ATTRS = ("strides", "padding", "explicit_paddings", "data_format", "dilations")
+tf.RegisterGradient("NseConv2DInputGrad")(_input_grad_only(
+    tf.raw_ops.Conv2DBackpropInput, _CONV_ATTRS + ("use_cudnn_on_gpu",)))
+tf.RegisterGradient("NseDepthwiseInputGrad")(_input_grad_only(
+    tf.raw_ops.DepthwiseConv2dNativeBackpropInput, _CONV_ATTRS))
 
 
 def _call_op(op, x, training, weight_grads: bool):
