@@ -11,7 +11,8 @@ Two call modes:
     layer, Σ_{on} op(x) / |S| in a reduction/expansion layer.
   * θ: `model.call_theta(images, g1, g2, same)`; per layer the two-path
     straight-through estimator y = o(g¹)(π₁ + 1 − sg π₁) + sg(o(g²))(π₂ − sg π₂)
-    with π from θ in the graph, and the expected cost Σ_l π₁c(g¹) + π₂c(g²).
+    with π from θ in the graph, and the expected cost Σ_l π₁c(g¹) + π₂c(g²). Its
+    branches build input gradients only, none for the weights (_INPUT_ONLY_GRADS).
 """
 
 from __future__ import annotations
