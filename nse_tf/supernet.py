@@ -66,7 +66,13 @@ tf.RegisterGradient("NseDepthwiseInputGrad")(_input_grad_only(
 
 
 def _call_op(op, x, training, weight_grads: bool):
-  """op(x); with weight_grads False, gradients reach x only (see _INPUT_ONLY_GRADS)."""
+  """op(x); with weight_grads False, gradients reach x only (see _INPUT_ONLY_GRADS).
+
+  Only inside a `tf.cond` branch: the override is an op attribute that TensorFlow's
+  symbolic gradients read (cond_v2 builds a branch's gradient that way); a GradientTape
+  over ops outside any cond ignores it, so `mixed` without skip_inactive (the
+  benchmark's compute-every-branch baseline) does not call this.
+  """
   if weight_grads:
     return op(x, training=training)
   with tf.compat.v1.get_default_graph().gradient_override_map(_INPUT_ONLY_GRADS):
@@ -114,7 +120,8 @@ class MultiBranchLayer(keras.layers.Layer):
   def mixed(self, x, gates, training=None, weight_grads: bool = True):
     """Average of the active branches (and the identity of a normal layer).
 
-    weight_grads=False (θ mode): the branches' gradients reach x, not their weights.
+    weight_grads=False (θ mode): the branches' gradients reach x, not their weights
+    (where inactive branches are skipped with tf.cond, the default; see _call_op).
     """
     if not self.branches:
       return x
