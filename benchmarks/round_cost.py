@@ -50,13 +50,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list("eval_images", ["64"], "Held-out images per candidate evaluation, per "
                     "resolution (same order).", flag_values=fv)
   flags.DEFINE_integer("recal_batches", 5, "BN recalibration batches per candidate.",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("paths", 10, "Sampled paths (architectures) per resolution.",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("steps", 3, "Timed calls per path and variant (after one warm-up).",
-                       flag_values=fv)
+                       lower_bound=1, flag_values=fv)
   flags.DEFINE_string("macro", "flops", "Macro-architecture.", flag_values=fv)
-  flags.DEFINE_integer("max_ops", 5, "Working-set size K per layer.", flag_values=fv)
+  flags.DEFINE_integer("max_ops", 5, "Working-set size K per layer.", lower_bound=1,
+                       flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the working sets and gates.", flag_values=fv)
   flags.DEFINE_enum("graph_optimization", "on", list(common_flags.GRAPH_OPTIMIZATION),
                     "As the search's flag: TensorFlow's graph optimiser on or off.",

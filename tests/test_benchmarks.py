@@ -71,6 +71,15 @@ def _device_check(argv=()):
   return dc, fv
 
 
+@pytest.mark.parametrize("flag", ["--paths=0", "--steps=0", "--max_ops=0", "--recal_batches=0"])
+def test_round_cost_refuses_counts_below_one(flag):
+  rc = _benchmark("round_cost")
+  fv = flags.FlagValues()
+  rc.define_flags(fv)
+  with pytest.raises(flags.IllegalFlagValueError, match="not a positive integer"):
+    fv(["round_cost", flag])
+
+
 def test_device_check_halves_the_batch_on_out_of_memory_only(monkeypatch):
   import tensorflow as tf
   dc, _ = _device_check()
