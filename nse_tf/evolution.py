@@ -430,12 +430,14 @@ class Search:
 
   # ----------------------------------------------------------------- rounds
   def run(self) -> Architecture:
+    from nse_tf import loop  # pylint: disable=g-import-not-at-top
     total = self.cfg.num_rounds()
     while self.state.phase != "done":
       r = self.state.round
       self.report(f"\n=== round {r}/{total}: "
                   f"{sum(len(w) for w in self.state.working_sets)} ops in the space ===")
-      self.run_round(r)
+      with loop.fewer_gc_passes():   # and the round's graphs are freed on the way out
+        self.run_round(r)
       if r >= total:
         self.state.phase = "done"
       else:

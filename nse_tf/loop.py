@@ -12,12 +12,15 @@ Both loops run on the host, one compiled distributed step per iteration, and sha
                       (the same step on every worker);
                       a failed save (full disk) leaves no partial files
   EpochProgress       "epoch i/n" and a Keras progress bar per epoch
+  fewer_gc_passes()   Python's cyclic collector rarely while a round builds and traces its
+                      steps, then one full collection
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import shutil
@@ -65,6 +68,33 @@ def build_policy(mixed_precision: Optional[str]) -> Iterator[None]:
     yield
   finally:
     keras.mixed_precision.set_global_policy(before)
+
+
+# While a round builds and traces: the young generation is scanned every 100,000 net
+# allocations instead of CPython's 700, and the older ones rarely.
+FEWER_GC_THRESHOLDS = (100_000, 50, 1000)
+
+
+@contextlib.contextmanager
+def fewer_gc_passes() -> Iterator[None]:
+  """Python's cyclic garbage collector rarely inside; its thresholds restored and one full
+  collection on the way out (also on an error).
+
+  Building a supernet and tracing its steps creates millions of Python objects that live
+  as long as the round (layers, the traced graphs), and with CPython's default thresholds
+  (700, 10, 10) the collector scans them over and over: 4,741 young, 431 middle and 16 full
+  passes in a 224x224 flops round's build, two weight steps and a θ step, about 8 % of its
+  CPU time. Nothing computed changes; the round's cyclic garbage (its traced graphs, once
+  its trainer is dropped) is freed by the collection on exit, so wrap the code that drops
+  the round's objects too.
+  """
+  old = gc.get_threshold()
+  gc.set_threshold(*FEWER_GC_THRESHOLDS)
+  try:
+    yield
+  finally:
+    gc.set_threshold(*old)
+    gc.collect()
 
 
 def build_sgd(cfg, schedule: Schedule, skip_off_ops: bool = False):

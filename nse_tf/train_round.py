@@ -40,7 +40,7 @@ def initial_working_sets(pool_size: int, num_layers: int, max_ops: int, seed: in
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
-  from nse_tf import cost, data, distribute, spaces, trainer  # pylint: disable=g-import-not-at-top
+  from nse_tf import cost, data, distribute, loop, spaces, trainer  # pylint: disable=g-import-not-at-top
   if fv.max_ops < 1:
     raise cli.UsageError(f"--max_ops must be >= 1, got {fv.max_ops}")
   common_flags.check_output_dir(fv.output_dir)
@@ -61,14 +61,15 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   print(f"round 1 on {d.info.name}: {len(kinds)} layers x K={fv.max_ops} of {fv.space}, "
         f"{strategy.num_replicas_in_sync} replica(s), global batch {fv.global_batch}")
   start = time.time()
-  t = trainer.RoundTrainer(cfg, strategy, d, table, space=fv.space, macro=macro,
-                           working_sets=working_sets, num_classes=d.info.num_classes,
-                           resolution=fv.image_size, scale=fv.scale,
-                           model_dir=os.path.join(out, "ckpt"),
-                           tb_dir=os.path.join(out, "tb"))
-  if t.restored:
-    print(f"resuming at step {int(t.step.numpy())} of {t.total_steps}")
-  result = t.train()
+  with loop.fewer_gc_passes():
+    t = trainer.RoundTrainer(cfg, strategy, d, table, space=fv.space, macro=macro,
+                             working_sets=working_sets, num_classes=d.info.num_classes,
+                             resolution=fv.image_size, scale=fv.scale,
+                             model_dir=os.path.join(out, "ckpt"),
+                             tb_dir=os.path.join(out, "tb"))
+    if t.restored:
+      print(f"resuming at step {int(t.step.numpy())} of {t.total_steps}")
+    result = t.train()
   layers = []
   for l, (mbl, alive) in enumerate(zip(result.model.mbls, result.alive)):
     p = 0.999 / (1 + np.exp(-mbl.theta.numpy())) + 5e-4

@@ -1,5 +1,6 @@
 """Round training: resume equivalence, strategies, schedules, config errors."""
 
+import contextlib
 import gc
 import os
 import shutil
@@ -72,20 +73,42 @@ def test_a_rounds_traced_steps_are_freed_with_its_trainer():
   go with it. The θ step's tf_keras Adam aggregated its gradients through
   ReplicaContext.all_reduce, a tf.custom_gradient that in a graph registers a gradient
   function in TensorFlow's global registry, never removed: that held every round's θ
-  step graph (~0.5 GB on the flops supernet) until the process ended."""
-  t = _trainer(None, steps_per_epoch=2)
-  t.train()
-  n, layers = t.model.total_ops, len(t.model.mbls)
-  gates = tf.TensorSpec([n], tf.float32)
-  steps = [t._weight_step.get_concrete_function(t.train_iter, gates),
-           t._theta_step.get_concrete_function(t.holdout_iter, gates, gates,
-                                               tf.TensorSpec([layers], tf.bool), gates)]
-  assert [t._weight_step.experimental_get_tracing_count(),
-          t._theta_step.experimental_get_tracing_count()] == [1, 1]   # the graphs it ran
-  graphs = [weakref.ref(s.graph) for s in steps]
-  del t, steps
-  gc.collect()
+  step graph (~0.5 GB on the flops supernet) until the process ended.
+
+  The search runs each round inside `loop.fewer_gc_passes()` (Python's collector rarely
+  while the round traces); its collection on the way out is what frees them, as here."""
+  with loop.fewer_gc_passes():
+    t = _trainer(None, steps_per_epoch=2)
+    t.train()
+    n, layers = t.model.total_ops, len(t.model.mbls)
+    gates = tf.TensorSpec([n], tf.float32)
+    steps = [t._weight_step.get_concrete_function(t.train_iter, gates),
+             t._theta_step.get_concrete_function(t.holdout_iter, gates, gates,
+                                                 tf.TensorSpec([layers], tf.bool), gates)]
+    assert [t._weight_step.experimental_get_tracing_count(),
+            t._theta_step.experimental_get_tracing_count()] == [1, 1]   # the graphs it ran
+    graphs = [weakref.ref(s.graph) for s in steps]
+    del t, steps
   assert [g() is None for g in graphs] == [True, True]
+
+
+def test_fewer_gc_passes_restores_the_thresholds_and_collects_on_the_way_out():
+  class Node:
+    pass
+
+  before = gc.get_threshold()
+  for fail in (False, True):
+    with pytest.raises(ValueError) if fail else contextlib.nullcontext():
+      with loop.fewer_gc_passes():
+        assert gc.get_threshold() == loop.FEWER_GC_THRESHOLDS
+        a, b = Node(), Node()
+        a.other, b.other = b, a          # a cycle: only the cyclic collector frees it
+        dead = weakref.ref(a)
+        del a, b
+        if fail:
+          raise ValueError("the round failed")
+    assert gc.get_threshold() == before
+    assert dead() is None
 
 
 def test_background_work_reraises_its_error_on_join():
