@@ -224,36 +224,40 @@ def run_supernet(res, batch, eval_images):
   """One resolution: start-up phases with memory, then per path supernet vs standalone."""
   import types  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from nse_tf import candidate_eval, cost, distribute, supernet, trainer  # pylint: disable=g-import-not-at-top
+  from nse_tf import candidate_eval, cost, distribute  # pylint: disable=g-import-not-at-top
+  from nse_tf import loop, supernet, trainer  # pylint: disable=g-import-not-at-top
   d, ws, cfg, table = _setup(res, batch, eval_images)
   out = {"resolution": res, "batch": batch, "eval_images": eval_images,
          "first_call": {}, "peak_mib": {"start": peak_rss_mib()}}
   first, peak = out["first_call"], out["peak_mib"]
-  t0 = time.perf_counter()
-  tr = trainer.RoundTrainer(cfg, distribute.get_strategy(), d, table, space="flops27",
-                            macro=FLAGS.macro, working_sets=ws,
-                            num_classes=d.info.num_classes, resolution=res)
-  first["build"] = time.perf_counter() - t0
-  peak["build"] = peak_rss_mib()
-  alive = tr.alive_masks()
-  sampler = supernet.GateSampler(tr.kinds, [len(w) for w in ws], seed=FLAGS.seed + 1)
-  g = tf.constant(tr.sampler.weight_gates(alive, None))
-  first["weight_step"] = _first_call(tr._weight_step, tr.train_iter, g)
-  peak["weight_step"] = peak_rss_mib()
-  next_theta_args = lambda: theta_args(tr, alive)
+  # As the search builds and traces a round: with Python's collector mostly off (its
+  # collection on the way out is not timed; the search's comes after the round).
+  with loop.fewer_gc_passes():
+    t0 = time.perf_counter()
+    tr = trainer.RoundTrainer(cfg, distribute.get_strategy(), d, table, space="flops27",
+                              macro=FLAGS.macro, working_sets=ws,
+                              num_classes=d.info.num_classes, resolution=res)
+    first["build"] = time.perf_counter() - t0
+    peak["build"] = peak_rss_mib()
+    alive = tr.alive_masks()
+    sampler = supernet.GateSampler(tr.kinds, [len(w) for w in ws], seed=FLAGS.seed + 1)
+    g = tf.constant(tr.sampler.weight_gates(alive, None))
+    first["weight_step"] = _first_call(tr._weight_step, tr.train_iter, g)
+    peak["weight_step"] = peak_rss_mib()
+    next_theta_args = lambda: theta_args(tr, alive)
 
-  first["theta_step"] = _first_call(tr._theta_step, *next_theta_args())
-  peak["theta_step"] = peak_rss_mib()
-  first["catch_up"] = _first_call(tr._catch_up_all)
-  ecfg = types.SimpleNamespace(bn_recal_batches=FLAGS.recal_batches, eval_examples=eval_images,
-                               eval_batch=min(eval_images, 256), seed=FLAGS.seed,
-                               image_size=res)
-  ev = candidate_eval.CandidateEvaluator(tr, d, ecfg)
-  t0 = time.perf_counter()
-  ev.accuracy(tr.sampler.weight_gates(alive, None))
-  first["evaluation"] = time.perf_counter() - t0   # recal + eval steps traced and run once
-  peak["evaluation"] = peak["round"] = peak_rss_mib()
-  first["round_start_up"] = sum(first.values())
+    first["theta_step"] = _first_call(tr._theta_step, *next_theta_args())
+    peak["theta_step"] = peak_rss_mib()
+    first["catch_up"] = _first_call(tr._catch_up_all)
+    ecfg = types.SimpleNamespace(bn_recal_batches=FLAGS.recal_batches, eval_examples=eval_images,
+                                 eval_batch=min(eval_images, 256), seed=FLAGS.seed,
+                                 image_size=res)
+    ev = candidate_eval.CandidateEvaluator(tr, d, ecfg)
+    t0 = time.perf_counter()
+    ev.accuracy(tr.sampler.weight_gates(alive, None))
+    first["evaluation"] = time.perf_counter() - t0   # recal + eval steps traced and run once
+    peak["evaluation"] = peak["round"] = peak_rss_mib()
+    first["round_start_up"] = sum(first.values())
 
   eval_batches = ev.eval_batches
   # Every path's standalone network is built (and its steps traced) before any timing:

@@ -40,7 +40,8 @@ def initial_working_sets(pool_size: int, num_layers: int, max_ops: int, seed: in
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
-  from nse_tf import cost, data, distribute, loop, spaces, trainer  # pylint: disable=g-import-not-at-top
+  from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
+  from nse_tf import loop, spaces, trainer  # pylint: disable=g-import-not-at-top
   if fv.max_ops < 1:
     raise cli.UsageError(f"--max_ops must be >= 1, got {fv.max_ops}")
   common_flags.check_output_dir(fv.output_dir)
