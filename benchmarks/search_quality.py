@@ -266,9 +266,12 @@ class Runner:
           keras.backend.sum(keras.backend.square(w)) for w in model.trainable_weights
           if "kernel" in w.name and len(w.shape) > 1))
     sched = keras.optimizers.schedules.CosineDecay(b.lr, b.steps)
+    # Every variable exists before the first step (the optimizer's slots, the metric's
+    # counters): a tf.function that creates variables is traced twice, ~2 s a network here.
     model.compile(keras.optimizers.SGD(sched, momentum=0.9, nesterov=True),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+    model.optimizer.build(model.trainable_variables)
     model.fit(self.data.train(b.batch, seed=seed), epochs=1, steps_per_epoch=b.steps,
               verbose=0)
     return float(model.evaluate(self.data.validation(500), verbose=0)[1])

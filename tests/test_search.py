@@ -261,17 +261,31 @@ def _benchmark(name):
 
 
 @pytest.mark.slow
-def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path, capsys):
+def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path, capsys,
+                                                           monkeypatch):
   out, _, _ = smoke_run
   run = tmp_path / "run"
   import shutil  # pylint: disable=g-import-not-at-top
+  import tf_keras as keras  # pylint: disable=g-import-not-at-top
   shutil.copytree(out, run)
   bench = _benchmark("search_quality")
+  traced = []
+  fit = keras.Model.fit
+
+  def fit_counting_traces(model, *a, **kw):
+    history = fit(model, *a, **kw)
+    traced.append(model.train_function.experimental_get_tracing_count())
+    return history
+
+  monkeypatch.setattr(keras.Model, "fit", fit_counting_traces)
   args = [f"--search_dir={run}", "--steps=3", "--batch=16", "--num_rank=3", "--num_random=2",
           "--seeds=1", "--norounds"]
   code = cli.invoke(bench.define_flags, bench.main, args)
   stdout, err = capsys.readouterr()
   assert code == 0, err[-3000:]
+  # Each standalone network's training step is traced once (every variable exists before
+  # the first step; a step that creates variables is traced twice).
+  assert traced and set(traced) == {1}, traced
   assert "Kendall" in stdout and "random:" in stdout
   # One seed per network: no seed noise to say how far a perfect ranker's τ would get.
   assert "a perfect ranker's τ against these standalone numbers: not estimated" in stdout
