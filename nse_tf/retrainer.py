@@ -186,7 +186,7 @@ class Retrainer:
                                               max_to_keep=2)
     self.writer = tf.summary.create_file_writer(os.path.join(model_dir, "tb"))
     self._train_step = self._make_train_step()
-    self._eval_step = self._make_eval_step()
+    self._eval_step = None    # traced at the first evaluation, for the validation batches
     self.restored = self._restore()
 
   # ------------------------------------------------------------ checkpoints
@@ -248,7 +248,10 @@ class Retrainer:
 
     return train_step
 
-  def _make_eval_step(self):
+  def _make_eval_step(self, batch_spec):
+    """The compiled evaluation step for batches of `batch_spec` (the validation dataset's
+    element spec, whose batch dimension is unknown): one trace serves the full batches and
+    the last, smaller one, which would otherwise be traced again."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     model, strategy = self.model, self.strategy
     k = min(5, int(self.model_config["num_classes"]))
@@ -262,7 +265,7 @@ class Retrainer:
       n = tf.cast(tf.shape(labels)[0], tf.float32)
       return tf.stack([top1, topk, n])
 
-    @tf.function
+    @tf.function(input_signature=[batch_spec])
     def eval_step(batch):
       out = strategy.run(step_fn, args=batch)
       return strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
@@ -279,6 +282,8 @@ class Retrainer:
     try:
       ds = self.strategy.distribute_datasets_from_function(
           self.data.dataset_fn("validation", self.cfg.eval_batch))
+      if self._eval_step is None:
+        self._eval_step = self._make_eval_step(ds.element_spec)
       total = np.zeros(3)
       for batch in ds:
         total += self._eval_step(batch).numpy()

@@ -123,6 +123,11 @@ def test_interrupted_retrain_resumes_on_the_same_trajectory(finished, tmp_path):
   # The EMA weights are what gets evaluated and deployed, and they differ from the raw.
   assert any(np.abs(s.numpy() - v.numpy()).max() > 0
              for s, v in zip(resumed.ema.shadow, resumed.model.variables))
+  # Evaluation (359 images in batches of 256 and 103), with and without the EMA weights:
+  # one trace of the step serves both batch sizes and both calls.
+  ema, raw = resumed.evaluate(), resumed.evaluate(use_ema=False)
+  assert ema["examples"] == raw["examples"] == 359
+  assert resumed._eval_step.experimental_get_tracing_count() == 1
 
 
 @pytest.mark.slow
