@@ -117,7 +117,13 @@ class CandidateEvaluator:
       images, _ = next(iterator)
       strategy.run(lambda x: model(x, gates=gates, training=True), args=(images,))
 
-    @tf.function(autograph=False)
+    # One trace for every batch: the signature has the held-out batches' spec, whose batch
+    # size is unknown (the last batch is smaller where eval_batch does not divide the
+    # held-out examples), so it can be traced ahead without a batch in hand.
+    images_spec, labels_spec = self.eval_ds.element_spec
+
+    @tf.function(autograph=False, input_signature=[
+        images_spec, labels_spec, tf.TensorSpec([self.model.total_ops], tf.float32)])
     def eval_step(images, labels, gates):
       counts = strategy.run(eval_counts, args=(images, labels, gates))
       if local:
@@ -140,9 +146,7 @@ class CandidateEvaluator:
     gates = tf.TensorSpec([num_gates], tf.float32)
     self.recal_step.get_concrete_function(self.recal_iter, gates)
     self.scale_bn.get_concrete_function(tf.TensorSpec([], tf.float32))
-    if self.eval_batches:
-      images, labels = self.eval_batches[0]
-      self.eval_step.get_concrete_function(images, labels, gates)
+    self.eval_step.get_concrete_function()
 
   def skip_candidate(self):
     """Passes over one candidate's recalibration batches (another worker evaluates it), so
