@@ -162,7 +162,7 @@ class CandidateEvaluator:
 
   def accuracy(self, gates: np.ndarray) -> float:
     tf = self.tf
-    g = tf.constant(gates)
+    g = tf.constant(gates, tf.float32)   # the steps' signature
     self.scale_bn(tf.constant(0.0))           # reset every statistic to zero
     for _ in range(self.n_recal):
       self.recal_step(self.recal_iter, g)
