@@ -117,13 +117,22 @@ class CandidateEvaluator:
       images, _ = next(iterator)
       strategy.run(lambda x: model(x, gates=gates, training=True), args=(images,))
 
-    # One trace for every batch: the signature has the held-out batches' spec, whose batch
-    # size is unknown (the last batch is smaller where eval_batch does not divide the
-    # held-out examples), so it can be traced ahead without a batch in hand.
-    images_spec, labels_spec = self.eval_ds.element_spec
+    # A held-out set that fits in 1 GiB is decoded once and kept: every candidate
+    # is evaluated on the same batches without rebuilding the input pipeline.
+    size = self.num_eval * cfg.image_size ** 2 * 3 * 4   # float32 bytes
+    self.eval_batches = list(self.eval_ds) if size <= 1 << 30 else None
+    # One trace serves every batch, and it can be made ahead, without a batch in hand:
+    # where the kept batches all have one shape, the signature is theirs (the graph
+    # optimised for that batch size); otherwise (a smaller last batch, where eval_batch
+    # does not divide the held-out examples, or a set not kept) the dataset's spec, whose
+    # batch size is unknown, rather than a second trace and compile for the last batch
+    # while the round waits.
+    specs = [tuple(tf.type_spec_from_value(t) for t in b) for b in self.eval_batches or ()]
+    batch_spec = (specs[0] if specs and all(sp == specs[0] for sp in specs)
+                  else self.eval_ds.element_spec)
 
     @tf.function(autograph=False, input_signature=[
-        images_spec, labels_spec, tf.TensorSpec([self.model.total_ops], tf.float32)])
+        *batch_spec, tf.TensorSpec([self.model.total_ops], tf.float32)])
     def eval_step(images, labels, gates):
       counts = strategy.run(eval_counts, args=(images, labels, gates))
       if local:
@@ -131,10 +140,6 @@ class CandidateEvaluator:
       return strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None)
 
     self.recal_step, self.eval_step = recal_step, eval_step
-    # A held-out set that fits in 1 GiB is decoded once and kept: every candidate
-    # is evaluated on the same batches without rebuilding the input pipeline.
-    size = self.num_eval * cfg.image_size ** 2 * 3 * 4   # float32 bytes
-    self.eval_batches = list(self.eval_ds) if size <= 1 << 30 else None
     scale = self._scale_bn_stats
     self.scale_bn = tf.function(
         (lambda f: strategy.run(scale, args=(f,))) if local else scale, autograph=False)
