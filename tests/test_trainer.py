@@ -535,6 +535,26 @@ def _mirrored_vs_default(working_sets, mirrored):
   return out
 
 
+def test_evaluator_step_has_the_batches_shape_unless_the_last_batch_is_smaller():
+  """Traced ahead, once: a held-out set that batches evenly keeps the graph optimised for
+  its batch size; one with a smaller last batch gets one graph for any size (not a second
+  trace and compile for the last batch at the first candidate)."""
+  t = _trainer(None)
+  d = data.get_data("demo_digits", image_size=32)
+  gates = np.ones(t.model.total_ops, np.float32)
+  batch_dims = {}
+  for n in (96, 88):
+    ev = candidate_eval.CandidateEvaluator(t, d, evolution.SearchConfig(
+        space="flops27", macro="tiny", max_ops=2, bn_recal_batches=1, eval_examples=n,
+        eval_batch=48, image_size=32))
+    ev.trace(t.model.total_ops)
+    ev.accuracy(gates)
+    assert ev.eval_step.experimental_get_tracing_count() == 1
+    assert int(ev.last_counts[:, 1].sum()) == n           # every example counted once
+    batch_dims[n] = [spec.shape[0] for spec in ev.eval_step.input_signature[:2]]
+  assert batch_dims == {96: [48, 48], 88: [None, None]}
+
+
 # Two ops in an N and an R layer (ssc ops among them: two batch norms in a row), one
 # elsewhere (the single-pattern path of the θ step): 8 ops keep the compile short.
 MIRRORED_WS = [[0, 21], [3], [12], [6, 25], [1], [13]]
