@@ -131,8 +131,9 @@ class CandidateEvaluator:
     batch_spec = (specs[0] if specs and all(sp == specs[0] for sp in specs)
                   else self.eval_ds.element_spec)
 
-    @tf.function(autograph=False, input_signature=[
-        *batch_spec, tf.TensorSpec([self.model.total_ops], tf.float32)])
+    self._gates_spec = tf.TensorSpec([self.model.total_ops], tf.float32)
+
+    @tf.function(autograph=False, input_signature=[*batch_spec, self._gates_spec])
     def eval_step(images, labels, gates):
       counts = strategy.run(eval_counts, args=(images, labels, gates))
       if local:
@@ -144,12 +145,11 @@ class CandidateEvaluator:
     self.scale_bn = tf.function(
         (lambda f: strategy.run(scale, args=(f,))) if local else scale, autograph=False)
 
-  def trace(self, num_gates: int) -> None:
+  def trace(self) -> None:
     """Traces the recalibration, BN-scaling and evaluation steps without running them
     (e.g. in a thread while the round trains: `RoundTrainer.train(trace_also=…)`)."""
     tf = self.tf
-    gates = tf.TensorSpec([num_gates], tf.float32)
-    self.recal_step.get_concrete_function(self.recal_iter, gates)
+    self.recal_step.get_concrete_function(self.recal_iter, self._gates_spec)
     self.scale_bn.get_concrete_function(tf.TensorSpec([], tf.float32))
     self.eval_step.get_concrete_function()
 

@@ -564,7 +564,7 @@ class Search:
     trainer's trace-ahead thread); `_evaluate` uses it when it starts at candidate 0."""
     evaluator = CandidateEvaluator(trainer, self.data, self.cfg,
                                    local=self.cfg.split_evaluation)
-    evaluator.trace(trainer.model.total_ops)
+    evaluator.trace()
     self._traced_evaluator = evaluator
 
   def _evaluate(self, trainer, cands, log_path: str) -> Dict[int, float]:

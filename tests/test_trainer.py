@@ -520,7 +520,7 @@ def _mirrored_vs_default(working_sets, mirrored):
 
     def trace_evaluator(t=t, box=box):   # as the search does while a round trains
       box["evaluator"] = candidate_eval.CandidateEvaluator(t, real, scfg)
-      box["evaluator"].trace(t.model.total_ops)
+      box["evaluator"].trace()
 
     r = t.train(trace_also=trace_evaluator)
     bn = t.model.stem_bn.moving_variance
@@ -547,7 +547,7 @@ def test_evaluator_step_has_the_batches_shape_unless_the_last_batch_is_smaller()
     ev = candidate_eval.CandidateEvaluator(t, d, evolution.SearchConfig(
         space="flops27", macro="tiny", max_ops=2, bn_recal_batches=1, eval_examples=n,
         eval_batch=48, image_size=32))
-    ev.trace(t.model.total_ops)
+    ev.trace()
     ev.accuracy(gates)
     assert ev.eval_step.experimental_get_tracing_count() == 1
     assert int(ev.last_counts[:, 1].sum()) == n           # every example counted once
