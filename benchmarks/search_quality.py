@@ -696,8 +696,12 @@ def nse_vs_random(fv, cfg, runner, table, macro, lo, hi, final):
         f"NSE {100 * nse_mean:.2f} %: {'above' if beats else 'NOT above'} the CI "
         f"(NSE − random mean = {100 * (nse_mean - rm):+.2f} points); "
         f"NSE beats {sum(nse_mean > m for m in rand_means)}/{len(rand_means)}")
-  print(f"  std across random architectures {100 * between:.2f} points, across training "
-        f"seeds {100 * within:.2f} points (ratio {between / within:.1f})")
+  if math.isnan(within):    # one seed per network: no seed noise measured
+    print(f"  std across random architectures {100 * between:.2f} points; across training "
+          "seeds: not measured (--seeds=1)")
+  else:
+    print(f"  std across random architectures {100 * between:.2f} points, across training "
+          f"seeds {100 * within:.2f} points (ratio {between / within:.1f})")
   # Cost-matched view: inside the interval accuracy still grows with cost, so compare NSE
   # with the random architectures' least-squares line accuracy ~ cost at NSE's cost.
   rand_costs = [table.arch_cost(arch_lib.Architecture.from_compact(k)) for k in rand_keys]
@@ -719,6 +723,18 @@ def nse_vs_random(fv, cfg, runner, table, macro, lo, hi, final):
       "random_costs": rand_costs, "cost_matched_residual": float(nse_resid),
       "random_residual_std": float(resid_sd),
       "std_between_architectures": between, "std_between_seeds": within}
+
+
+def _nan_to_null(x):
+  """`x` with every NaN (e.g. seed noise with one seed per network) as None: strict JSON
+  (json.dumps writes NaN, which jq and most parsers other than Python's reject)."""
+  if isinstance(x, float) and math.isnan(x):
+    return None
+  if isinstance(x, dict):
+    return {k: _nan_to_null(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_nan_to_null(v) for v in x]
+  return x
 
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
@@ -811,7 +827,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
       summary[k] = before[k]
     if kept:
       print(f"kept in {path} from an earlier run with the same budget: {', '.join(kept)}")
-  fileio.atomic_write_text(path, json.dumps(summary, indent=1))
+  fileio.atomic_write_text(path, json.dumps(_nan_to_null(summary), indent=1))
   print(f"\n{runner.trained} networks trained in {runner.seconds / 60:.1f} min "
         f"({len(runner.used) - runner.trained} more read from the cache); wall "
         f"{(time.time() - t_start) / 60:.1f} min; wrote {out}/search_quality.json")
