@@ -564,7 +564,10 @@ def test_an_earlier_round_of_a_finished_search_evaluates_as_the_search_did(smoke
     layers = json.loads((out / f"round_{r:02d}" / "space.json").read_text())["layers"]
     assert [[pool[i] for i in w] for w in srch.round_state(r).working_sets] == \
         [l["working_set"] for l in layers]
-  assert srch.round_state(1).working_sets != srch.state.working_sets   # refilled after 1
+  # Round 1's state, not the final one. (Whether its working sets also differ from the
+  # final ones depends on round 1's front covering every op or not, i.e. on float rounding,
+  # which the number of intra-op threads changes: with 2 they differ, with 1 or 4 not.)
+  assert srch.round_state(1).round == 1 and srch.state.round == 2
   rows = list(csv.DictReader(open(out / "round_01" / "candidates.csv")))[:3]
   logged = {rec["i"]: rec["accuracy"] for rec in fileio.read_jsonl(
       str(out / "round_01" / "evaluated.jsonl"))}
