@@ -261,13 +261,13 @@ def _benchmark(name):
   return module
 
 
-@pytest.mark.slow
 def _tau_or_null(x, y):
   """Kendall τ as search_quality.json stores it: None where it is undefined (ties: NaN)."""
   tau = stats.kendall_tau(x, y)
   return None if math.isnan(tau) else tau
 
 
+@pytest.mark.slow
 def test_search_quality_benchmark_runs_on_a_finished_search(smoke_run, tmp_path, capsys,
                                                            monkeypatch):
   out, _, _ = smoke_run
