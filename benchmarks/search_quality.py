@@ -726,9 +726,10 @@ def nse_vs_random(fv, cfg, runner, table, macro, lo, hi, final):
 
 
 def _nan_to_null(x):
-  """`x` with every NaN (e.g. seed noise with one seed per network) as None: strict JSON
-  (json.dumps writes NaN, which jq and most parsers other than Python's reject)."""
-  if isinstance(x, float) and math.isnan(x):
+  """`x` with every NaN or infinity (e.g. seed noise with one seed per network) as None:
+  strict JSON (json.dumps writes NaN and Infinity, which jq and most parsers other than
+  Python's reject)."""
+  if isinstance(x, float) and not math.isfinite(x):
     return None
   if isinstance(x, dict):
     return {k: _nan_to_null(v) for k, v in x.items()}
@@ -827,7 +828,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
       summary[k] = before[k]
     if kept:
       print(f"kept in {path} from an earlier run with the same budget: {', '.join(kept)}")
-  fileio.atomic_write_text(path, json.dumps(_nan_to_null(summary), indent=1))
+  fileio.atomic_write_text(path, json.dumps(_nan_to_null(summary), indent=1, allow_nan=False))
   print(f"\n{runner.trained} networks trained in {runner.seconds / 60:.1f} min "
         f"({len(runner.used) - runner.trained} more read from the cache); wall "
         f"{(time.time() - t_start) / 60:.1f} min; wrote {out}/search_quality.json")

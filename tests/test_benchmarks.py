@@ -170,6 +170,16 @@ def _quality_summary(directory, pick, random_means, budget=None):
     json.dump(summary, f)
 
 
+def test_search_quality_summary_is_strict_json():
+  """What a run cannot measure (NaN) and any infinity become null, at any depth."""
+  bench = _benchmark("search_quality")
+  summary = {"a": float("nan"), "b": [1.0, float("inf"), (float("-inf"), 2)],
+             "c": {"d": float("nan"), "e": "x", "f": None, "g": 3}}
+  assert bench._nan_to_null(summary) == {  # pylint: disable=protected-access
+      "a": None, "b": [1.0, None, [None, 2]], "c": {"d": None, "e": "x", "f": None, "g": 3}}
+  json.dumps(bench._nan_to_null(summary), allow_nan=False)  # pylint: disable=protected-access
+
+
 def test_search_quality_aggregates_search_seeds_against_one_random_set(tmp_path, capsys):
   from nse_tf import cli, stats
   bench = _benchmark("search_quality")
