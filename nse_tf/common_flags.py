@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional
 
 from absl import flags
 
+from nse_tf.train_config import GATE_SAMPLING
+
 # Defaults of a search round's training flags: train_config.TrainConfig's (SPEC §4; a test
 # keeps the two equal; trainer imports TensorFlow, which --help should not wait for).
 ROUND_TRAINING_DEFAULTS = dict(global_batch=1024, epochs=100.0, lr=0.4, warmup_epochs=2.0,
@@ -86,9 +88,11 @@ def define_supernet_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        flag_values=fv)
   flags.DEFINE_bool("skip_off_ops", False, "Off ops get no momentum/decay update (the "
                     "reference runs moved them; default False).", flag_values=fv)
-  flags.DEFINE_enum("gate_sampling", "uniform", ["uniform", "theta", "count"],
-                    "Weight-step gates: p = 0.5, θ-based, or 'count' (the number of active "
-                    "ops uniform per layer, then which ones).", flag_values=fv)
+  flags.DEFINE_enum("gate_sampling", "uniform", list(GATE_SAMPLING),
+                    "Weight-step gates: p = 0.5 (SPEC), θ-based, 'count' (the number of active "
+                    "ops uniform per layer, then which ones) or 'interval' (p = 0.5 paths "
+                    "redrawn until their cost lies in the search's --interval: the supernet "
+                    "trains on the architectures it ranks; nse_tf.search only).", flag_values=fv)
   flags.DEFINE_integer("theta_every", 2, "A θ step every k-th weight step.", flag_values=fv)
   flags.DEFINE_float("theta_lr", 0.005, "Adam lr of θ (the paper text says 0.1; the reference "
                      "runs used 0.005).", flag_values=fv)

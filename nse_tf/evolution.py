@@ -459,7 +459,7 @@ class Search:
                  for ws, a in zip(state.working_sets, state.inherited)]
     import dataclasses as dc  # pylint: disable=g-import-not-at-top
     tcfg = dc.replace(self.train_cfg, seed=self.train_cfg.seed + 1000 * r,
-                      progress=self.progress)
+                      progress=self.progress, gate_interval=tuple(self.cfg.interval))
     return trainer_lib.RoundTrainer(
         tcfg, self.strategy, self.data, self.table, space=self.cfg.space, macro=self.macro,
         working_sets=state.working_sets, protected=protected,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -291,6 +291,15 @@ class Supernet(keras.Model):
 # Host-side gate sampling.
 
 
+class CostInterval(NamedTuple):
+  """Per-layer op costs (working-set order), the fixed cost, and the open interval."""
+  costs: Sequence[np.ndarray]
+  fixed: float
+  lo: float
+  hi: float
+  max_draws: int = 25600
+
+
 class GateSampler:
   """Seeded numpy sampling of gate patterns, resumable through `state`.
 
@@ -315,13 +324,17 @@ class GateSampler:
     return self.kinds[l] == "N" or g.any()
 
   def weight_gates(self, alive: Sequence[np.ndarray], probs: Optional[Sequence[np.ndarray]] = None,
-                   count: bool = False) -> np.ndarray:
+                   count: bool = False, within: Optional["CostInterval"] = None) -> np.ndarray:
     """One pattern per layer: each alive op on with p (0.5 or σ(θ)-based); R/E non-empty.
 
     count=True: the number of active ops is uniform over what the layer allows (0 or 1 up
     to every alive op), then that many alive ops uniformly (sparse and dense paths trained
     equally often; `probs` is not used).
+    within: p = 0.5 draws of the whole path, redrawn until its cost lies in the interval
+    (`CostInterval`; `probs` and `count` are not used).
     """
+    if within is not None:
+      return self._weight_gates_within(alive, within)
     out = []
     for l, a in enumerate(alive):
       p = 0.5 if probs is None else probs[l]
@@ -341,6 +354,37 @@ class GateSampler:
           break
       out.append(g.astype(np.float32))
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+  def _weight_gates_within(self, alive: Sequence[np.ndarray], within: "CostInterval",
+                           batch: int = 256) -> np.ndarray:
+    """Uniform paths (p = 0.5, R/E layers non-empty) conditioned on lo < cost < hi.
+
+    Draws `batch` whole paths at a time and keeps the first inside the interval: the
+    distribution of `benchmarks/search_quality.py`'s uniform draws, which are filtered
+    the same way. When none of `within.max_draws` falls inside (pruning left the
+    interval out of reach of such draws), the draw nearest to it.
+    """
+    best, best_gap = None, np.inf
+    for _ in range(max(1, within.max_draws // batch)):
+      total = np.full(batch, within.fixed, np.float64)
+      ok = np.ones(batch, bool)
+      parts = []
+      for l, a in enumerate(alive):
+        g = (self.rng.random((batch, len(a))) < 0.5) & np.asarray(a, bool)
+        if self.kinds[l] != "N" and np.any(a):
+          ok &= g.any(axis=1)
+        total += g.astype(np.float64) @ np.asarray(within.costs[l], np.float64)
+        parts.append(g)
+      inside = ok & (total > within.lo) & (total < within.hi)
+      gap = np.where(ok, np.maximum(within.lo - total, total - within.hi), np.inf)
+      i = int(np.argmax(inside)) if inside.any() else int(np.argmin(gap))
+      if inside.any() or gap[i] < best_gap:
+        best, best_gap = [g[i] for g in parts], (-np.inf if inside.any() else gap[i])
+      if inside.any():
+        break
+    if best is None:         # no draw with every R/E layer non-empty: resample per layer
+      return self.weight_gates(alive)
+    return np.concatenate(best).astype(np.float32) if best else np.zeros(0, np.float32)
 
   def theta_gates(self, alive: Sequence[np.ndarray], thetas: Sequence[np.ndarray]
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

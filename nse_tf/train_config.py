@@ -7,9 +7,15 @@ flags (common_flags.train_config) and check it before TensorFlow starts.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 from nse_tf import errors
+
+
+# Weight-step gate sampling (--gate_sampling): p = 0.5 per op (SPEC §4, the default);
+# θ-based; the number of active ops uniform; p = 0.5 paths redrawn until their cost lies
+# in the search's interval.
+GATE_SAMPLING = ("uniform", "theta", "count", "interval")
 
 
 class ConfigError(errors.NSEError):
@@ -57,7 +63,10 @@ class LoopConfig:
 class TrainConfig(LoopConfig):
   """Hyper-parameters of one round; SPEC §4 values as defaults (LoopConfig's)."""
   skip_off_ops: bool = False               # off ops get no momentum/decay update
-  gate_sampling: str = "uniform"           # 'uniform' (p = 0.5) or 'theta'
+  gate_sampling: str = "uniform"           # 'uniform' (p = 0.5), 'theta', 'count', 'interval'
+  # 'interval': the search's cost interval (lo, hi), in the cost table's unit; the
+  # search sets it for every round.
+  gate_interval: Optional[Tuple[float, float]] = None
   theta_every: int = 2
   theta_lr: float = 0.005
   theta_beta1: float = 0.0
@@ -69,8 +78,8 @@ class TrainConfig(LoopConfig):
 
   def validate(self):
     self.validate_loop(ConfigError)
-    if self.gate_sampling not in ("uniform", "theta", "count"):
-      raise ConfigError("gate_sampling must be 'uniform', 'theta' or 'count', got "
+    if self.gate_sampling not in GATE_SAMPLING:
+      raise ConfigError(f"gate_sampling must be one of {', '.join(GATE_SAMPLING)}; got "
                         f"{self.gate_sampling!r}")
     if self.theta_every < 1:
       raise ConfigError(f"theta_every must be >= 1, got {self.theta_every}")

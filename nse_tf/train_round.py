@@ -44,6 +44,10 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   from nse_tf import loop, spaces, trainer  # pylint: disable=g-import-not-at-top
   if fv.max_ops < 1:
     raise cli.UsageError(f"--max_ops must be >= 1, got {fv.max_ops}")
+  if fv.gate_sampling == "interval":
+    raise cli.UsageError("--gate_sampling=interval draws the weight steps' paths inside a "
+                         "search's cost interval, and train_round has none; run python -m "
+                         "nse_tf.search (--interval), or pick uniform, theta or count")
   common_flags.check_output_dir(fv.output_dir)
   # Several workers: the chief writes --output_dir, the others a directory of their own.
   out = run_dir.worker_output_dir(fv.strategy, fv.output_dir)

@@ -124,6 +124,10 @@ class RoundTrainer:
                resolution: int, scale: float = 1.0, activation: str = "relu",
                model_dir: Optional[str] = None, tb_dir: Optional[str] = None):
     config.validate()
+    if config.gate_sampling == "interval" and config.gate_interval is None:
+      raise ConfigError("--gate_sampling=interval draws the weight steps' paths inside the "
+                        "search's cost interval; run it with python -m nse_tf.search "
+                        "(--interval), or pick another --gate_sampling")
     self.cfg = config
     self.strategy = strategy
     self.data = data
@@ -162,6 +166,12 @@ class RoundTrainer:
 
     self.sampler = supernet_lib.GateSampler(self.kinds, [len(ws) for ws in self.working_sets],
                                             seed=config.seed)
+    self._gate_interval = None
+    if config.gate_sampling == "interval":
+      # The supernet's own cost table: what its θ step's expected cost is made of.
+      self._gate_interval = supernet_lib.CostInterval(
+          [m.op_costs.numpy() for m in self.model.mbls], self.model.fixed_cost,
+          *config.gate_interval)
     self.train_iter = self._iterator("train", config.seed, 0)
     self.holdout_iter = self._iterator("holdout", config.seed + 1, 0)
     state = dict(model=self.model, weight_opt=self.weight_opt, theta_opt=self.theta_opt,
@@ -351,7 +361,8 @@ class RoundTrainer:
       thetas = self.model.thetas_numpy()
       probs = ([supernet_lib.keep_prob(t) for t in thetas]
                if cfg.gate_sampling == "theta" else None)
-      gates = self.sampler.weight_gates(alive, probs, count=cfg.gate_sampling == "count")
+      gates = self.sampler.weight_gates(alive, probs, count=cfg.gate_sampling == "count",
+                                        within=self._gate_interval)
       loss, acc = self._weight_step(self.train_iter, tf.constant(gates))
       last = {"loss": float(loss), "acc": float(acc)}
       step += 1

@@ -88,6 +88,9 @@ def test_train_round_cli_in_process_refuses_bad_input(tmp_path, capsys):
   code = cli.invoke(train_round.define_flags, train_round.main,
                     [f"--output_dir={tmp_path}", "--max_ops=0"])
   assert code == 2 and "--max_ops must be >= 1" in capsys.readouterr().err
+  code = cli.invoke(train_round.define_flags, train_round.main,
+                    [f"--output_dir={tmp_path}", "--gate_sampling=interval"])
+  assert code == 2 and "run python -m nse_tf.search" in capsys.readouterr().err
   code = cli.invoke(train_round.define_flags, train_round.main, ["--bogus=1"])
   assert code == 1 and "bogus" in capsys.readouterr().err
 

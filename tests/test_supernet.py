@@ -309,3 +309,49 @@ def test_theta_mode_builds_no_weight_gradients_and_the_same_theta_gradient():
   assert filt(full_types) > 20
   assert filt(lean_types) <= 2          # the stem's and the head's, outside the branches
   assert len(lean_types) < len(full_types)
+
+
+def test_weight_gates_within_an_interval_are_uniform_paths_conditioned_on_cost():
+  """gate_sampling='interval': p = 0.5 paths (R non-empty) redrawn until lo < cost < hi,
+  i.e. uniform over the allowed patterns inside the interval (checked against exact
+  enumeration), never a dead op; an interval out of reach gives the nearest path."""
+  import itertools  # pylint: disable=g-import-not-at-top
+  kinds = ["N", "R"]
+  costs = [np.array([10.0, 20.0, 40.0]), np.array([5.0, 99.0, 15.0])]
+  alive = [np.ones(3, bool), np.array([True, False, True])]
+  within = supernet.CostInterval(costs, 100.0, 125.0, 160.0)
+  inside = []
+  for a in itertools.product((0, 1), repeat=3):
+    for b in ((1, 0, 0), (0, 0, 1), (1, 0, 1)):         # R: non-empty, op 1 dead
+      c = 100.0 + np.dot(a, costs[0]) + np.dot(b, costs[1])
+      if 125.0 < c < 160.0:
+        inside.append(a + b)
+  exact = np.mean(inside, axis=0)
+  assert 4 <= len(inside) < 24                          # the interval excludes most paths
+  s = supernet.GateSampler(kinds, [3, 3], seed=0)
+  draws = np.array([s.weight_gates(alive, within=within) for _ in range(4000)])
+  total = 100.0 + draws[:, :3] @ costs[0] + draws[:, 3:] @ costs[1]
+  assert np.all((total > 125.0) & (total < 160.0))
+  assert np.all(draws[:, 4] == 0) and np.all(draws[:, 3:].sum(1) >= 1)
+  np.testing.assert_allclose(draws.mean(0), exact, atol=0.03)
+  seen = {tuple(d.astype(int)) for d in draws}
+  assert seen == set(inside)                           # every path of the interval, only those
+  # Out of reach (the most a path costs is 100 + 70 + 20): the nearest, all alive ops on.
+  far = supernet.CostInterval(costs, 100.0, 500.0, 600.0, max_draws=512)
+  np.testing.assert_array_equal(s.weight_gates(alive, within=far), [1, 1, 1, 1, 0, 1])
+
+
+def test_supernet_path_cost_is_the_cost_tables():
+  """The per-op costs and fixed cost a supernet carries (its θ step's expected cost, and
+  what gate_sampling='interval' tests paths against) add up to the table's architecture
+  cost, the unit of --interval."""
+  table = cost.CostTable("flops27", "tiny", resolution=224, num_classes=8)
+  ws = [[0, 21, 4], [3, 9], [0, 12, 7], [6, 25], [1, 10], [3, 13]]
+  net = supernet.Supernet("flops27", "tiny", ws, table, num_classes=8, resolution=16)
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    on = [rng.random(len(w)) < 0.5 for w in ws]
+    mine = net.fixed_cost + sum(float(np.dot(o, m.op_costs.numpy()))
+                                for o, m in zip(on, net.mbls))
+    theirs = table.indices_cost([np.asarray(w)[o].tolist() for w, o in zip(ws, on)])
+    assert mine == pytest.approx(theirs, rel=1e-6)

@@ -419,9 +419,46 @@ def test_failed_checkpoint_write_leaves_no_temporary_files(tmp_path):
   assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-2")
 
 
+def test_interval_gate_sampling_trains_only_paths_inside_the_interval(monkeypatch):
+  """--gate_sampling=interval: every weight step of the loop gets a path whose cost (the
+  cost table's, the unit of the search's --interval) lies inside the interval. The
+  steps are stand-ins here: what is checked is the loop's sampling."""
+  table = cost.CostTable("flops27", "tiny", resolution=32)
+  lo_c = table.indices_cost([[min(w, key=lambda i, l=l: table.macs[l][i])] for l, w in
+                             enumerate(WS)])
+  hi_c = table.indices_cost(WS)
+  lo, hi = lo_c + 0.4 * (hi_c - lo_c), lo_c + 0.6 * (hi_c - lo_c)
+  t = _trainer(None, gate_sampling="interval", gate_interval=(lo, hi))
+  seen = []
+
+  def weight_step(iterator, gates):
+    del iterator
+    seen.append(gates.numpy())
+    return tf.constant(2.0), tf.constant(0.1)
+
+  def theta_step(iterator, g1, g2, same, alive):
+    del iterator, g1, g2, same, alive
+    return tf.constant(2.0), tf.constant(0.0), tf.constant(1.0)
+
+  monkeypatch.setattr(t, "_weight_step", weight_step)
+  monkeypatch.setattr(t, "_theta_step", theta_step)
+  monkeypatch.setattr(t, "_trace_ahead", lambda also=None: (None, []))
+  t.train()
+  assert len(seen) == 6
+  for g in seen:
+    on = [np.asarray(w)[g[a:b] > 0].tolist() for w, a, b in
+          zip(WS, t.model.offsets[:-1], t.model.offsets[1:])]
+    assert lo < table.indices_cost(on) < hi
+  assert len({tuple(g) for g in seen}) > 1
+
+
 def test_config_errors_are_clear():
   with pytest.raises(ValueError, match="gate_sampling"):
     trainer.TrainConfig(gate_sampling="bogus").validate()
+  with pytest.raises(ValueError, match="nse_tf.search"):    # no interval to draw in
+    trainer.RoundTrainer(trainer.TrainConfig(gate_sampling="interval"), None, None, None,
+                         space="flops27", macro="tiny", working_sets=[], num_classes=2,
+                         resolution=16)
   with pytest.raises(ValueError, match="mixed_precision"):
     trainer.TrainConfig(mixed_precision="int8").validate()
   with pytest.raises(distribute.StrategyError, match="unknown --strategy"):
