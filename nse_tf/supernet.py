@@ -355,6 +355,20 @@ class GateSampler:
       out.append(g.astype(np.float32))
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
+  def _paths(self, alive: Sequence[np.ndarray], within: "CostInterval", batch: int):
+    """`batch` p = 0.5 paths: per-layer gates, their costs, and whether every R/E layer
+    with an alive op is non-empty."""
+    total = np.full(batch, within.fixed, np.float64)
+    ok = np.ones(batch, bool)
+    parts = []
+    for l, a in enumerate(alive):
+      g = (self.rng.random((batch, len(a))) < 0.5) & np.asarray(a, bool)
+      if self.kinds[l] != "N" and np.any(a):
+        ok &= g.any(axis=1)
+      total += g.astype(np.float64) @ np.asarray(within.costs[l], np.float64)
+      parts.append(g)
+    return parts, total, ok
+
   def _weight_gates_within(self, alive: Sequence[np.ndarray], within: "CostInterval",
                            batch: int = 256) -> np.ndarray:
     """Uniform paths (p = 0.5, R/E layers non-empty) conditioned on lo < cost < hi.
@@ -366,15 +380,7 @@ class GateSampler:
     """
     best, best_gap = None, np.inf
     for _ in range(max(1, within.max_draws // batch)):
-      total = np.full(batch, within.fixed, np.float64)
-      ok = np.ones(batch, bool)
-      parts = []
-      for l, a in enumerate(alive):
-        g = (self.rng.random((batch, len(a))) < 0.5) & np.asarray(a, bool)
-        if self.kinds[l] != "N" and np.any(a):
-          ok &= g.any(axis=1)
-        total += g.astype(np.float64) @ np.asarray(within.costs[l], np.float64)
-        parts.append(g)
+      parts, total, ok = self._paths(alive, within, batch)
       inside = ok & (total > within.lo) & (total < within.hi)
       gap = np.where(ok, np.maximum(within.lo - total, total - within.hi), np.inf)
       i = int(np.argmax(inside)) if inside.any() else int(np.argmin(gap))
@@ -385,6 +391,15 @@ class GateSampler:
     if best is None:         # no draw with every R/E layer non-empty: resample per layer
       return self.weight_gates(alive)
     return np.concatenate(best).astype(np.float32) if best else np.zeros(0, np.float32)
+
+  def interval_share(self, alive: Sequence[np.ndarray], within: "CostInterval",
+                     draws: int = 25600) -> Tuple[float, float, float]:
+    """(share inside the interval, cheapest, dearest) of `draws` p = 0.5 paths."""
+    parts, total, ok = self._paths(alive, within, draws)
+    del parts
+    total = total[ok]
+    inside = (total > within.lo) & (total < within.hi)
+    return float(inside.mean()), float(total.min()), float(total.max())
 
   def theta_gates(self, alive: Sequence[np.ndarray], thetas: Sequence[np.ndarray]
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

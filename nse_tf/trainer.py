@@ -172,6 +172,18 @@ class RoundTrainer:
       self._gate_interval = supernet_lib.CostInterval(
           [m.op_costs.numpy() for m in self.model.mbls], self.model.fixed_cost,
           *config.gate_interval)
+      # A probe with its own generator (the round's draws stay as they are): refuse a
+      # space whose p = 0.5 paths never cost within the interval (e.g. the flops macro's,
+      # all far above ImageNet's (300, 350) MFLOPs) rather than train on the nearest.
+      share, cheapest, dearest = supernet_lib.GateSampler(
+          self.kinds, self.sampler.sizes, seed=config.seed + 1).interval_share(
+              [np.ones(n, bool) for n in self.sampler.sizes], self._gate_interval)
+      if share == 0.0:
+        lo, hi = config.gate_interval
+        raise ConfigError(
+            f"--gate_sampling=interval: none of 25,600 p = 0.5 paths of this round's space "
+            f"costs within ({lo:g}, {hi:g}) (they cost {cheapest:.4g}..{dearest:.4g}); use "
+            "--gate_sampling=uniform, or an --interval those paths reach")
     self.train_iter = self._iterator("train", config.seed, 0)
     self.holdout_iter = self._iterator("holdout", config.seed + 1, 0)
     state = dict(model=self.model, weight_opt=self.weight_opt, theta_opt=self.theta_opt,

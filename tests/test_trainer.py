@@ -450,6 +450,9 @@ def test_interval_gate_sampling_trains_only_paths_inside_the_interval(monkeypatc
           zip(WS, t.model.offsets[:-1], t.model.offsets[1:])]
     assert lo < table.indices_cost(on) < hi
   assert len({tuple(g) for g in seen}) > 1
+  with pytest.raises(ValueError, match=r"none of 25,600 p = 0.5 paths .* costs within "
+                                       r"\(1e\+06, 2e\+06\)"):
+    _trainer(None, gate_sampling="interval", gate_interval=(1e6, 2e6))
 
 
 def test_config_errors_are_clear():
