@@ -398,6 +398,8 @@ class GateSampler:
     parts, total, ok = self._paths(alive, within, draws)
     del parts
     total = total[ok]
+    if not total.size:       # every draw left some R/E layer empty
+      return 0.0, float("nan"), float("nan")
     inside = (total > within.lo) & (total < within.hi)
     return float(inside.mean()), float(total.min()), float(total.max())
 

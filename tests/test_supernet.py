@@ -339,6 +339,12 @@ def test_weight_gates_within_an_interval_are_uniform_paths_conditioned_on_cost()
   # Out of reach (the most a path costs is 100 + 70 + 20): the nearest, all alive ops on.
   far = supernet.CostInterval(costs, 100.0, 500.0, 600.0, max_draws=512)
   np.testing.assert_array_equal(s.weight_gates(alive, within=far), [1, 1, 1, 1, 0, 1])
+  share, cheapest, dearest = s.interval_share(alive, within)
+  assert 0 < share < 1 and cheapest == 105.0 and dearest == 190.0
+  assert s.interval_share(alive, far)[0] == 0.0
+  forty = supernet.GateSampler(["R"] * 40, [1] * 40, seed=0)    # all 64 draws leave one empty
+  assert forty.interval_share([np.ones(1, bool)] * 40, supernet.CostInterval(
+      [np.ones(1)] * 40, 0.0, 1.0, 50.0), draws=64)[0] == 0.0
 
 
 def test_supernet_path_cost_is_the_cost_tables():
