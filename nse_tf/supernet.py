@@ -291,13 +291,16 @@ class Supernet(keras.Model):
 # Host-side gate sampling.
 
 
+INTERVAL_DRAWS = 25600              # p = 0.5 paths tried per interval draw, and per probe
+
+
 class CostInterval(NamedTuple):
   """Per-layer op costs (working-set order), the fixed cost, and the open interval."""
   costs: Sequence[np.ndarray]
   fixed: float
   lo: float
   hi: float
-  max_draws: int = 25600
+  max_draws: int = INTERVAL_DRAWS
 
 
 class GateSampler:
@@ -382,18 +385,19 @@ class GateSampler:
     for _ in range(max(1, within.max_draws // batch)):
       parts, total, ok = self._paths(alive, within, batch)
       inside = ok & (total > within.lo) & (total < within.hi)
-      gap = np.where(ok, np.maximum(within.lo - total, total - within.hi), np.inf)
-      i = int(np.argmax(inside)) if inside.any() else int(np.argmin(gap))
-      if inside.any() or gap[i] < best_gap:
-        best, best_gap = [g[i] for g in parts], (-np.inf if inside.any() else gap[i])
       if inside.any():
+        best = [g[int(np.argmax(inside))] for g in parts]
         break
+      gap = np.where(ok, np.maximum(within.lo - total, total - within.hi), np.inf)
+      i = int(np.argmin(gap))
+      if gap[i] < best_gap:
+        best, best_gap = [g[i] for g in parts], gap[i]
     if best is None:         # no draw with every R/E layer non-empty: resample per layer
       return self.weight_gates(alive)
     return np.concatenate(best).astype(np.float32) if best else np.zeros(0, np.float32)
 
   def interval_share(self, alive: Sequence[np.ndarray], within: "CostInterval",
-                     draws: int = 25600) -> Tuple[float, float, float]:
+                     draws: int = INTERVAL_DRAWS) -> Tuple[float, float, float]:
     """(share inside the interval, cheapest, dearest) of `draws` p = 0.5 paths."""
     parts, total, ok = self._paths(alive, within, draws)
     del parts

@@ -180,9 +180,11 @@ class RoundTrainer:
               [np.ones(n, bool) for n in self.sampler.sizes], self._gate_interval)
       if share == 0.0:
         lo, hi = config.gate_interval
+        costs = (f" (they cost {cheapest:.4g}..{dearest:.4g})" if np.isfinite(cheapest)
+                 else "")
         raise ConfigError(
-            f"--gate_sampling=interval: none of 25,600 p = 0.5 paths of this round's space "
-            f"costs within ({lo:g}, {hi:g}) (they cost {cheapest:.4g}..{dearest:.4g}); use "
+            f"--gate_sampling=interval: none of {supernet_lib.INTERVAL_DRAWS:,} p = 0.5 paths "
+            f"of this round's space costs within ({lo:g}, {hi:g}){costs}; use "
             "--gate_sampling=uniform, or an --interval those paths reach")
     self.train_iter = self._iterator("train", config.seed, 0)
     self.holdout_iter = self._iterator("holdout", config.seed + 1, 0)
