@@ -16,8 +16,13 @@ side by side in one process (per path: supernet, then standalone; medians over p
                  steps (their sum plus the build is a round's start-up) and the standalone
                  network's training step
   peak memory    resident set size (VmHWM) of the supernet process after each phase of its
-                 start-up, and of a separate process that only trains the standalone
-                 network of the largest sampled path (the memory target's denominator)
+                 start-up and after --steady_steps weight steps on fresh paths (with a θ
+                 step after every second one and two candidate evaluations, as a round
+                 goes on: each new path adds to the peak until the steps have run every
+                 op), and of a separate process that only trains the standalone network
+                 of the largest path that the weight steps ran, timed or steady, for as
+                 many steps (the memory target's denominator: a path's activations are
+                 most of a step's memory)
 
 Every resolution runs in its own subprocess (peak memory is per process). Data: the
 demo_digits_hard pipelines at the benchmark's resolution (what the proxy search reads).
@@ -26,6 +31,7 @@ CI never runs this; the tests run it once at tiny sizes.
   python benchmarks/round_cost.py                                    # 224x224, batch 8
   python benchmarks/round_cost.py --resolutions=32 --batches=64 --eval_images=512
   python benchmarks/round_cost.py --resolutions=16 --batches=16 --paths=3 --macro=tiny  # 2 min
+  python benchmarks/round_cost.py --allocator=system    # TF_ONEDNN_USE_SYSTEM_ALLOCATOR=1, MALLOC_ARENA_MAX=2
 """
 
 import json
@@ -44,7 +50,7 @@ from nse_tf import cli, common_flags
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
   """The tool's flags (defined by cli.run, not at import)."""
   flags.DEFINE_list("resolutions", ["224"], "Input resolutions, each in its own process "
-                    "(224 alone: ~17 min on the 2-core CPU; 32: ~12 min).", flag_values=fv)
+                    "(224 alone: ~18 min on the 2-core CPU; 32: ~12 min).", flag_values=fv)
   flags.DEFINE_list("batches", ["8"], "Global batch per resolution (same order).",
                     flag_values=fv)
   flags.DEFINE_list("eval_images", ["64"], "Held-out images per candidate evaluation, per "
@@ -55,6 +61,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("steps", 3, "Timed calls per path and variant (after one warm-up).",
                        lower_bound=1, flag_values=fv)
+  flags.DEFINE_integer("steady_steps", 20, "Weight steps on fresh paths after the start-up "
+                       "(and in the standalone memory process), for the round's peak memory.",
+                       lower_bound=1, flag_values=fv)
+  flags.DEFINE_enum("allocator", "default", list(ALLOCATORS),
+                    "The processes' CPU memory allocator: TensorFlow's default (oneDNN's "
+                    "BFC pool for buffers of 256 KiB and more), or 'system': malloc for "
+                    "every buffer, in at most two arenas (environment variables, set for "
+                    "the measuring processes).", flag_values=fv)
   flags.DEFINE_string("macro", "flops", "Macro-architecture.", flag_values=fv)
   flags.DEFINE_integer("max_ops", 5, "Working-set size K per layer.", lower_bound=1,
                        flag_values=fv)
@@ -72,6 +86,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 
 FLAGS = flags.FLAGS
+
+# What --allocator sets in the measuring processes' environment. Both are read once, at
+# start: TensorFlow's when it first allocates, glibc's when the process starts.
+ALLOCATORS = {"default": {},
+              "system": {"TF_ONEDNN_USE_SYSTEM_ALLOCATOR": "1", "MALLOC_ARENA_MAX": "2"}}
 
 
 def peak_rss_mib() -> float:
@@ -256,8 +275,19 @@ def run_supernet(res, batch, eval_images):
     t0 = time.perf_counter()
     ev.accuracy(tr.sampler.weight_gates(alive, None))
     first["evaluation"] = time.perf_counter() - t0   # recal + eval steps traced and run once
-    peak["evaluation"] = peak["round"] = peak_rss_mib()
+    peak["evaluation"] = peak_rss_mib()
     first["round_start_up"] = sum(first.values())
+    # The round goes on: fresh paths, as the search's weight steps draw them, a θ step
+    # after every second weight step (theta_every = 2), and two candidates evaluated.
+    steady = []
+    for i in range(FLAGS.steady_steps):
+      steady.append(tr.sampler.weight_gates(alive, None))
+      _wait(tr._weight_step(tr.train_iter, tf.constant(steady[-1])))
+      if i % 2 == 1:
+        _wait(tr._theta_step(*next_theta_args()))
+    for _ in range(2):
+      ev.accuracy(tr.sampler.weight_gates(alive, None))
+    peak["steady"] = peak["round"] = peak_rss_mib()
 
   eval_batches = ev.eval_batches
   # Every path's standalone network is built (and its steps traced) before any timing:
@@ -297,8 +327,11 @@ def run_supernet(res, batch, eval_images):
           f"{row['alone_weight'] * 1e3:7.1f} ms  θ {row['super_theta'] * 1e3:7.1f} ms  eval "
           f"{row['super_eval']:6.2f} / {row['alone_eval']:6.2f} s", file=sys.stderr, flush=True)
   out["paths"] = rows
-  largest = max(rows, key=lambda r: r["mflops"])
-  out["largest_path"], out["largest_mflops"] = largest["arch"], largest["mflops"]
+  ran = [(r["mflops"], r["arch"]) for r in rows]
+  for gates in steady:
+    a = _path_arch(ws, gates, FLAGS.macro)
+    ran.append((cost.arch_cost(a, res, d.info.num_classes).macs / 1e6, a.to_compact()))
+  out["largest_mflops"], out["largest_path"] = max(ran)
   return out
 
 
@@ -307,14 +340,16 @@ def run_standalone_memory(arch_compact, res, batch):
   from nse_tf import arch as arch_lib, data  # pylint: disable=g-import-not-at-top
   d = data.get_data("demo_digits_hard", image_size=res)
   sa = Standalone(arch_lib.Architecture.from_compact(arch_compact), d, res, batch, FLAGS.seed)
-  for _ in range(3):
+  for _ in range(FLAGS.steady_steps):
     _wait(sa.train_step(sa.train_iter))
   return {"peak_mib": peak_rss_mib()}
 
 
 def _subprocess(args):
   cmd = [sys.executable, os.path.abspath(__file__)] + args
-  proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, check=False)
+  env = dict(os.environ, **ALLOCATORS[FLAGS.allocator])
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, check=False,
+                        env=env)
   if proc.returncode != 0:
     raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -322,6 +357,7 @@ def _subprocess(args):
 
 def _common_args():
   return [f"--paths={FLAGS.paths}", f"--steps={FLAGS.steps}", f"--macro={FLAGS.macro}",
+          f"--steady_steps={FLAGS.steady_steps}",
           f"--max_ops={FLAGS.max_ops}", f"--seed={FLAGS.seed}",
           f"--recal_batches={FLAGS.recal_batches}",
           f"--graph_optimization={FLAGS.graph_optimization}", _determinism_flag()]
@@ -355,7 +391,7 @@ def report(res_out):
       "  first call (s)     " + "  ".join(f"{k} {v:.1f}" for k, v in f.items())
       + f"  | standalone training step {_med(rows, 'alone_first_call'):.1f}",
       "  peak RSS (MiB)     " + "  ".join(f"{k} {v:.0f}" for k, v in m.items()),
-      f"  standalone process, largest path ({res_out['largest_mflops']:.0f} MFLOPs): "
+      f"  standalone process, largest path run ({res_out['largest_mflops']:.0f} MFLOPs): "
       f"{res_out['standalone_peak_mib']:.0f} MiB; round peak / standalone "
       f"{m['round'] / res_out['standalone_peak_mib']:.2f}",
   ]
@@ -380,7 +416,7 @@ def main(_):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   print(f"TensorFlow {tf.__version__}; {os.cpu_count()} CPUs; each resolution in its own "
         f"process; --graph_optimization={FLAGS.graph_optimization}, "
-        f"{_determinism_flag()}", flush=True)
+        f"{_determinism_flag()}, --allocator={FLAGS.allocator}", flush=True)
   results = []
   for res, batch, n in zip(FLAGS.resolutions, FLAGS.batches, FLAGS.eval_images):
     t0 = time.perf_counter()

@@ -31,7 +31,7 @@ def test_round_cost_measures_every_phase_and_reports_ratios(monkeypatch, tmp_pat
   fv = flags.FlagValues()
   rc.define_flags(fv)
   fv(["round_cost", "--resolutions=16", "--batches=16", "--eval_images=32", "--paths=2",
-      "--steps=2", "--macro=tiny", "--max_ops=2", "--recal_batches=2",
+      "--steps=2", "--macro=tiny", "--max_ops=2", "--recal_batches=2", "--steady_steps=3",
       "--graph_optimization=off", f"--json_out={tmp_path}/out.json"])
   monkeypatch.setattr(rc, "FLAGS", fv)
   rc.main([])
@@ -49,10 +49,12 @@ def test_round_cost_measures_every_phase_and_reports_ratios(monkeypatch, tmp_pat
   # The peak grows phase after phase (VmHWM is a high-water mark; the kernel's per-thread
   # RSS counters make it exact only to a few pages).
   peaks = [out["peak_mib"][k] for k in ("start", "build", "weight_step", "theta_step",
-                                        "evaluation")]
+                                        "evaluation", "steady")]
   assert all(b >= a * 0.99 for a, b in zip(peaks, peaks[1:])), peaks
   assert out["peak_mib"]["round"] == peaks[-1] > peaks[0]
-  assert out["largest_path"] in {r["arch"] for r in out["paths"]}
+  # The standalone probe trains the largest path the weight steps ran, timed or steady.
+  assert out["largest_mflops"] >= max(r["mflops"] for r in out["paths"])
+  assert out["largest_path"].startswith("flops27@tiny:")
   assert out["standalone_peak_mib"] > 0 and out["wall_s"] > 0
   for needle in ("supernet/standalone", "θ step / supernet weight step", "first call",
                  "peak RSS", "round peak / standalone"):
@@ -71,7 +73,34 @@ def _device_check(argv=()):
   return dc, fv
 
 
-@pytest.mark.parametrize("flag", ["--paths=0", "--steps=0", "--max_ops=0", "--recal_batches=0"])
+def test_round_cost_sets_the_allocator_for_its_measuring_processes(monkeypatch):
+  """--allocator reaches the processes that measure (TensorFlow and glibc read these
+  variables once, at start), and the default changes nothing."""
+  import subprocess
+  rc = _benchmark("round_cost")
+  fv = flags.FlagValues()
+  rc.define_flags(fv)
+  monkeypatch.setattr(rc, "FLAGS", fv)
+  monkeypatch.delenv("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", raising=False)
+  monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+  seen = []
+
+  def fake_run(cmd, env=None, **_):
+    seen.append(env)
+    return subprocess.CompletedProcess(cmd, 0, stdout='{"peak_mib": 1}\n')
+
+  monkeypatch.setattr(rc.subprocess, "run", fake_run)
+  for allocator in ("default", "system"):
+    fv(["round_cost", f"--allocator={allocator}"])
+    assert rc._subprocess(["--_worker=standalone"]) == {"peak_mib": 1}
+  default, system = seen
+  assert "TF_ONEDNN_USE_SYSTEM_ALLOCATOR" not in default and "MALLOC_ARENA_MAX" not in default
+  assert system["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] == "1" and system["MALLOC_ARENA_MAX"] == "2"
+  assert system["PATH"] == os.environ["PATH"]
+
+
+@pytest.mark.parametrize("flag", ["--paths=0", "--steps=0", "--max_ops=0", "--recal_batches=0",
+                                  "--steady_steps=0"])
 def test_round_cost_refuses_counts_below_one(flag):
   rc = _benchmark("round_cost")
   fv = flags.FlagValues()
