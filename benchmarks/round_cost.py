@@ -65,10 +65,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        "(and in the standalone memory process), for the round's peak memory.",
                        lower_bound=1, flag_values=fv)
   flags.DEFINE_enum("allocator", "default", list(ALLOCATORS),
-                    "The processes' CPU memory allocator: TensorFlow's default (oneDNN's "
-                    "BFC pool for buffers of 256 KiB and more), or 'system': malloc for "
-                    "every buffer, in at most two arenas (environment variables, set for "
-                    "the measuring processes).", flag_values=fv)
+                    "The measuring processes' CPU memory allocator: 'default' leaves the "
+                    "environment as it is (TensorFlow's oneDNN BFC pool for buffers of 256 "
+                    "KiB and more, unless you set the variables yourself); 'system' sets "
+                    "them: malloc for every buffer, in at most two arenas.", flag_values=fv)
   flags.DEFINE_string("macro", "flops", "Macro-architecture.", flag_values=fv)
   flags.DEFINE_integer("max_ops", 5, "Working-set size K per layer.", lower_bound=1,
                        flag_values=fv)
@@ -246,6 +246,7 @@ def run_supernet(res, batch, eval_images):
   from nse_tf import candidate_eval, cost, distribute  # pylint: disable=g-import-not-at-top
   from nse_tf import loop, supernet, trainer  # pylint: disable=g-import-not-at-top
   d, ws, cfg, table = _setup(res, batch, eval_images)
+  mflops = lambda arch: cost.arch_cost(arch, res, d.info.num_classes).macs / 1e6
   out = {"resolution": res, "batch": batch, "eval_images": eval_images,
          "first_call": {}, "peak_mib": {"start": peak_rss_mib()}}
   first, peak = out["first_call"], out["peak_mib"]
@@ -302,7 +303,7 @@ def run_supernet(res, batch, eval_images):
     arch = _path_arch(ws, gates, FLAGS.macro)
     sa = Standalone(arch, d, res, batch, FLAGS.seed)
     row = {"arch": arch.to_compact(),
-           "mflops": cost.arch_cost(arch, res, d.info.num_classes).macs / 1e6,
+           "mflops": mflops(arch),
            "alone_first_call": _first_call(sa.train_step, sa.train_iter)}
     sa.evaluate(eval_batches, 1)        # trace its recalibration and evaluation steps
     rows.append(row)
@@ -327,11 +328,10 @@ def run_supernet(res, batch, eval_images):
           f"{row['alone_weight'] * 1e3:7.1f} ms  θ {row['super_theta'] * 1e3:7.1f} ms  eval "
           f"{row['super_eval']:6.2f} / {row['alone_eval']:6.2f} s", file=sys.stderr, flush=True)
   out["paths"] = rows
-  ran = [(r["mflops"], r["arch"]) for r in rows]
-  for gates in steady:
-    a = _path_arch(ws, gates, FLAGS.macro)
-    ran.append((cost.arch_cost(a, res, d.info.num_classes).macs / 1e6, a.to_compact()))
-  out["largest_mflops"], out["largest_path"] = max(ran)
+  steady_archs = [_path_arch(ws, gates, FLAGS.macro) for gates in steady]
+  out["largest_mflops"], out["largest_path"] = max(
+      [(r["mflops"], r["arch"]) for r in rows]
+      + [(mflops(a), a.to_compact()) for a in steady_archs])
   return out
 
 
