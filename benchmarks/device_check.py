@@ -37,7 +37,7 @@ import time
 
 from absl import flags
 
-from nse_tf import cli, common_flags
+from nse_tf import cli, common_flags, machine
 
 try:   # run as a script, benchmarks/ is the first entry of sys.path
   import round_cost  # pylint: disable=g-import-not-at-top
@@ -281,17 +281,8 @@ CHECKS = {"supernet": check_supernet, "retrain": check_retrain, "detector": chec
 
 
 def _devices(strategy):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  gpus = tf.config.list_physical_devices("GPU")
-  names = []
-  for g in gpus:
-    try:
-      names.append(tf.config.experimental.get_device_details(g).get("device_name", g.name))
-    except (ValueError, RuntimeError):
-      names.append(g.name)
-  what = (f"{len(gpus)} GPU: {', '.join(sorted(set(names)))}" if gpus
-          else f"no GPU, CPU ({os.cpu_count()} cores)")
-  return (f"TensorFlow {tf.__version__}; {what}; {type(strategy).__name__} with "
+  """The machine (CPU and its instruction sets, GPUs, TensorFlow) and the strategy."""
+  return (f"{machine.one_line(machine.describe())}; {type(strategy).__name__} with "
           f"{strategy.num_replicas_in_sync} replica(s)")
 
 

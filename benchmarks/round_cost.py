@@ -44,7 +44,7 @@ import time
 
 from absl import flags
 
-from nse_tf import cli, common_flags
+from nse_tf import cli, common_flags, machine
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -413,8 +413,8 @@ def main(_):
     res, batch = int(FLAGS.resolutions[0]), int(FLAGS.batches[0])
     print(json.dumps(run_standalone_memory(FLAGS._arch, res, batch)))
     return
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  print(f"TensorFlow {tf.__version__}; {os.cpu_count()} CPUs; each resolution in its own "
+  here = machine.describe()
+  print(f"{machine.one_line(here)}; each resolution in its own "
         f"process; --graph_optimization={FLAGS.graph_optimization}, "
         f"{_determinism_flag()}, --allocator={FLAGS.allocator}", flush=True)
   results = []
@@ -426,6 +426,7 @@ def main(_):
         one + _common_args() + ["--_worker=standalone", f"--_arch={out['largest_path']}"]
     )["peak_mib"]
     out["wall_s"] = time.perf_counter() - t0
+    out["machine"] = here
     print(report(out), flush=True)
     results.append(out)
   if FLAGS.json_out:

@@ -23,7 +23,7 @@ import tf_keras as keras
 from absl import flags
 
 from nse_tf import arch as arch_lib
-from nse_tf import cli, cost, nsenet, optim, spaces, supernet
+from nse_tf import cli, cost, machine, nsenet, optim, spaces, supernet
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -129,7 +129,7 @@ def run_resolution(res, batch):
 
 
 def main(_):
-  print(f"TensorFlow {tf.__version__}, devices: "
+  print(f"{machine.one_line(machine.describe())}, devices: "
         f"{[d.device_type for d in tf.config.list_logical_devices()]}")
   summary = []
   for res, batch in zip(FLAGS.resolutions, FLAGS.batches):

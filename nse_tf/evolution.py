@@ -30,6 +30,7 @@ from nse_tf import spaces
 from nse_tf import stats
 from nse_tf.arch import Architecture
 from nse_tf import fileio
+from nse_tf import machine
 from nse_tf.fileio import atomic_write_text, read_jsonl
 from nse_tf import errors
 from nse_tf.candidate_eval import (COUNTS, CandidateEvaluator, eval_count, from_counts,
@@ -118,6 +119,9 @@ class SearchState:
   inherited: List[List[int]] = dataclasses.field(default_factory=list)
   front: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
   history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
+  # The machines that ran this search (machine.describe()), each with "from": where it
+  # took over; a new entry only when the machine differs from the last one.
+  machines: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
   def to_json(self) -> str:
     d = dataclasses.asdict(self)
@@ -429,9 +433,31 @@ class Search:
     return d
 
   # ----------------------------------------------------------------- rounds
+  def note_machine(self, current: Optional[Dict[str, Any]] = None):
+    """Records the machine this run is on in `state.json` (from where in the search it
+    ran), and says so when it is not the one that ran the search so far: the results then
+    differ from an uninterrupted run's on either machine (another CPU's kernels round
+    differently)."""
+    if self.state.phase == "done":
+      return
+    current = dict(current or machine.describe())
+    before = self.state.machines[-1] if self.state.machines else None
+    changed = machine.differences(before, current)
+    if before is not None and not changed:
+      return
+    where = f"round {self.state.round} ({self.state.phase})"
+    if changed:
+      self.report(f"note: this search ran from {before['from']} on {machine.one_line(before)}; "
+                  f"from {where} it runs on {machine.one_line(current)} (other "
+                  f"{', '.join(changed)}), so its results will not be bit-identical to an "
+                  "uninterrupted run on either machine")
+    self.state.machines.append({**current, "from": where})
+    self.state.save(self.state_path)
+
   def run(self) -> Architecture:
     from nse_tf import loop  # pylint: disable=g-import-not-at-top
     total = self.cfg.num_rounds()
+    self.note_machine()
     while self.state.phase != "done":
       r = self.state.round
       self.report(f"\n=== round {r}/{total}: "

@@ -22,6 +22,7 @@ from nse_tf.fileio import atomic_write_text
 from nse_tf.latency import (DEFAULT_MAX_BRANCHES, STATISTICS, TABLE_VERSION, BACKENDS, CLOCKS,
                             EntrySpec, LatencyError, LatencyTable, Layout,
                             resolution_hw, config_key, layout, load_json, summarize)
+from nse_tf import machine as machine_lib
 from nse_tf import spaces
 from nse_tf import stats
 from nse_tf.spaces import SpaceError
@@ -35,15 +36,7 @@ def device_description(backend: str, batch_size: int, threads: int, statistic: s
                        warmup: int, repeats: int, clock: str = "wall") -> Dict[str, Any]:
   """What the numbers were measured on; a resumed or extended build must match it."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.lower().startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
+  cpu = machine_lib.cpu_info()["cpu"]
   gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
   gpu_names = []
   for d in tf.config.list_physical_devices("GPU"):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nse_tf import arch as arch_lib
-from nse_tf import candidate_eval, cli, cost, evolution, fileio, search, spaces, stats
+from nse_tf import candidate_eval, cli, cost, evolution, fileio, machine, search, spaces, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,6 +190,49 @@ def test_final_architecture_selection_and_metadata():
   assert evolution.final_architecture(cfg, s, 10).metadata["empty_layers_dropped"] == [2]
 
 
+def test_a_search_records_its_machine_and_says_when_another_goes_on(tmp_path):
+  """state.json lists the machines that ran the search; a resume on another CPU (other
+  kernels, other rounding) is said in one line, and a state from before the record loads."""
+  here = {"cpu": "AMD EPYC", "cpu_id": "cpu family 25, model 1, stepping 1",
+          "isa": "avx avx2 fma", "cores": 2, "gpus": [], "tensorflow": "2.20.0",
+          "python": "3.11.7"}
+  lines = []
+  search = evolution.Search.__new__(evolution.Search)   # only the state and its file
+  search.state = evolution.SearchState(space="flops27")
+  search.state_path = str(tmp_path / "state.json")
+  search.report = lines.append
+  search.note_machine(here)
+  search.note_machine(dict(here, python="3.12.1"))     # not a result-changing difference
+  assert lines == []
+  saved = evolution.SearchState.load(search.state_path)
+  assert saved.machines == [dict(here, **{"from": "round 1 (train)"})]
+  search.state.round, search.state.phase = 2, "evaluate"
+  zen4 = dict(here, cpu_id="cpu family 25, model 17, stepping 1",
+              isa="avx avx2 fma avx512f avx512_vnni avx512_bf16")
+  search.note_machine(zen4)
+  note, = lines
+  assert note.startswith("note: this search ran from round 1 (train) on AMD EPYC (cpu family "
+                         "25, model 1, stepping 1; avx avx2 fma), 2 cores")
+  assert "from round 2 (evaluate) it runs on AMD EPYC (cpu family 25, model 17" in note
+  assert "(other cpu_id, isa)" in note and "not be bit-identical" in note
+  assert [m["from"] for m in evolution.SearchState.load(search.state_path).machines] == [
+      "round 1 (train)", "round 2 (evaluate)"]
+  search.state.phase = "done"                          # nothing more runs: nothing to note
+  search.note_machine(here)
+  assert len(lines) == 1
+  # A state.json written before machines were recorded loads, and the first run notes
+  # its machine without a warning (nothing to compare with).
+  old = json.loads(open(search.state_path).read())
+  del old["machines"]
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "state.json").write_text(json.dumps(old))
+  search.state = evolution.SearchState.load(str(tmp_path / "old" / "state.json"))
+  search.state.phase = "train"
+  search.state_path = str(tmp_path / "old" / "state.json")
+  search.note_machine(zen4)
+  assert len(lines) == 1 and len(search.state.machines) == 1
+
+
 def test_corrupt_state_is_refused_clearly(tmp_path):
   p = tmp_path / "state.json"
   p.write_text("{not json")
@@ -219,6 +262,10 @@ def test_smoke_search_writes_every_output(smoke_run):
     assert (out / name).exists(), name
   state = json.loads((out / "state.json").read_text())
   assert state["phase"] == "done" and state["round"] == 2
+  # The machine that ran it, once (the same machine throughout).
+  ran_on, = state["machines"]
+  assert ran_on["from"] == "round 1 (train)" and ran_on["cores"] == os.cpu_count()
+  assert not machine.differences(ran_on, machine.describe())
   for r in (1, 2):
     rd = out / f"round_{r:02d}"
     rows = list(csv.DictReader(open(rd / "candidates.csv")))

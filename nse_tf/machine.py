@@ -1,0 +1,91 @@
+"""What a run ran on: the CPU, its vector instruction sets, the cores, the GPUs and the
+library versions.
+
+The same command gives the same bits on one machine (`--deterministic`), but not on
+another: TensorFlow's CPU kernels (oneDNN) are chosen by instruction set, so a CPU with
+AVX-512 rounds differently from one with AVX2 only, and SGD carries a last-bit
+difference into another trajectory. "AMD EPYC" names several generations, so the
+description adds the CPU's family and model numbers and the instruction sets that
+decide the kernels. Every search round records it in `state.json`, a search resumed on
+another machine says so, and the benchmarks print it above their tables.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any, Dict, List, Optional
+
+# The instruction sets that decide which oneDNN kernels run (and so the float rounding);
+# the others in /proc/cpuinfo do not change a result.
+ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_bf16", "amx_int8")
+
+# The fields whose difference means a run's bits may differ (not the Python version).
+COMPARED = ("cpu", "cpu_id", "isa", "cores", "gpus", "tensorflow")
+
+
+def cpu_info(path: str = "/proc/cpuinfo") -> Dict[str, str]:
+  """The first processor's model name, family/model/stepping numbers and vector
+  instruction sets, from /proc/cpuinfo (Linux); elsewhere the model name from `platform`
+  and the other fields empty."""
+  fields: Dict[str, str] = {}
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      for line in f:
+        if not line.strip():
+          if fields:
+            break                  # the first processor's block is enough
+          continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+  except OSError:
+    pass
+  name = fields.get("model name") or platform.processor() or platform.machine()
+  ids = [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping") if fields.get(k)]
+  flags = set(fields.get("flags", "").split())
+  return {"cpu": name, "cpu_id": ", ".join(ids), "isa": " ".join(f for f in ISA_FLAGS
+                                                                   if f in flags)}
+
+
+def describe(with_tensorflow: bool = True) -> Dict[str, Any]:
+  """This machine: `cpu` (model name), `cpu_id` (family, model, stepping), `isa` (the
+  vector instruction sets), `cores`, `gpus` (names), `tensorflow`, `python`."""
+  d: Dict[str, Any] = dict(cpu_info())
+  d["cores"] = os.cpu_count()
+  d["gpus"] = []
+  d["tensorflow"] = None
+  if with_tensorflow:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    d["tensorflow"] = tf.__version__
+    for dev in tf.config.list_physical_devices("GPU"):
+      try:
+        d["gpus"].append(tf.config.experimental.get_device_details(dev).get("device_name",
+                                                                            dev.name))
+      except Exception:  # pylint: disable=broad-except
+        d["gpus"].append(dev.name)
+  d["python"] = platform.python_version()
+  return d
+
+
+def one_line(d: Dict[str, Any]) -> str:
+  """e.g. 'AMD EPYC (cpu family 25, model 1, stepping 1; avx avx2 fma), 2 cores,
+  TensorFlow 2.20.0, Python 3.11.7'."""
+  detail = "; ".join(x for x in (d.get("cpu_id"), d.get("isa")) if x)
+  text = d.get("cpu") or "unknown CPU"
+  if detail:
+    text += f" ({detail})"
+  text += f", {d.get('cores')} cores"
+  if d.get("gpus"):
+    text += ", GPUs: " + ", ".join(d["gpus"])
+  if d.get("tensorflow"):
+    text += f", TensorFlow {d['tensorflow']}"
+  return text + f", Python {d.get('python')}"
+
+
+def differences(recorded: Optional[Dict[str, Any]], current: Dict[str, Any]) -> List[str]:
+  """The COMPARED fields in which two descriptions differ ([] when `recorded` is None: a
+  run from before machines were recorded)."""
+  if not recorded:
+    return []
+  return [k for k in COMPARED if recorded.get(k) != current.get(k)]
