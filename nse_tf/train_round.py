@@ -9,7 +9,8 @@ seeded random permutation of the pool. Writes under --output_dir:
   ckpt/          the round's checkpoint (re-running the command resumes from it)
   tb/            TensorBoard: losses, lr, expected cost, p = σ(θ) per op, pruning
   round.json     per layer: working set, ops pruned (with step and θ), survivors
-                 and their keep-probabilities; the training history's last values
+                 and their keep-probabilities; the training history's last values;
+                 the machine it ran on (nse_tf/machine.py)
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def initial_working_sets(pool_size: int, num_layers: int, max_ops: int, seed: in
 
 def main(argv, fv: flags.FlagValues = flags.FLAGS):
   from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
-  from nse_tf import loop, spaces, trainer  # pylint: disable=g-import-not-at-top
+  from nse_tf import loop, machine, spaces, trainer  # pylint: disable=g-import-not-at-top
   if fv.max_ops < 1:
     raise cli.UsageError(f"--max_ops must be >= 1, got {fv.max_ops}")
   if fv.gate_sampling == "interval":
@@ -85,7 +86,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     })
   summary = {"dataset": d.info.name, "space": fv.space, "macro": macro,
              "steps": result.steps, "seconds": round(time.time() - start, 1),
-             "last": result.history[-1] if result.history else {}, "layers": layers}
+             "last": result.history[-1] if result.history else {}, "layers": layers,
+             "machine": machine.describe()}   # another CPU rounds differently
   from nse_tf.fileio import atomic_write_text  # pylint: disable=g-import-not-at-top
   atomic_write_text(os.path.join(out, "round.json"), json.dumps(summary, indent=1))
   print(f"\n{result.steps} steps; {len(result.pruned)} ops pruned; survivors per layer:")

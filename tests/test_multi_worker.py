@@ -126,6 +126,7 @@ def test_two_workers_lost_worker_resume_and_a_worker_behind_the_chief(tmp_path):
     assert "resuming at step" in stdout, stdout
   summary = json.loads((out / "round.json").read_text())
   assert summary["steps"] == 40
+  assert summary["machine"]["cores"] == os.cpu_count() and summary["machine"]["cpu"]
   # The chief wrote the run directory; worker 1 removed its own at the end.
   assert sorted(os.listdir(out)) == [".lock", "ckpt", "round.json", "tb"]
   # Both workers trained the same round: the same survivors and keep-probabilities.
