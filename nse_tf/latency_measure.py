@@ -35,19 +35,11 @@ from nse_tf.spaces import SpaceError
 def device_description(backend: str, batch_size: int, threads: int, statistic: str,
                        warmup: int, repeats: int, clock: str = "wall") -> Dict[str, Any]:
   """What the numbers were measured on; a resumed or extended build must match it."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  cpu = machine_lib.cpu_info()["cpu"]
-  gpus = [d.name for d in tf.config.list_physical_devices("GPU")]
-  gpu_names = []
-  for d in tf.config.list_physical_devices("GPU"):
-    try:
-      gpu_names.append(tf.config.experimental.get_device_details(d).get("device_name", d.name))
-    except Exception:  # pylint: disable=broad-except
-      gpu_names.append(d.name)
+  here = machine_lib.describe()
   return {
-      "cpu": cpu, "machine": platform.machine(), "system": platform.system(),
-      "cpu_count": os.cpu_count(), "gpus": gpu_names if gpus and backend == "tf" else [],
-      "tensorflow": tf.__version__, "python": platform.python_version(),
+      "cpu": here["cpu"], "machine": platform.machine(), "system": platform.system(),
+      "cpu_count": os.cpu_count(), "gpus": here["gpus"] if backend == "tf" else [],
+      "tensorflow": here["tensorflow"], "python": here["python"],
       "backend": backend, "batch_size": int(batch_size), "threads": int(threads),
       "statistic": statistic, "warmup": int(warmup), "repeats": int(repeats),
       "clock": clock,

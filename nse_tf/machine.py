@@ -6,8 +6,9 @@ another: TensorFlow's CPU kernels (oneDNN) are chosen by instruction set, so a C
 AVX-512 rounds differently from one with AVX2 only, and SGD carries a last-bit
 difference into another trajectory. "AMD EPYC" names several generations, so the
 description adds the CPU's family and model numbers and the instruction sets that
-decide the kernels. Every search round records it in `state.json`, a search resumed on
-another machine says so, and the benchmarks print it above their tables.
+decide the kernels. A search records the machines that ran it in `state.json` and says
+so when it goes on on another one, `train_round` writes it into `round.json`, the latency
+tables compare its CPU and GPUs, and the benchmarks print it above their tables.
 """
 
 from __future__ import annotations
@@ -48,24 +49,24 @@ def cpu_info(path: str = "/proc/cpuinfo") -> Dict[str, str]:
                                                                    if f in flags)}
 
 
-def describe(with_tensorflow: bool = True) -> Dict[str, Any]:
+def gpu_names() -> List[str]:
+  """The GPUs TensorFlow sees, by name where the driver gives one (e.g. 'NVIDIA H100')."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  names = []
+  for dev in tf.config.list_physical_devices("GPU"):
+    try:
+      names.append(tf.config.experimental.get_device_details(dev).get("device_name", dev.name))
+    except Exception:  # pylint: disable=broad-except
+      names.append(dev.name)
+  return names
+
+
+def describe() -> Dict[str, Any]:
   """This machine: `cpu` (model name), `cpu_id` (family, model, stepping), `isa` (the
   vector instruction sets), `cores`, `gpus` (names), `tensorflow`, `python`."""
-  d: Dict[str, Any] = dict(cpu_info())
-  d["cores"] = os.cpu_count()
-  d["gpus"] = []
-  d["tensorflow"] = None
-  if with_tensorflow:
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    d["tensorflow"] = tf.__version__
-    for dev in tf.config.list_physical_devices("GPU"):
-      try:
-        d["gpus"].append(tf.config.experimental.get_device_details(dev).get("device_name",
-                                                                            dev.name))
-      except Exception:  # pylint: disable=broad-except
-        d["gpus"].append(dev.name)
-  d["python"] = platform.python_version()
-  return d
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return {**cpu_info(), "cores": os.cpu_count(), "gpus": gpu_names(),
+          "tensorflow": tf.__version__, "python": platform.python_version()}
 
 
 def one_line(d: Dict[str, Any]) -> str:
