@@ -33,7 +33,7 @@ def split_half_reliability(halves: Sequence[Tuple[float, float]]) -> Dict[str, A
   independent samples of examples, same weights and BN recalibration). r is the Pearson
   correlation of the two across candidates; `reliability` = 2r / (1 + r) (Spearman-Brown)
   estimates the correlation of the full-set accuracies with those on another held-out set
-  of the same size. The ranking is called above noise when the 95 % lower bound of r
+  of the same size (None where r <= 0). The ranking is called above noise when the 95 % lower bound of r
   (Fisher z) is above 0. Recalibration noise is shared by both halves, so it is not
   counted as noise here.
   """
@@ -48,11 +48,14 @@ def split_half_reliability(halves: Sequence[Tuple[float, float]]) -> Dict[str, A
   r = float(np.corrcoef(a, b)[0, 1])
   z = np.arctanh(np.clip(r, -0.999999, 0.999999))
   low = float(np.tanh(z - 1.96 / np.sqrt(len(halves) - 3)))
-  rel = 2 * r / (1 + r) if r > -1 else float("nan")
+  # Spearman-Brown extrapolates a positive correlation; for r <= 0 (halves that agree
+  # no better than chance) it would give values below -1, not a reliability.
+  rel = 2 * r / (1 + r) if r > 0 else None
   verdict = "ranked above noise" if low > 0 else "ranking not distinguishable from noise"
   out.update(r=r, r_low95=low, reliability=rel,
-             text=f"split-half r = {r:.2f} (95 % lower bound {low:.2f}), reliability "
-                  f"{rel:.2f} over {len(halves)} candidates: {verdict}")
+             text=f"split-half r = {r:.2f} (95 % lower bound {low:.2f}), "
+                  + (f"reliability {rel:.2f}" if rel is not None else "no reliability (r <= 0)")
+                  + f" over {len(halves)} candidates: {verdict}")
   return out
 
 

@@ -162,6 +162,12 @@ def test_split_half_reliability():
   rel = candidate_eval.split_half_reliability(noise)
   assert abs(rel["r"]) < 0.2 and rel["r_low95"] < 0
   assert "not distinguishable" in rel["text"]
+  # Halves that disagree (r < 0): no Spearman-Brown value (it would fall below -1), and
+  # nothing that strict JSON cannot hold.
+  worse = [(t, 1.4 - t + rng.normal(0, 0.01)) for t in true[:10]]
+  rel = candidate_eval.split_half_reliability(worse)
+  assert rel["r"] < -0.5 and rel["reliability"] is None
+  assert "no reliability (r <= 0)" in rel["text"] and "not distinguishable" in rel["text"]
   assert candidate_eval.split_half_reliability(good[:3])["r"] is None
 
 
