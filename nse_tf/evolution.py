@@ -142,6 +142,10 @@ class SearchState:
       raise SearchError(f"{path}: unexpected content ({e}); start over with --overwrite") from None
     if state.phase not in ("train", "evaluate", "done"):
       raise SearchError(f"{path}: unknown phase {state.phase!r}")
+    if not (isinstance(state.machines, list) and all(isinstance(m, dict)
+                                                    for m in state.machines)):
+      raise SearchError(f"{path}: 'machines' must be a list of machine records, got "
+                        f"{state.machines!r:.60}; restore the file or delete that entry")
     return state
 
   def save(self, path: str):

@@ -237,6 +237,11 @@ def test_a_search_records_its_machine_and_says_when_another_goes_on(tmp_path):
   search.state_path = str(tmp_path / "old" / "state.json")
   search.note_machine(zen4)
   assert len(lines) == 1 and len(search.state.machines) == 1
+  # A hand-edited record that is not a list of records: one clear error, not a traceback.
+  old["machines"] = "AMD EPYC"
+  (tmp_path / "old" / "state.json").write_text(json.dumps(old))
+  with pytest.raises(evolution.SearchError, match="'machines' must be a list"):
+    evolution.SearchState.load(str(tmp_path / "old" / "state.json"))
 
 
 def test_corrupt_state_is_refused_clearly(tmp_path):
