@@ -160,7 +160,7 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
                   holdout_examples=holdout, arch=arch.to_compact())
   _refuse_other_retrain(out, arch, resolved, fv.overwrite)
   from nse_tf import cost, data, distribute  # pylint: disable=g-import-not-at-top
-  common_flags.setup_tensorflow(fv.deterministic)
+  common_flags.setup_tensorflow(fv.deterministic, intra_op_threads=fv.intra_op_threads)
   strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
   d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,
                     holdout_examples=holdout)

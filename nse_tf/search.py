@@ -88,10 +88,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
 
 
 # Flags that do not change the result: a resume may change them. (--graph_optimization
-# changes it only in the float rounding, as another machine would, and --split_evaluation
-# where the work is done, as --strategy does; older runs lack them.)
+# and --intra_op_threads change it only in the float rounding, as another machine would,
+# and --split_evaluation where the work is done, as --strategy does; older runs lack them.)
 _RESUME_FREE = {"output_dir", "overwrite", "progress", "checkpoint_every", "data_dir",
-                "strategy", "tpu", "cpu_replicas", "graph_optimization", "split_evaluation"}
+                "strategy", "tpu", "cpu_replicas", "graph_optimization", "split_evaluation",
+                "intra_op_threads"}
 _OUTPUTS = ("config.json", "state.json", "final_arch.json", "space_evolution.png", "tb")
 
 
@@ -243,7 +244,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
         f"--split_evaluation splits the candidates across the workers of "
         f"--strategy=multi_worker; under --strategy={fv.strategy} (one process) every "
         "candidate already runs on all devices: leave --split_evaluation out")
-  common_flags.setup_tensorflow(fv.deterministic, fv.graph_optimization)
+  common_flags.setup_tensorflow(fv.deterministic, fv.graph_optimization,
+                               fv.intra_op_threads)
   strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
   trainer.check_strategy(train_cfg, strategy)
   d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,

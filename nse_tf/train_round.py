@@ -57,7 +57,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   pool = spaces.get_pool(fv.space)
   kinds = spaces.layer_kinds(macro)
   _, working_sets = initial_working_sets(len(pool), len(kinds), fv.max_ops, fv.seed)
-  common_flags.setup_tensorflow(fv.deterministic, fv.graph_optimization)
+  common_flags.setup_tensorflow(fv.deterministic, fv.graph_optimization,
+                               fv.intra_op_threads)
   strategy = distribute.get_strategy(fv.strategy, fv.tpu, fv.cpu_replicas)
   d = data.get_data(fv.dataset, data_dir=fv.data_dir, image_size=fv.image_size,
                     holdout_examples=fv.holdout_examples)

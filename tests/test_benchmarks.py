@@ -448,3 +448,54 @@ def test_search_quality_refuses_a_cache_from_another_task(tmp_path):
   path.write_text(json.dumps({"key": "a|seed=0", "accuracy": 0.5}) + "\n[1, 2]\n")
   with pytest.raises(cli.UsageError, match="record 2: not a trained network's record"):
     bench.read_cache(str(path), "demo_glyphs")
+
+
+def test_intra_op_threads_alternates_settings_and_compares_them(monkeypatch, tmp_path, capsys):
+  """The settings alternate (A B, B A, …); medians and ratios to the first setting; the
+  repeats of a setting are compared by what they wrote (a round's wall time and machine
+  left out); the commands it builds parse as the real command's flags."""
+  from nse_tf import cli, train_round  # pylint: disable=g-import-not-at-top
+  bench = _benchmark("intra_op_threads")
+  assert bench.order([0, 1], 3) == [(0, 0), (1, 0), (1, 1), (0, 1), (0, 2), (1, 2)]
+  walls = {0: [10.0, 12.0, 11.0], 1: [7.0, 9.0, 8.0]}
+  seen = []
+
+  def fake_run(cmds):
+    assert len(cmds) == 2 and cmds[0] != cmds[1]    # --jobs=2: two copies, two directories
+    for cmd in cmds:
+      fv = cli.parse(train_round.define_flags, cmd[3:])   # python -m nse_tf.train_round …
+      assert fv.epochs == 0.5 and fv.dataset == "demo_digits"
+      n = fv.intra_op_threads
+      os.makedirs(fv.output_dir)
+      # Setting 1's repeats differ in a trained value, setting 0's only in time and machine.
+      rec = {"theta": [0.5, 0.25 + 0.01 * (n * len(seen))], "seconds": len(seen),
+             "machine": {"cpu": str(len(seen))}}
+      with open(os.path.join(fv.output_dir, "round.json"), "w") as f:
+        json.dump(rec, f)
+    seen.append(n)
+    return walls[n].pop(0), [("", 0), ("", 0)]
+
+  monkeypatch.setattr(bench, "run_once", fake_run)
+  fv = flags.FlagValues()
+  bench.define_flags(fv)
+  fv(["intra_op_threads", "--module=train_round", f"--run_flagfile={ROOT}/flags/demo_round.cfg",
+      "--extra=--epochs=0.5 --dataset=demo_digits", "--repeats=3", "--jobs=2",
+      f"--work_dir={tmp_path}/w", f"--json_out={tmp_path}/out.json"])
+  bench.main([], fv)
+  assert seen == [0, 1, 1, 0, 0, 1]
+  text = capsys.readouterr().out
+  assert "--intra_op_threads=1  run 3: wall" in text
+  out = json.loads((tmp_path / "out.json").read_text())
+  s0, s1 = out["summary"]["0"], out["summary"]["1"]
+  assert (s0["wall_s"], s1["wall_s"]) == (11.0, 8.0)
+  assert s1["wall_ratio"] == pytest.approx(8 / 11) and s0["wall_ratio"] == 1.0
+  assert s0["repeats_identical"] is True and s1["repeats_identical"] is False
+  assert "NO" in text and "yes" in text and out["machine"]["cores"] >= 1
+
+  def failing_run(cmds):
+    return 1.0, [("", 0), ("Traceback …\nValueError: something broke", 1)]
+
+  monkeypatch.setattr(bench, "run_once", failing_run)
+  with pytest.raises(cli.UsageError, match=r"(?s)intra_op_threads=0 failed \(exit 1\):\n.*"
+                                           r"something broke"):
+    bench.main([], fv)

@@ -206,3 +206,32 @@ def test_graph_optimization_setting():
     common_flags.setup_tensorflow(False, "fast")
   assert cli.parse(search.define_flags, ["--graph_optimization=off"]).graph_optimization == "off"
   assert cli.parse(train_round.define_flags, []).graph_optimization == "on"
+
+
+def test_intra_op_threads_setting(caplog):
+  """--intra_op_threads (search, train_round, retrain): 0 leaves TensorFlow's default;
+  a count is set before TensorFlow starts (a process of its own here: this one has
+  started), and where it has started already the command warns instead of failing."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for module in (search, train_round, retrain):
+    assert cli.parse(module.define_flags, []).intra_op_threads == 0
+    assert cli.parse(module.define_flags, ["--intra_op_threads=1"]).intra_op_threads == 1
+    with pytest.raises(Exception, match="intra_op_threads"):
+      cli.parse(module.define_flags, ["--intra_op_threads=-1"])
+  with pytest.raises(ValueError, match="intra_op_threads must be >= 0"):
+    common_flags.setup_tensorflow(False, None, -1)
+  tf.constant(1.0) + 1.0    # TensorFlow has started in this process
+  before = tf.config.threading.get_intra_op_parallelism_threads()
+  common_flags.setup_tensorflow(False, None, before + 1)
+  assert tf.config.threading.get_intra_op_parallelism_threads() == before
+  assert any("TensorFlow started before" in r.getMessage() for r in caplog.records)
+  code = ("from nse_tf import common_flags\n"
+          "common_flags.setup_tensorflow(True, 'on', {n})\n"
+          "import tensorflow as tf\n"
+          "tf.constant(1.0) + 1.0\n"
+          "print(tf.config.threading.get_intra_op_parallelism_threads())\n")
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  env.pop("TF_NUM_INTRAOP_THREADS", None)
+  out = subprocess.run([sys.executable, "-c", code.format(n=1)], capture_output=True,
+                       text=True, env=env, timeout=300, check=True).stdout
+  assert out.split()[-1] == "1", out
