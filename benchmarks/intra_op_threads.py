@@ -63,15 +63,27 @@ def order(settings, repeats):
   return runs
 
 
-def run_once(cmds):
-  """Starts the commands side by side and waits for all: (wall seconds, per command the
-  end of its standard error and its exit status). Their CPU time lands in this process's
-  RUSAGE_CHILDREN once they are reaped (`_child_cpu`)."""
+def run_once(cmds, logs):
+  """Starts the commands side by side, each writing its standard error to its file in
+  `logs` (a pipe left unread could stall a copy), and waits for all: (wall seconds, exit
+  statuses). Their CPU time lands in this process's RUSAGE_CHILDREN once they are reaped
+  (`_child_cpu`)."""
   start = time.perf_counter()
-  procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-           for c in cmds]
-  ends = [(p.communicate()[1][-4000:], p.returncode) for p in procs]
-  return time.perf_counter() - start, ends
+  procs = []
+  for c, log in zip(cmds, logs):
+    with open(log, "w", encoding="utf-8") as err:
+      procs.append(subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=err))
+  codes = [p.wait() for p in procs]
+  return time.perf_counter() - start, codes
+
+
+def _last_line(path):
+  try:
+    with open(path, encoding="utf-8", errors="replace") as f:
+      lines = [l.strip() for l in f if l.strip()]
+  except OSError:
+    return "(no output)"
+  return lines[-1] if lines else "(no output)"
 
 
 def _child_cpu():
@@ -132,33 +144,39 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
                                                  "--overwrite")]
   if bad:
     raise cli.UsageError(f"--extra sets {', '.join(bad)}: the benchmark sets those itself")
-  work = fv.work_dir or tempfile.mkdtemp(prefix="intra_op_threads_")
   print(machine.one_line(machine.describe()))
   side = f", {fv.jobs} copies side by side in each" if fv.jobs > 1 else ""
   print(f"python -m {MODULES[fv.module]} --flagfile={fv.run_flagfile} {fv.extra}".rstrip()
         + f"  ({fv.repeats} run(s) per --intra_op_threads setting, alternating{side})",
         flush=True)
   runs = []
+  work = None
+  keep = bool(fv.work_dir)
   try:
+    work = fv.work_dir or tempfile.mkdtemp(prefix="intra_op_threads_")
     for s, r in order(settings, fv.repeats):
       outs = [os.path.join(work, f"threads{s}_run{r}_job{j}") for j in range(fv.jobs)]
       for out in outs:
         shutil.rmtree(out, ignore_errors=True)
+      os.makedirs(work, exist_ok=True)
+      logs = [out + ".stderr.txt" for out in outs]
       cmds = [[sys.executable, "-m", MODULES[fv.module], f"--flagfile={fv.run_flagfile}",
                *extra, f"--output_dir={out}", f"--intra_op_threads={s}"] for out in outs]
       cpu0 = _child_cpu()
-      wall, ends = run_once(cmds)
+      wall, codes = run_once(cmds, logs)
       cpu = _child_cpu() - cpu0
-      for err, rc in ends:
+      for cmd, log, rc in zip(cmds, logs, codes):
         if rc != 0:
-          raise cli.UsageError(f"the run with --intra_op_threads={s} failed (exit {rc}):\n"
-                               + "\n".join(err.strip().splitlines()[-8:]))
+          keep = True     # its outputs and standard error stay for a look
+          raise cli.UsageError(
+              f"the run with --intra_op_threads={s} failed (exit {rc}): {_last_line(log)}; "
+              f"its standard error is {log}, the command: {shlex.join(cmd)}")
       runs.append({"setting": s, "repeat": r, "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
                    "results": [result_digest(fv.module, out) for out in outs]})
       print(f"  --intra_op_threads={s}  run {r + 1}: wall {wall:7.1f} s  CPU {cpu:7.1f} s",
             flush=True)
   finally:
-    if not fv.work_dir:
+    if work and not keep:
       shutil.rmtree(work, ignore_errors=True)
   rows = summarise(runs, settings)
   print(f"\n{'setting':>8} {'wall (median)':>14} {'CPU (median)':>13} {'wall ratio':>11} "
@@ -168,7 +186,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     ratios = [f"{r:.2f}" if r is not None else "-" for r in (row["wall_ratio"], row["cpu_ratio"])]
     print(f"{s:>8} {row['wall_s']:12.1f} s {row['cpu_s']:11.1f} s {ratios[0]:>11} "
           f"{ratios[1]:>10}  {same}")
-  print(f"(ratios to --intra_op_threads={settings[0]}; 0 is TensorFlow's default)")
+  print(f"(ratios to --intra_op_threads={settings[0]}; 0 is TensorFlow's default"
+        + ("; CPU is the sum over the copies)" if fv.jobs > 1 else ")"))
   if fv.json_out:
     from nse_tf import fileio  # pylint: disable=g-import-not-at-top
     fileio.atomic_write_text(fv.json_out, json.dumps(

@@ -73,11 +73,11 @@ def define_training_flags(fv: flags.FlagValues = flags.FLAGS,
                     flag_values=fv)
   flags.DEFINE_integer("intra_op_threads", 0, "Threads each TensorFlow op may use (0: "
                        "TensorFlow's choice, one per core). With small tensors (the 16x16 "
-                       "demo and proxy searches) 1 takes 20-30 % less CPU time at about "
-                       "the same wall time on 2 cores, which matters where jobs share the "
-                       "machine (README Benchmarks; benchmarks/intra_op_threads.py measures "
-                       "it). Results agree across settings to float rounding, not bit for "
-                       "bit.", lower_bound=0, flag_values=fv)
+                       "demo and proxy searches) 1 took 20-30 % less CPU time at about "
+                       "the same wall time on 2 cores (README Benchmarks; "
+                       "benchmarks/intra_op_threads.py measures it). Settings differ in "
+                       "the float rounding, which can change what a search prunes and "
+                       "picks.", lower_bound=0, flag_values=fv)
 
 
 def define_supernet_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -167,6 +167,9 @@ def setup_tensorflow(deterministic: bool, graph_optimization: Optional[str] = No
   Its rewrites change the order of some float operations, so a run under one setting
   agrees with one under the other to float rounding, not bit for bit.
   """
+  if intra_op_threads < 0:
+    raise ValueError(f"intra_op_threads must be >= 0 (0: TensorFlow's default), got "
+                     f"{intra_op_threads}")
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   tf.get_logger().setLevel("WARNING")
@@ -177,17 +180,15 @@ def setup_tensorflow(deterministic: bool, graph_optimization: Optional[str] = No
                        f"{graph_optimization!r}")
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": graph_optimization == "off"})
-  if intra_op_threads < 0:
-    raise ValueError(f"intra_op_threads must be >= 0 (0: TensorFlow's default), got "
-                     f"{intra_op_threads}")
   if intra_op_threads:
     try:
       tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
     except RuntimeError:   # TensorFlow already started: the caller set it up before us
-      if tf.config.threading.get_intra_op_parallelism_threads() != intra_op_threads:
+      kept = tf.config.threading.get_intra_op_parallelism_threads()
+      if kept != intra_op_threads:
         logging.warning("--intra_op_threads=%d: TensorFlow started before the thread count "
-                        "could be set; it keeps %d", intra_op_threads,
-                        tf.config.threading.get_intra_op_parallelism_threads())
+                        "could be set; it keeps %s", intra_op_threads,
+                        f"{kept} threads per op" if kept else "its default (one per core)")
   if deterministic:
     tf.config.experimental.enable_op_determinism()
     set_memory_optimizer(False)
