@@ -447,8 +447,8 @@ class Search:
     current = dict(current or machine.describe())
     before = self.state.machines[-1] if self.state.machines else None
     changed = machine.differences(before, current)
-    if before is not None and not changed:
-      return
+    if before is not None and not changed and set(current) <= set(before):
+      return    # (a record that lacks a field added since is written anew, silently)
     where = f"round {self.state.round} ({self.state.phase})"
     if changed:
       self.report(f"note: this search ran from {before['from']} on {machine.one_line(before)}; "

@@ -37,9 +37,11 @@ def test_cpu_info_without_proc_falls_back_to_platform(tmp_path, monkeypatch):
   assert machine.cpu_info(str(tmp_path / "absent")) == {"cpu": "arm", "cpu_id": "", "isa": ""}
 
 
-def test_describe_one_line_and_differences():
+def test_describe_one_line_and_differences(monkeypatch):
+  for k in machine.KERNEL_ENV:
+    monkeypatch.delenv(k, raising=False)
   d = machine.describe()
-  assert set(d) == {"cpu", "cpu_id", "isa", "cores", "gpus", "tensorflow", "python"}
+  assert set(d) == {"cpu", "cpu_id", "isa", "cores", "gpus", "tensorflow", "python", "kernels"}
   assert d["cores"] == os.cpu_count() and d["tensorflow"].startswith("2.")
   assert d == machine.describe()                  # the same machine describes itself alike
   line = machine.one_line({"cpu": "AMD EPYC", "cpu_id": "cpu family 25, model 1",
@@ -52,3 +54,23 @@ def test_describe_one_line_and_differences():
   assert machine.differences(None, d) == []
   assert machine.differences(d, dict(d, python="3.12.0")) == []
   assert machine.differences(d, dict(d, isa="avx2", cores=4)) == ["isa", "cores"]
+  # A record written before `kernels` was recorded is not compared on it.
+  old = {k: v for k, v in d.items() if k != "kernels"}
+  assert machine.differences(old, dict(d, kernels="ONEDNN_MAX_CPU_ISA=AVX2")) == []
+
+
+def test_kernel_settings_count_as_another_machine(monkeypatch):
+  """oneDNN capped at another instruction set (or off) picks other kernels on the same
+  CPU, and so other rounding, as another machine would."""
+  for k in machine.KERNEL_ENV:
+    monkeypatch.delenv(k, raising=False)
+  here = machine.describe()
+  monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+  capped = machine.describe()
+  assert capped["kernels"].startswith("ONEDNN_MAX_CPU_ISA=AVX2")
+  assert machine.differences(here, capped) == ["kernels"]
+  assert machine.one_line(capped).endswith(f"({capped['kernels']})")
+  assert machine.one_line({"cpu": "arm", "cores": 8, "python": "3.11.7",
+                           "kernels": "TF_ENABLE_ONEDNN_OPTS=0, 1 thread per op"}) == (
+                               "arm, 8 cores, Python 3.11.7 (TF_ENABLE_ONEDNN_OPTS=0, 1 thread "
+                               "per op)")

@@ -224,6 +224,15 @@ def test_a_search_records_its_machine_and_says_when_another_goes_on(tmp_path):
   assert "(other cpu_id, isa)" in note and "not be bit-identical" in note
   assert [m["from"] for m in evolution.SearchState.load(search.state_path).machines] == [
       "round 1 (train)", "round 2 (evaluate)"]
+  # The same CPU with other kernels (oneDNN capped at AVX2) rounds otherwise too; a record
+  # from before `kernels` was recorded (zen4 above has none) is not compared on it.
+  search.note_machine(dict(zen4, kernels=""))
+  assert len(lines) == 1                               # recorded anew, with the field
+  assert evolution.SearchState.load(search.state_path).machines[-1]["kernels"] == ""
+  search.note_machine(dict(zen4, kernels="ONEDNN_MAX_CPU_ISA=AVX2"))
+  assert len(lines) == 2 and "(other kernels)" in lines[-1], lines[-1]
+  assert "Python 3.11.7 (ONEDNN_MAX_CPU_ISA=AVX2)" in lines[-1]
+  del lines[-1]
   search.state.phase = "done"                          # nothing more runs: nothing to note
   search.note_machine(here)
   assert len(lines) == 1
