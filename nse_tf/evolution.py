@@ -120,7 +120,9 @@ class SearchState:
   front: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
   history: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
   # The machines that ran this search (machine.describe()), each with "from": where it
-  # took over; a new entry only when the machine differs from the last one.
+  # took over; a new entry only when the machine (or its kernel settings) differs from
+  # the last one, or once where the last one lacks a field recorded since (the same
+  # machine described anew).
   machines: List[Dict[str, Any]] = dataclasses.field(default_factory=list)
 
   def to_json(self) -> str:

@@ -28,7 +28,9 @@ ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx
 # Environment settings that pick other kernels on the same CPU (and so other rounding):
 # oneDNN capped at an older instruction set (checked: ONEDNN_MAX_CPU_ISA=AVX2 on an
 # AVX-512 CPU changed the demo's outcome), or oneDNN turned off.
-KERNEL_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS")
+# TF_NUM_INTRAOP_THREADS does what --intra_op_threads does where that is left at 0.
+KERNEL_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "TF_ENABLE_ONEDNN_OPTS",
+              "TF_NUM_INTRAOP_THREADS")
 
 # The fields whose difference means a run's bits may differ (not the Python version).
 COMPARED = ("cpu", "cpu_id", "isa", "cores", "gpus", "tensorflow", "kernels")
@@ -105,7 +107,7 @@ def one_line(d: Dict[str, Any]) -> str:
     text += f", TensorFlow {d['tensorflow']}"
   text += f", Python {d.get('python')}"
   if d.get("kernels"):
-    text += f" ({d['kernels']})"
+    text += f"; kernels: {d['kernels']}"
   return text
 
 

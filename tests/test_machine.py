@@ -69,8 +69,8 @@ def test_kernel_settings_count_as_another_machine(monkeypatch):
   capped = machine.describe()
   assert capped["kernels"].startswith("ONEDNN_MAX_CPU_ISA=AVX2")
   assert machine.differences(here, capped) == ["kernels"]
-  assert machine.one_line(capped).endswith(f"({capped['kernels']})")
+  assert machine.one_line(capped).endswith(f"; kernels: {capped['kernels']}")
   assert machine.one_line({"cpu": "arm", "cores": 8, "python": "3.11.7",
                            "kernels": "TF_ENABLE_ONEDNN_OPTS=0, 1 thread per op"}) == (
-                               "arm, 8 cores, Python 3.11.7 (TF_ENABLE_ONEDNN_OPTS=0, 1 thread "
-                               "per op)")
+                               "arm, 8 cores, Python 3.11.7; kernels: TF_ENABLE_ONEDNN_OPTS=0, "
+                               "1 thread per op")

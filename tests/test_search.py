@@ -231,7 +231,7 @@ def test_a_search_records_its_machine_and_says_when_another_goes_on(tmp_path):
   assert evolution.SearchState.load(search.state_path).machines[-1]["kernels"] == ""
   search.note_machine(dict(zen4, kernels="ONEDNN_MAX_CPU_ISA=AVX2"))
   assert len(lines) == 2 and "(other kernels)" in lines[-1], lines[-1]
-  assert "Python 3.11.7 (ONEDNN_MAX_CPU_ISA=AVX2)" in lines[-1]
+  assert "Python 3.11.7; kernels: ONEDNN_MAX_CPU_ISA=AVX2 (other kernels)" in lines[-1]
   del lines[-1]
   search.state.phase = "done"                          # nothing more runs: nothing to note
   search.note_machine(here)
