@@ -154,11 +154,11 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   keep = bool(fv.work_dir)
   try:
     work = fv.work_dir or tempfile.mkdtemp(prefix="intra_op_threads_")
+    os.makedirs(work, exist_ok=True)
     for s, r in order(settings, fv.repeats):
       outs = [os.path.join(work, f"threads{s}_run{r}_job{j}") for j in range(fv.jobs)]
       for out in outs:
         shutil.rmtree(out, ignore_errors=True)
-      os.makedirs(work, exist_ok=True)
       logs = [out + ".stderr.txt" for out in outs]
       cmds = [[sys.executable, "-m", MODULES[fv.module], f"--flagfile={fv.run_flagfile}",
                *extra, f"--output_dir={out}", f"--intra_op_threads={s}"] for out in outs]

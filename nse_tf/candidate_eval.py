@@ -33,8 +33,8 @@ def split_half_reliability(halves: Sequence[Tuple[float, float]]) -> Dict[str, A
   independent samples of examples, same weights and BN recalibration). r is the Pearson
   correlation of the two across candidates; `reliability` = 2r / (1 + r) (Spearman-Brown)
   estimates the correlation of the full-set accuracies with those on another held-out set
-  of the same size (None where r <= 0). The ranking is called above noise when the 95 % lower bound of r
-  (Fisher z) is above 0. Recalibration noise is shared by both halves, so it is not
+  of the same size (None where r <= 0). The ranking is called above noise when the 95 %
+  lower bound of r (Fisher z) is above 0. Recalibration noise is shared by both halves, so it is not
   counted as noise here.
   """
   out = {"r": None, "r_low95": None, "reliability": None,

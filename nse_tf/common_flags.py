@@ -180,24 +180,32 @@ def setup_tensorflow(deterministic: bool, graph_optimization: Optional[str] = No
                        f"{graph_optimization!r}")
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": graph_optimization == "off"})
+  threading = tf.config.threading
   if intra_op_threads:
-    try:
-      tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
-    except RuntimeError:   # TensorFlow already started: the caller set it up before us
-      kept = tf.config.threading.get_intra_op_parallelism_threads()
-      if kept != intra_op_threads:
-        logging.warning("--intra_op_threads=%d: TensorFlow started before the thread count "
-                        "could be set; it keeps %s", intra_op_threads,
-                        f"{kept} threads per op" if kept else "its default (one per core)")
+    kept = _set_thread_count(threading.set_intra_op_parallelism_threads,
+                             threading.get_intra_op_parallelism_threads, intra_op_threads)
+    if kept is not None:
+      logging.warning("--intra_op_threads=%d: TensorFlow started before the thread count "
+                      "could be set; it keeps %s", intra_op_threads,
+                      f"{kept} threads per op" if kept else "its default (one per core)")
   if deterministic:
     tf.config.experimental.enable_op_determinism()
     set_memory_optimizer(False)
-    try:
-      tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:   # TensorFlow already started: the caller set it up before us
-      if tf.config.threading.get_inter_op_parallelism_threads() != 1:
-        logging.warning("--deterministic: TensorFlow started before the inter-op thread "
-                        "count could be set to 1; results may differ between runs")
+    if _set_thread_count(threading.set_inter_op_parallelism_threads,
+                         threading.get_inter_op_parallelism_threads, 1) is not None:
+      logging.warning("--deterministic: TensorFlow started before the inter-op thread "
+                      "count could be set to 1; results may differ between runs")
+
+
+def _set_thread_count(setter, getter, n: int) -> Optional[int]:
+  """Sets a TensorFlow thread count; None where it is n now, else the count TensorFlow
+  keeps (it had started: the caller set it up before us)."""
+  try:
+    setter(n)
+  except RuntimeError:
+    kept = getter()
+    return kept if kept != n else None
+  return None
 
 
 def set_memory_optimizer(enabled: bool) -> None:
