@@ -31,7 +31,10 @@ seen by the search), and prints:
 
 Every trained network is appended to DIR/search_quality_runs.jsonl (keyed by architecture,
 seed and budget), so an interrupted benchmark continues where it stopped; the summary is
-written to DIR/search_quality.json. CI never runs this (it trains ~40 networks).
+written to DIR/search_quality.json. --known_runs names such files trained elsewhere (e.g.
+benchmarks/recorded/compass_round1_uniform16.jsonl, the standalone networks of (a)'s draws
+on the round-1 spaces of proxy searches with seeds 0-6), so that (a) on another search with
+the same round-1 space costs the search alone. CI never runs this (it trains ~40 networks).
 
   python -m nse_tf.search --flagfile=flags/proxy.cfg --output_dir=runs/proxy
   python benchmarks/search_quality.py --search_dir=runs/proxy --num_rank=0 --ablation
@@ -97,6 +100,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
                        "separate the architectures more? with --num_rank=0 --norounds). The "
                        "supernet's scores in (a) stay the search's.", lower_bound=8,
                        flag_values=fv)
+  flags.DEFINE_list("known_runs", None, "JSON-lines files of standalone networks trained "
+                    "earlier (another search directory's search_quality_runs.jsonl, or a "
+                    "recorded set such as benchmarks/recorded/compass_round1_uniform16.jsonl), "
+                    "read only: a network found there (same architecture, seed and budget) is "
+                    "not trained again but copied into this search's cache, marked with the "
+                    "file it came from. The files must hold networks of this search's dataset.",
+                    flag_values=fv)
   flags.DEFINE_list("aggregate", None, "Instead of benchmarking one search: the directories "
                     "of several searches of one task (e.g. search seeds), each with a finished "
                     "search_quality.json against the same random architectures and budget; "
@@ -190,7 +200,7 @@ def spread_pick(rows, lo, hi, n, rng):
   return sorted(picked, key=lambda r: r["cost"])
 
 
-def read_cache(path, dataset):
+def read_cache(path, dataset, known=False):
   """The trained networks cached in `path` ({key: record}). Records name their dataset
   (older ones do not and are taken as they are); one trained on another dataset means a
   cache copied from another task's search, which would be read as this task's numbers."""
@@ -200,6 +210,10 @@ def read_cache(path, dataset):
       raise cli.UsageError(f"{path}, record {i}: not a trained network's record (an object "
                            "with 'key' and 'accuracy'); remove the file and run the "
                            "benchmark again (its networks are trained again)")
+    if rec.get("dataset", dataset) != dataset and known:
+      raise cli.UsageError(f"--known_runs: {path} holds networks trained on "
+                           f"{rec['dataset']}, but this search ran on {dataset}; name a file "
+                           f"of networks trained on {dataset}, or leave the flag out")
     if rec.get("dataset", dataset) != dataset:
       raise cli.UsageError(
           f"{path} holds networks trained on {rec['dataset']}, but this search ran on "
@@ -212,7 +226,7 @@ def read_cache(path, dataset):
 class Runner:
   """Trains standalone networks with one budget; results cached in a JSON-lines file."""
 
-  def __init__(self, cfg, cache_path, budget, image_size=None):
+  def __init__(self, cfg, cache_path, budget, image_size=None, known_runs=()):
     self.cfg = cfg
     self.budget = budget   # the flags: steps, batch, lr, weight_decay
     # Standalone networks train at the search's resolution unless told otherwise; results
@@ -222,7 +236,16 @@ class Runner:
     self.data = self._data(self.size)
     self.cache_path = cache_path
     self.cache = read_cache(cache_path, cfg["dataset"])
+    # Networks trained elsewhere (read only): the first file that has a key wins.
+    self.known = {}
+    for path in known_runs or ():
+      if not os.path.isfile(path):
+        raise cli.UsageError(f"--known_runs: {path} is not a file (a search directory's "
+                             "search_quality_runs.jsonl, or one under benchmarks/recorded/)")
+      for k, rec in read_cache(path, cfg["dataset"], known=True).items():
+        self.known.setdefault(k, dict(rec, known_from=os.path.basename(path)))
     self.trained = 0
+    self.from_known = 0
     self.seconds = 0.0
     self.used = set()      # keys of the networks this run asked for (trained or cached)
 
@@ -243,6 +266,10 @@ class Runner:
   def accuracy(self, a, seed):
     k = self.key(a, seed)
     self.used.add(k)
+    if k not in self.cache and k in self.known:
+      fileio.append_jsonl(self.cache_path, self.known[k])
+      self.cache[k] = self.known[k]
+      self.from_known += 1
     if k not in self.cache:
       t0 = time.time()
       acc = self._train(a, seed)
@@ -755,7 +782,8 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
   macro = cfg["macro"] or spaces.DEFAULT_MACRO[cfg["space"]]
   lo, hi = (float(v) for v in cfg["interval"])
   final = arch_lib.Architecture.load(os.path.join(out, "final_arch.json"))
-  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"), fv, fv.image_size)
+  runner = Runner(cfg, os.path.join(out, "search_quality_runs.jsonl"), fv, fv.image_size,
+                  fv.known_runs)
   table = cost.CostTable(cfg["space"], macro, cfg["cost_resolution"], cfg["scale"],
                          num_classes=runner.data.info.num_classes)
   rounds = len(state["history"])
@@ -829,8 +857,9 @@ def main(argv, fv: flags.FlagValues = flags.FLAGS):
     if kept:
       print(f"kept in {path} from an earlier run with the same budget: {', '.join(kept)}")
   fileio.atomic_write_text(path, json.dumps(_nan_to_null(summary), indent=1, allow_nan=False))
+  known = f", {runner.from_known} of them from --known_runs" if runner.from_known else ""
   print(f"\n{runner.trained} networks trained in {runner.seconds / 60:.1f} min "
-        f"({len(runner.used) - runner.trained} more read from the cache); wall "
+        f"({len(runner.used) - runner.trained} more read from the cache{known}); wall "
         f"{(time.time() - t_start) / 60:.1f} min; wrote {out}/search_quality.json")
 
 

@@ -450,6 +450,55 @@ def test_search_quality_refuses_a_cache_from_another_task(tmp_path):
     bench.read_cache(str(path), "demo_glyphs")
 
 
+def test_search_quality_takes_known_runs_instead_of_training(tmp_path, monkeypatch):
+  """--known_runs: a network already trained elsewhere (same key) is copied into this
+  search's cache, marked with its file, not trained again; others are trained; this
+  search's own cache wins; a missing file or another task's file is refused."""
+  bench = _benchmark("search_quality")
+  from nse_tf import arch as arch_lib, cli, fileio  # pylint: disable=g-import-not-at-top
+
+  class Budget:
+    steps, batch, lr, weight_decay = 600, 64, 0.1, 4e-5
+
+  class Info:
+    num_classes = 8
+
+  class Data:
+    info = Info()
+
+  monkeypatch.setattr(bench.Runner, "_data", lambda self, size: Data())
+  trained = []
+  monkeypatch.setattr(bench.Runner, "_train", lambda self, a, seed: trained.append(
+      (a.to_compact(), seed)) or 0.25)
+  cfg = {"dataset": "demo_compass", "image_size": 16}
+  a = arch_lib.Architecture.from_compact("flops27@tiny:4|7|6+18|1+5|6+7+10+23|7+10")
+  b = arch_lib.Architecture.from_compact("flops27@tiny:10+19|19|6+14|5|7+10|7")
+  own = tmp_path / "search_quality_runs.jsonl"
+  probe = bench.Runner(cfg, str(own), Budget())
+  recorded = tmp_path / "recorded.jsonl"
+  for k, acc in ((probe.key(a, 0), 0.5), (probe.key(a, 1), 0.6), (probe.key(b, 0), 0.7)):
+    fileio.append_jsonl(str(recorded), {"key": k, "accuracy": acc, "dataset": "demo_compass"})
+  fileio.append_jsonl(str(own), {"key": probe.key(b, 0), "accuracy": 0.9,
+                                 "dataset": "demo_compass"})
+  runner = bench.Runner(cfg, str(own), Budget(), known_runs=[str(recorded)])
+  assert runner.accuracy(a, 0) == 0.5 and runner.accuracy(a, 1) == 0.6
+  assert runner.accuracy(b, 0) == 0.9          # this search's own record wins
+  assert runner.accuracy(b, 1) == 0.25 and trained == [(b.to_compact(), 1)]
+  assert runner.from_known == 2 and runner.trained == 1
+  recs = {r["key"]: r for r in fileio.read_jsonl(str(own))}
+  assert recs[probe.key(a, 0)]["known_from"] == "recorded.jsonl"
+  assert "known_from" not in recs[probe.key(b, 1)]
+  # A second run finds them in its own cache: the known file is not needed any more.
+  again = bench.Runner(cfg, str(own), Budget())
+  assert again.accuracy(a, 1) == 0.6 and again.from_known == 0 and len(trained) == 1
+  with pytest.raises(cli.UsageError, match="--known_runs: .*nope.jsonl is not a file"):
+    bench.Runner(cfg, str(own), Budget(), known_runs=[str(tmp_path / "nope.jsonl")])
+  with pytest.raises(cli.UsageError, match="--known_runs: .*recorded.jsonl holds networks "
+                     "trained on demo_compass, but this search ran on demo_glyphs"):
+    bench.Runner(dict(cfg, dataset="demo_glyphs"), str(tmp_path / "other.jsonl"), Budget(),
+                 known_runs=[str(recorded)])
+
+
 def test_intra_op_threads_alternates_settings_and_compares_them(monkeypatch, tmp_path, capsys):
   """The settings alternate (A B, B A, …); medians and ratios to the first setting; the
   repeats of a setting are compared by what they wrote (a round's wall time and machine
