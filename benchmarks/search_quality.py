@@ -204,21 +204,22 @@ def read_cache(path, dataset, known=False):
   """The trained networks cached in `path` ({key: record}). Records name their dataset
   (older ones do not and are taken as they are); one trained on another dataset means a
   cache copied from another task's search, which would be read as this task's numbers."""
+  # A file named by --known_runs is someone else's: the remedy is another file, not removal.
+  where, remedy = ((f"--known_runs: {path}", "name another file, or leave the flag out") if known
+                   else (path, "remove it and run the benchmark again (its networks are "
+                         "trained again)"))
   cache = {}
   for i, rec in enumerate(fileio.read_jsonl(path), 1):
     if not isinstance(rec, dict) or "key" not in rec or "accuracy" not in rec:
-      raise cli.UsageError(f"{path}, record {i}: not a trained network's record (an object "
-                           "with 'key' and 'accuracy'); remove the file and run the "
-                           "benchmark again (its networks are trained again)")
-    if rec.get("dataset", dataset) != dataset and known:
-      raise cli.UsageError(f"--known_runs: {path} holds networks trained on "
-                           f"{rec['dataset']}, but this search ran on {dataset}; name a file "
-                           f"of networks trained on {dataset}, or leave the flag out")
+      raise cli.UsageError(f"{where}, record {i}: not a trained network's record (an object "
+                           f"with 'key' and 'accuracy'); {remedy}")
     if rec.get("dataset", dataset) != dataset:
       raise cli.UsageError(
-          f"{path} holds networks trained on {rec['dataset']}, but this search ran on "
-          f"{dataset}: it was copied from another task's search. Remove it (or copy the "
-          f"file of a search on {dataset}) and run the benchmark again")
+          f"{where} holds networks trained on {rec['dataset']}, but this search ran on "
+          f"{dataset}" + (f"; name a file of networks trained on {dataset}, or leave the "
+                          "flag out" if known else
+                          f": it was copied from another task's search. Remove it (or copy "
+                          f"the file of a search on {dataset}) and run the benchmark again"))
     cache[rec["key"]] = rec
   return cache
 

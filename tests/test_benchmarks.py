@@ -497,6 +497,10 @@ def test_search_quality_takes_known_runs_instead_of_training(tmp_path, monkeypat
                      "trained on demo_compass, but this search ran on demo_glyphs"):
     bench.Runner(dict(cfg, dataset="demo_glyphs"), str(tmp_path / "other.jsonl"), Budget(),
                  known_runs=[str(recorded)])
+  recorded.write_text("[1, 2]\n")
+  with pytest.raises(cli.UsageError, match="--known_runs: .*recorded.jsonl, record 1: not a "
+                     "trained network's record .*name another file, or leave the flag out"):
+    bench.Runner(cfg, str(tmp_path / "other.jsonl"), Budget(), known_runs=[str(recorded)])
 
 
 def test_intra_op_threads_alternates_settings_and_compares_them(monkeypatch, tmp_path, capsys):
